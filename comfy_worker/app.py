@@ -1,0 +1,92 @@
+"""The worker process: start ComfyUI, import the runpod SDK while it boots, wait, then take jobs.
+
+Order matters: ComfyUI's boot (seconds) overlaps ``import runpod`` (about 1.7 s), and the SDK's job loop
+starts only once ComfyUI serves, so no job is pulled before it can run. When ComfyUI cannot start, the
+worker still starts the loop and answers every job with that error and ComfyUI's log tail, because nobody
+can log in to a serverless worker to read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from typing import Any
+
+from .comfy_client import ComfyClient
+from .errors import ComfyUnavailableError, WorkerError
+from .events import EventStream
+from .job import Worker
+from .settings import Settings, SettingsError
+from .supervisor import ComfySupervisor
+
+log = logging.getLogger("comfy_worker")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_worker(settings: Settings) -> Worker:
+    """Start or attach to ComfyUI and connect to it; a failure is kept and reported by every job."""
+    client = ComfyClient(settings.comfy_api_url, client_id=f"worker-{uuid.uuid4().hex}")
+    events = EventStream(settings.comfy_ws_url, client.client_id)
+    supervisor = ComfySupervisor(settings)
+    try:
+        supervisor.start_or_attach(client)
+        import runpod  # noqa: F401  - imported while ComfyUI boots: the two overlap
+
+        waited = supervisor.wait_ready(client)
+        log.info("ComfyUI is ready at %s (waited %.1fs)", settings.comfy_api_url, waited)
+        events.start()
+        if not events.wait_connected(timeout_s=10):
+            raise ComfyUnavailableError(f"ComfyUI's WebSocket at {settings.comfy_ws_url} did not accept a connection.")
+    except WorkerError as exc:
+        log.error("ComfyUI is unavailable; every job will fail with this error: %s", exc.message)
+        for line in exc.details.get("log_tail", []):
+            log.error("  | %s", line)
+        return Worker(settings, client, events, supervisor, startup_error=exc)
+    return Worker(settings, client, events, supervisor)
+
+
+def make_handler(worker: Worker) -> Any:
+    """The runpod handler: an async function of the job dict."""
+    import runpod
+
+    send_progress = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
+
+    async def handler(job: dict[str, Any]) -> dict[str, Any]:
+        def progress(message: dict[str, Any]) -> None:
+            if send_progress:  # the local API has nowhere to post progress; it would only log errors
+                runpod.serverless.progress_update(job, message)
+            else:
+                log.debug("job %s progress: %s", job.get("id"), message)
+
+        return await worker.run(str(job.get("id")), job.get("input"), progress)
+
+    return handler
+
+
+def main() -> None:
+    """``python handler.py [runpod SDK flags]``: run the worker (see the README)."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        setup_logging("INFO")
+        log.error("Invalid configuration: %s", exc)
+        raise SystemExit(2) from exc
+    setup_logging(settings.log_level)
+    worker = build_worker(settings)
+    import runpod
+
+    try:
+        runpod.serverless.start({"handler": make_handler(worker)})
+    finally:
+        worker.events.close()
+        if worker.supervisor is not None:
+            worker.supervisor.stop()

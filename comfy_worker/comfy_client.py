@@ -1,0 +1,126 @@
+"""ComfyUI's HTTP API, as the worker uses it.
+
+Synchronous on purpose (``requests``): the async job calls it through ``asyncio.to_thread`` so the runpod
+SDK's event loop never blocks. Transport failures become ``ComfyUnavailableError``; a refused prompt becomes
+a ``WorkflowError`` with ComfyUI's ``node_errors`` kept readable.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import requests
+
+from .comfy_errors import workflow_error
+from .errors import ComfyUnavailableError, WorkerError
+
+log = logging.getLogger(__name__)
+
+
+class ComfyClient:
+    """A thin client for one ComfyUI server."""
+
+    def __init__(self, base_url: str, client_id: str, timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client_id = client_id
+        self.timeout_s = timeout_s
+        self._session = requests.Session()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _request(self, method: str, path: str, timeout_s: float | None = None, **kwargs: Any) -> requests.Response:
+        url = f"{self.base_url}{path}"
+        try:
+            return self._session.request(method, url, timeout=timeout_s or self.timeout_s, **kwargs)
+        except requests.RequestException as exc:
+            raise ComfyUnavailableError(
+                f"ComfyUI at {self.base_url} did not answer {method} {path}: {exc}",
+                {"url": url},
+            ) from exc
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._request(method, path, **kwargs)
+        if response.status_code != 200:
+            raise WorkerError(
+                f"ComfyUI answered {method} {path} with HTTP {response.status_code}: {response.text[:500]}",
+                {"status": response.status_code},
+            )
+        return response.json()
+
+    def is_ready(self, timeout_s: float = 2.0) -> bool:
+        """Whether ComfyUI answers ``/system_stats`` now."""
+        try:
+            return self._session.get(f"{self.base_url}/system_stats", timeout=timeout_s).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def system_stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/system_stats")
+        return result
+
+    def queue_prompt(self, workflow: dict[str, Any], prompt_id: str) -> dict[str, Any]:
+        """Queue ``workflow`` under our own ``prompt_id`` so its frames can be routed before the reply."""
+        body = {"prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id}
+        response = self._request("POST", "/prompt", json=body)
+        if response.status_code == 400:
+            try:
+                payload: Any = response.json()
+            except ValueError:
+                payload = response.text
+            raise workflow_error(payload, response.status_code)
+        if response.status_code != 200:
+            raise WorkerError(
+                f"ComfyUI answered POST /prompt with HTTP {response.status_code}: {response.text[:500]}",
+                {"status": response.status_code},
+            )
+        result: dict[str, Any] = response.json()
+        return result
+
+    def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry of ``prompt_id``, or None while ComfyUI has none (queued or running)."""
+        entries = self._json("GET", f"/history/{prompt_id}")
+        entry = entries.get(prompt_id) if isinstance(entries, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    def queue(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/queue")
+        return result
+
+    def view(self, filename: str, subfolder: str, folder_type: str) -> bytes:
+        params = {"filename": filename, "subfolder": subfolder, "type": folder_type}
+        response = self._request("GET", "/view", params=params, timeout_s=max(self.timeout_s, 120.0))
+        if response.status_code != 200:
+            raise WorkerError(
+                f"ComfyUI answered GET /view for {subfolder + '/' if subfolder else ''}{filename} "
+                f"with HTTP {response.status_code}",
+                {"status": response.status_code, "filename": filename, "subfolder": subfolder},
+            )
+        return response.content
+
+    def upload_image(self, filename: str, data: bytes, subfolder: str) -> dict[str, Any]:
+        """Upload into ComfyUI's input folder, replacing a file of the same name (overwrite=true)."""
+        response = self._request(
+            "POST",
+            "/upload/image",
+            files={"image": (filename, data, "application/octet-stream")},
+            data={"subfolder": subfolder, "type": "input", "overwrite": "true"},
+            timeout_s=max(self.timeout_s, 120.0),
+        )
+        if response.status_code != 200:
+            raise WorkerError(
+                f"ComfyUI refused the upload of {subfolder + '/' if subfolder else ''}{filename} "
+                f"(HTTP {response.status_code}): {response.text[:300]}",
+                {"status": response.status_code, "name": filename, "subfolder": subfolder},
+            )
+        result: dict[str, Any] = response.json()
+        return result
+
+    def interrupt(self, prompt_id: str) -> None:
+        """Interrupt ``prompt_id`` if it is running (ComfyUI ignores the call otherwise)."""
+        self._request("POST", "/interrupt", json={"prompt_id": prompt_id})
+
+    def delete_queued(self, prompt_id: str) -> None:
+        """Drop ``prompt_id`` from the pending queue (no effect once it runs)."""
+        self._request("POST", "/queue", json={"delete": [prompt_id]})

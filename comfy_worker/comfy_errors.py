@@ -1,0 +1,105 @@
+"""Turn ComfyUI's own error payloads into readable ``WorkerError``s.
+
+ComfyUI answers a bad prompt with HTTP 400 ``{error, node_errors}`` and a failing node with an
+``execution_error`` frame; both are precise but nested. These functions keep every field and put the
+essentials (node id, class type, input, message) into one line a person can act on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ExecutionError, PromptInterruptedError, WorkflowError
+
+TRACEBACK_FRAMES = 8  # the last frames of a node's traceback kept in the result
+
+
+def node_error_lines(node_errors: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten ``node_errors`` into one record per problem."""
+    records = []
+    for node_id, entry in (node_errors or {}).items():
+        class_type = entry.get("class_type") if isinstance(entry, dict) else None
+        for err in entry.get("errors", []) if isinstance(entry, dict) else []:
+            extra = err.get("extra_info") or {}
+            records.append(
+                {
+                    "node_id": str(node_id),
+                    "class_type": class_type,
+                    "input_name": extra.get("input_name"),
+                    "type": err.get("type"),
+                    "message": err.get("message"),
+                    "details": err.get("details"),
+                    "received_value": extra.get("received_value"),
+                }
+            )
+    return records
+
+
+def describe_node_error(record: dict[str, Any]) -> str:
+    where = f"node {record['node_id']} ({record['class_type']})"
+    if record.get("input_name"):
+        where += f" input '{record['input_name']}'"
+    text = f"{where}: {record.get('message') or record.get('type')}"
+    details = record.get("details")
+    if details and details != record.get("input_name"):
+        text += f" ({details})"
+    return text
+
+
+def workflow_error(body: Any, status: int) -> WorkflowError:
+    """The error for a prompt ComfyUI refused (HTTP 400 from ``POST /prompt``)."""
+    if not isinstance(body, dict):
+        return WorkflowError(f"ComfyUI refused the workflow (HTTP {status}): {body!r}"[:2000], {"status": status})
+    raw_error = body.get("error")
+    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {"message": str(raw_error)}
+    records = node_error_lines(body.get("node_errors") or {})
+    error_type = error.get("type")
+    if records:
+        summary = "; ".join(describe_node_error(r) for r in records[:20])
+    else:
+        summary = " ".join(str(p) for p in (error.get("message"), error.get("details")) if p)
+    message = f"ComfyUI refused the workflow: {summary}"
+    if error_type == "invalid_prompt" and "does not exist" in str(error.get("message")):
+        message += (
+            ". The node type is not installed in this worker: add the custom node that provides it to the "
+            "'nodes' section of config.yml (or use a workflow without it)."
+        )
+    return WorkflowError(
+        message,
+        {"comfyui_error": error, "node_errors": records, "status": status},
+    )
+
+
+def prompt_warnings(node_errors: dict[str, Any]) -> list[str]:
+    """A prompt ComfyUI accepted in part: the outputs it dropped, as warnings for the result."""
+    return [f"ComfyUI skipped an output branch: {describe_node_error(r)}" for r in node_error_lines(node_errors or {})]
+
+
+def execution_error(data: dict[str, Any]) -> ExecutionError:
+    """The error for an ``execution_error`` frame (or the same record from ``/history``)."""
+    node_id = data.get("node_id")
+    node_type = data.get("node_type")
+    exc_type = data.get("exception_type") or "Exception"
+    exc_message = str(data.get("exception_message") or "").strip()
+    traceback = data.get("traceback") or []
+    return ExecutionError(
+        f"Node {node_id} ({node_type}) failed: {exc_type}: {exc_message}",
+        {
+            "node_id": node_id,
+            "node_type": node_type,
+            "exception_type": exc_type,
+            "exception_message": exc_message,
+            "traceback": traceback[-TRACEBACK_FRAMES:] if isinstance(traceback, list) else traceback,
+            "executed": data.get("executed", []),
+        },
+    )
+
+
+def interrupted_error(data: dict[str, Any]) -> PromptInterruptedError:
+    node_id = data.get("node_id")
+    node_type = data.get("node_type")
+    where = f" at node {node_id} ({node_type})" if node_id else ""
+    return PromptInterruptedError(
+        f"ComfyUI interrupted the prompt{where} (someone called /interrupt, or the queue was cleared).",
+        {"node_id": node_id, "node_type": node_type, "executed": data.get("executed", [])},
+    )

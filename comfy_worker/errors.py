@@ -1,0 +1,76 @@
+"""The worker's one error tree.
+
+Pure code raises one of these; ``job.run`` (the edge) turns it into the job's result. Every error carries an
+``error_type`` a client can branch on, a human message, and ``details`` that explain it without a login to
+the worker::
+
+    WorkerError
+    ├── InputError             error_type "validation": the job input is malformed
+    ├── WorkflowError          error_type "workflow_validation": ComfyUI refused the prompt (HTTP 400)
+    ├── ExecutionError         error_type "comfyui_execution": a node raised while running
+    ├── PromptInterruptedError error_type "interrupted": ComfyUI interrupted the prompt
+    ├── JobTimeoutError        error_type "timeout": the job ran past its time limit
+    ├── ComfyUnavailableError  error_type "comfyui_unavailable": ComfyUI did not start or does not answer
+    ├── ComfyCrashedError      error_type "comfyui_crashed": the ComfyUI process died during the job
+    └── OutputError            error_type "output": an output ComfyUI reported could not be read
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class WorkerError(Exception):
+    """Base of every error the worker reports in a job result."""
+
+    error_type = "internal"
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error_type": self.error_type, "message": self.message, "details": self.details}
+
+    def to_result(self, **extra: Any) -> dict[str, Any]:
+        """The handler's return value for this error.
+
+        The runpod SDK requires ``error`` to be a string (a dict makes the local API answer HTTP 500), and
+        the platform shows only ``error`` for a FAILED job, so the structured error travels as JSON text.
+        """
+        body = self.to_dict() | extra
+        return {"error": json.dumps(body, ensure_ascii=False, default=str)}
+
+
+class InputError(WorkerError):
+    error_type = "validation"
+
+
+class WorkflowError(WorkerError):
+    error_type = "workflow_validation"
+
+
+class ExecutionError(WorkerError):
+    error_type = "comfyui_execution"
+
+
+class PromptInterruptedError(WorkerError):
+    error_type = "interrupted"
+
+
+class JobTimeoutError(WorkerError):
+    error_type = "timeout"
+
+
+class ComfyUnavailableError(WorkerError):
+    error_type = "comfyui_unavailable"
+
+
+class ComfyCrashedError(WorkerError):
+    error_type = "comfyui_crashed"
+
+
+class OutputError(WorkerError):
+    error_type = "output"

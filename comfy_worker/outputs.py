@@ -1,0 +1,134 @@
+"""Turn a ``/history`` entry into the result's outputs.
+
+``/history/{prompt_id}`` is the source of truth: it lists every output node, also for a cached prompt whose
+nodes did not run again. Every entry with a ``filename`` is a file (SaveImage's ``images``,
+VideoHelperSuite's ``gifs``, SaveAudio's ``audio``, 3D files...), sorted into images, videos, audio or
+files by its type; strings under ``text`` are text. Files are read from disk when ComfyUI shares this
+machine (no HTTP copy of a 12 MB PNG), through ``/view`` otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .comfy_client import ComfyClient
+from .errors import OutputError, WorkerError
+
+KINDS = ("images", "videos", "audio", "files")
+
+mimetypes.add_type("image/webp", ".webp")
+mimetypes.add_type("video/webm", ".webm")
+mimetypes.add_type("audio/flac", ".flac")
+mimetypes.add_type("model/gltf-binary", ".glb")
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file ComfyUI reported for an output node."""
+
+    node_id: str
+    filename: str
+    subfolder: str
+    folder_type: str
+    mime_type: str
+
+    @property
+    def kind(self) -> str:
+        major = self.mime_type.split("/", 1)[0]
+        return {"image": "images", "video": "videos", "audio": "audio"}.get(major, "files")
+
+    @property
+    def relative_path(self) -> str:
+        return f"{self.subfolder}/{self.filename}" if self.subfolder else self.filename
+
+
+@dataclass
+class CollectedOutputs:
+    files: list[OutputFile]
+    texts: list[dict[str, str]]
+    skipped_temp: int
+
+
+def _mime_type(entry: dict[str, Any]) -> str:
+    guessed, _ = mimetypes.guess_type(entry["filename"])
+    if guessed:
+        return guessed
+    declared = entry.get("format")  # VideoHelperSuite: "video/h264-mp4", "image/gif"...
+    if isinstance(declared, str) and "/" in declared:
+        return declared
+    return "application/octet-stream"
+
+
+def collect(entry: dict[str, Any], include_temp: bool) -> CollectedOutputs:
+    """List the files and texts of a history entry, in node order, without duplicates."""
+    files: list[OutputFile] = []
+    texts: list[dict[str, str]] = []
+    seen: set[tuple[str, str, str]] = set()
+    skipped_temp = 0
+    for node_id, node_output in (entry.get("outputs") or {}).items():
+        if not isinstance(node_output, dict):
+            continue
+        for key, values in node_output.items():
+            items = values if isinstance(values, list) else [values]
+            for item in items:
+                if key == "text" and isinstance(item, str):
+                    texts.append({"node_id": str(node_id), "text": item})
+                elif isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    folder_type = str(item.get("type") or "output")
+                    ident = (folder_type, str(item.get("subfolder") or ""), item["filename"])
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                    if folder_type == "temp" and not include_temp:
+                        skipped_temp += 1
+                        continue
+                    files.append(OutputFile(str(node_id), ident[2], ident[1], folder_type, _mime_type(item)))
+    return CollectedOutputs(files, texts, skipped_temp)
+
+
+def _local_path(folders: dict[str, Path], file: OutputFile) -> Path | None:
+    """The file on this machine's disk, if ComfyUI's folder is known and the path stays inside it."""
+    root = folders.get(file.folder_type)
+    if root is None:
+        return None
+    path = (root / file.subfolder / file.filename).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        return None
+    return path
+
+
+def read_bytes(client: ComfyClient, folders: dict[str, Path], file: OutputFile) -> bytes:
+    path = _local_path(folders, file)
+    try:
+        return path.read_bytes() if path else client.view(file.filename, file.subfolder, file.folder_type)
+    except (OSError, WorkerError) as exc:
+        raise OutputError(
+            f"ComfyUI reported the output {file.relative_path} (node {file.node_id}) but it could not be read: {exc}",
+            {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder},
+        ) from exc
+
+
+def encode(file: OutputFile, data: bytes) -> dict[str, Any]:
+    """One output in the result; ``type``/``data`` keep runpod-workers/worker-comfyui's shape."""
+    return {
+        "filename": file.filename,
+        "subfolder": file.subfolder,
+        "node_id": file.node_id,
+        "mime_type": file.mime_type,
+        "size_bytes": len(data),
+        "type": "base64",
+        "data": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def build(client: ComfyClient, folders: dict[str, Path], collected: CollectedOutputs) -> dict[str, Any]:
+    """The result's output lists: every kind present (possibly empty), plus ``text``."""
+    result: dict[str, Any] = {kind: [] for kind in KINDS}
+    for file in collected.files:
+        result[file.kind].append(encode(file, read_bytes(client, folders, file)))
+    result["text"] = collected.texts
+    return result

@@ -1,0 +1,212 @@
+"""The job input (``event["input"]``): one pydantic model, the single source of truth for its fields.
+
+The README's "Job input" table documents these fields; change both together. Validation errors become an
+``InputError`` whose message names every bad field, so a client sees all its mistakes at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic import ValidationError as PydanticValidationError
+
+from .errors import InputError
+
+MAX_RESOLUTION = 16384  # ComfyUI's own MAX_RESOLUTION for width/height inputs
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF  # KSampler's seed range
+MAX_NAME_LENGTH = 255
+_DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class InputImage(_Model):
+    """An image the workflow reads with LoadImage (or any node reading ComfyUI's input folder)."""
+
+    name: str = Field(description="Path under ComfyUI's input folder, e.g. 'masks/m.png'.")
+    image: str = Field(description="Base64 bytes, optionally as a data URI.")
+    _data: bytes = PrivateAttr(default=b"")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not name or not name.strip():
+            raise ValueError("must not be empty")
+        if len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"is longer than {MAX_NAME_LENGTH} characters")
+        if "\x00" in name:
+            raise ValueError("contains a null byte")
+        if "\\" in name:
+            raise ValueError("contains a backslash; use '/' between folders")
+        if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+            raise ValueError("must be relative to ComfyUI's input folder, not an absolute path")
+        parts = name.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError("must not contain empty, '.' or '..' path segments (it would escape the input folder)")
+        if any(part != part.strip() for part in parts):
+            raise ValueError("path segments must not start or end with spaces")
+        return name
+
+    @model_validator(mode="after")
+    def _decode(self) -> InputImage:
+        payload = _WHITESPACE.sub("", _DATA_URI.sub("", self.image.strip(), count=1))
+        if not payload:
+            raise ValueError(f"image {self.name!r}: 'image' is empty")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"image {self.name!r}: 'image' is not valid base64 (nor a base64 data URI)") from None
+        self._data = data
+        return self
+
+    @property
+    def data(self) -> bytes:
+        return self._data
+
+    @property
+    def subfolder(self) -> str:
+        return self.name.rpartition("/")[0]
+
+    @property
+    def filename(self) -> str:
+        return self.name.rpartition("/")[2]
+
+
+class Override(_Model):
+    """Set one value inside the workflow before it is queued."""
+
+    node_id: str = Field(description="The node's id in the API-format workflow.")
+    field: str = Field(description="Dot path inside the node, e.g. 'inputs.text' or 'inputs.seed'.")
+    value: Any = Field(description="The new value (any JSON).")
+
+    @field_validator("node_id", mode="before")
+    @classmethod
+    def _node_id_as_str(cls, value: Any) -> Any:
+        # API-format node ids are JSON object keys, so always strings; accept 6 for "6".
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("field")
+    @classmethod
+    def _non_empty_path(cls, value: str) -> str:
+        if not value or any(not part for part in value.split(".")):
+            raise ValueError("must be a dot path such as 'inputs.text'")
+        return value
+
+
+class OutputOptions(_Model):
+    """How outputs are collected."""
+
+    include_temp: bool = Field(False, description="Also return temp outputs (PreviewImage and the like).")
+
+
+class JobInput(_Model):
+    """``event["input"]`` of a job."""
+
+    workflow: dict[str, Any] = Field(description="ComfyUI API-format workflow (object or JSON string).")
+    images: list[InputImage] = Field(default_factory=list)
+    overrides: list[Override] = Field(default_factory=list)
+    prompt: str | None = None
+    prompt_node_id: str | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed_node_id: str | None = None
+    width: int | None = Field(None, ge=1, le=MAX_RESOLUTION)
+    height: int | None = Field(None, ge=1, le=MAX_RESOLUTION)
+    size_node_id: str | None = None
+    timeout: float | None = Field(None, gt=0, description="Seconds; default JOB_TIMEOUT, at most JOB_TIMEOUT_MAX.")
+    output: OutputOptions = Field(default_factory=OutputOptions)
+
+    @field_validator("workflow", mode="before")
+    @classmethod
+    def _parse_json_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"is a string but not valid JSON: {exc}") from None
+        return value
+
+    @field_validator("prompt_node_id", "seed_node_id", "size_node_id", mode="before")
+    @classmethod
+    def _node_ids_as_str(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_within_max(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limit = (info.context or {}).get("timeout_max")
+        if value is not None and limit is not None and value > limit:
+            raise ValueError(f"must be at most {limit:g} seconds (JOB_TIMEOUT_MAX)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobInput:
+        seen: set[str] = set()
+        for image in self.images:
+            if image.name in seen:
+                raise ValueError(f"images: the name {image.name!r} appears more than once")
+            seen.add(image.name)
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height must be given together")
+        for id_field, value_field in (
+            ("prompt_node_id", "prompt"),
+            ("seed_node_id", "seed"),
+            ("size_node_id", "width"),
+        ):
+            if getattr(self, id_field) is not None and getattr(self, value_field) is None:
+                raise ValueError(f"{id_field} is given but {value_field} is not")
+        return self
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def parse_job_input(raw: Any, *, timeout_max: float) -> JobInput:
+    """Validate ``event["input"]``; raise InputError listing every problem."""
+    if not isinstance(raw, dict):
+        raise InputError(
+            f"The job input must be a JSON object with a 'workflow' field, not {type(raw).__name__}.",
+            {"errors": [{"field": "input", "message": "must be an object"}]},
+        )
+    try:
+        return JobInput.model_validate(raw, context={"timeout_max": timeout_max})
+    except PydanticValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            field = _location(error["loc"]) or "input"
+            if error["type"] == "extra_forbidden":
+                message = f"unknown field; known fields are: {', '.join(_known_fields(error['loc']))}"
+            else:
+                message = error["msg"].removeprefix("Value error, ")
+            problems.append({"field": field, "message": message})
+        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise InputError(f"Invalid job input: {summary}", {"errors": problems}) from None
+
+
+def _known_fields(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names allowed where an unknown field was found, for a helpful message."""
+    model: type[BaseModel] = JobInput
+    parents: dict[str, type[BaseModel]] = {"images": InputImage, "overrides": Override, "output": OutputOptions}
+    for part in loc[:-1]:
+        if isinstance(part, str) and part in parents:
+            model = parents[part]
+    return list(model.model_fields)

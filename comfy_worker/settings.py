@@ -1,0 +1,142 @@
+"""Every environment variable the worker reads, in one place, parsed once.
+
+``Settings.from_env`` takes the environment as a plain mapping so tests pass dicts instead of patching
+``os.environ``. The README's env-var table mirrors this module: change both together.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the worker cannot use."""
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _path(env: Mapping[str, str], name: str, default: Path | None) -> Path | None:
+    raw = env.get(name, "").strip()
+    return Path(raw).expanduser() if raw else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The worker's configuration; see the README's "Environment variables" table."""
+
+    comfy_api_url: str = "http://127.0.0.1:8188"
+    comfyui_dir: Path | None = None
+    comfyui_python: str = sys.executable
+    comfyui_args: tuple[str, ...] = ()
+    comfyui_input_dir: Path | None = None
+    comfyui_output_dir: Path | None = None
+    comfyui_temp_dir: Path | None = None
+    startup_timeout_s: float = 300.0
+    job_timeout_s: float = 600.0
+    job_timeout_max_s: float = 3600.0
+    interrupt_grace_s: float = 10.0
+    progress_interval_s: float = 1.0
+    log_tail_lines: int = 200
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from ``env`` (default ``os.environ``); raise SettingsError on bad values."""
+        env = os.environ if env is None else env
+        url = env.get("COMFY_API_URL", cls.comfy_api_url).strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"COMFY_API_URL={url!r} must be an http(s) URL such as http://127.0.0.1:8188")
+        comfyui_dir = _path(env, "COMFYUI_DIR", None)
+
+        def folder(name: str, sub: str) -> Path | None:
+            return _path(env, name, comfyui_dir / sub if comfyui_dir else None)
+
+        job_timeout = _float(env, "JOB_TIMEOUT", cls.job_timeout_s, minimum=1.0)
+        job_timeout_max = _float(env, "JOB_TIMEOUT_MAX", cls.job_timeout_max_s, minimum=1.0)
+        if job_timeout > job_timeout_max:
+            raise SettingsError(f"JOB_TIMEOUT={job_timeout:g} is above JOB_TIMEOUT_MAX={job_timeout_max:g}")
+        level = env.get("LOG_LEVEL", cls.log_level).strip().upper() or cls.log_level
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(f"LOG_LEVEL={level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        return cls(
+            comfy_api_url=url,
+            comfyui_dir=comfyui_dir,
+            comfyui_python=env.get("COMFYUI_PYTHON", "").strip() or sys.executable,
+            comfyui_args=tuple(shlex.split(env.get("COMFYUI_ARGS", ""))),
+            comfyui_input_dir=folder("COMFYUI_INPUT_DIR", "input"),
+            comfyui_output_dir=folder("COMFYUI_OUTPUT_DIR", "output"),
+            comfyui_temp_dir=folder("COMFYUI_TEMP_DIR", "temp"),
+            startup_timeout_s=_float(env, "COMFY_STARTUP_TIMEOUT", cls.startup_timeout_s, minimum=1.0),
+            job_timeout_s=job_timeout,
+            job_timeout_max_s=job_timeout_max,
+            interrupt_grace_s=_float(env, "INTERRUPT_GRACE", cls.interrupt_grace_s),
+            progress_interval_s=_float(env, "PROGRESS_INTERVAL", cls.progress_interval_s),
+            log_tail_lines=_int(env, "COMFY_LOG_TAIL_LINES", cls.log_tail_lines, minimum=1),
+            log_level=level,
+        )
+
+    @property
+    def comfy_host(self) -> str:
+        return urlsplit(self.comfy_api_url).hostname or "127.0.0.1"
+
+    @property
+    def comfy_port(self) -> int:
+        parts = urlsplit(self.comfy_api_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def comfy_ws_url(self) -> str:
+        parts = urlsplit(self.comfy_api_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}/ws"
+
+    @property
+    def comfy_is_local(self) -> bool:
+        """Whether ComfyUI runs on this machine, so the worker may start it and read its files."""
+        return self.comfy_host in ("127.0.0.1", "localhost", "::1")

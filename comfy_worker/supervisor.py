@@ -1,0 +1,135 @@
+"""Owns the ComfyUI process: start it (or attach to one already serving), wait until it serves, stop it.
+
+Started as a child before ``import runpod`` so ComfyUI's boot overlaps the SDK's own import, and waited on
+with a deadline that fails fast when the child exits: no job is taken before ComfyUI can run it, and a
+ComfyUI that cannot start says why (exit code and the last lines of its log) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+from .comfy_client import ComfyClient
+from .errors import ComfyUnavailableError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+comfy_log = logging.getLogger("comfyui")
+
+
+class ComfySupervisor:
+    """Start/attach, readiness and the log tail of one ComfyUI."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[str] | None = None
+        self.attached = False
+        self._log_tail: collections.deque[str] = collections.deque(maxlen=settings.log_tail_lines)
+        self._reader: threading.Thread | None = None
+
+    def command(self) -> list[str]:
+        """The ComfyUI command line: our address and folders first, then COMFYUI_ARGS (later flags win)."""
+        s = self.settings
+        assert s.comfyui_dir is not None
+        args = [s.comfyui_python, str(s.comfyui_dir / "main.py")]
+        args += ["--listen", s.comfy_host, "--port", str(s.comfy_port), "--disable-auto-launch"]
+        for flag, folder in (
+            ("--input-directory", s.comfyui_input_dir),
+            ("--output-directory", s.comfyui_output_dir),
+            ("--temp-directory", s.comfyui_temp_dir),
+        ):
+            if folder is not None:
+                args += [flag, str(folder)]
+        if "--cpu" not in s.comfyui_args and shutil.which("nvidia-smi") is None:
+            args.append("--cpu")  # no NVIDIA driver here: ComfyUI would fail to start on CUDA
+        return [*args, *s.comfyui_args]
+
+    def start_or_attach(self, client: ComfyClient) -> None:
+        """Attach to a ComfyUI answering at COMFY_API_URL, else start one from COMFYUI_DIR (not waiting)."""
+        s = self.settings
+        if client.is_ready(timeout_s=1.0):
+            self.attached = True
+            log.info("Attached to the ComfyUI already serving at %s", s.comfy_api_url)
+            return
+        if not s.comfy_is_local:
+            log.info("ComfyUI at %s is remote; waiting for it to answer", s.comfy_api_url)
+            return
+        if s.comfyui_dir is None or not (s.comfyui_dir / "main.py").is_file():
+            raise ComfyUnavailableError(
+                f"No ComfyUI answers at {s.comfy_api_url} and COMFYUI_DIR "
+                f"({s.comfyui_dir or 'not set'}) holds no main.py to start one.",
+                {"comfy_api_url": s.comfy_api_url, "comfyui_dir": str(s.comfyui_dir or "")},
+            )
+        command = self.command()
+        log.info("Starting ComfyUI: %s", " ".join(command))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            command,
+            cwd=s.comfyui_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
+        self._reader = threading.Thread(target=self._pump_log, args=(self.process,), name="comfyui-log", daemon=True)
+        self._reader.start()
+
+    def _pump_log(self, process: subprocess.Popen[str]) -> None:
+        """Forward ComfyUI's output to our log, prefixed, and keep the last lines for error reports."""
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.rstrip("\n")
+            self._log_tail.append(line)
+            comfy_log.info("%s", line)
+
+    def log_tail(self, lines: int | None = None) -> list[str]:
+        tail = list(self._log_tail)
+        return tail[-lines:] if lines else tail
+
+    def alive(self) -> bool:
+        """Whether the ComfyUI we started is still running (an attached one is assumed alive)."""
+        return self.process is None or self.process.poll() is None
+
+    def wait_ready(self, client: ComfyClient, timeout_s: float | None = None) -> float:
+        """Block until ``/system_stats`` answers; return the seconds waited. Fail fast if the child exits."""
+        timeout_s = timeout_s or self.settings.startup_timeout_s
+        started = time.monotonic()
+        while True:
+            if client.is_ready(timeout_s=2.0):
+                return time.monotonic() - started
+            if self.process is not None and self.process.poll() is not None:
+                if self._reader is not None:
+                    self._reader.join(timeout=2)  # let the last lines in
+                raise ComfyUnavailableError(
+                    f"ComfyUI exited with code {self.process.returncode} before it was ready.",
+                    {"exit_code": self.process.returncode, "log_tail": self.log_tail(50)},
+                )
+            if time.monotonic() - started > timeout_s:
+                raise ComfyUnavailableError(
+                    f"ComfyUI did not answer {self.settings.comfy_api_url}/system_stats within {timeout_s:g}s "
+                    "(COMFY_STARTUP_TIMEOUT).",
+                    {"log_tail": self.log_tail(50)},
+                )
+            time.sleep(0.1)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the ComfyUI we started, then SIGKILL after ``grace_s``."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)

@@ -1,0 +1,9 @@
+"""RunPod serverless entry point: ``python handler.py`` takes jobs; see the README for the local modes.
+
+Everything lives in the ``comfy_worker`` package; this file stays the name RunPod and users expect.
+"""
+
+from comfy_worker.app import main
+
+if __name__ == "__main__":
+    main()
