@@ -1,0 +1,239 @@
+"""End to end through the runpod SDK's own local API (``handler.py --rp_serve_api``).
+
+Each test runs against the stand-in ComfyUI and, when ``COMFYUI_DIR`` names a real checkout, against the
+real ComfyUI too: the worker starts that ComfyUI itself, exactly as in production.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image
+
+from .conftest import EXAMPLES
+from .worker_process import ComfyBackend, WorkerProcess, serve_api
+
+
+def _backends() -> list[Any]:
+    real = ComfyBackend.real()
+    return [
+        pytest.param(ComfyBackend.standin(), id="standin"),
+        pytest.param(
+            real,
+            id="real",
+            marks=[
+                pytest.mark.comfyui,
+                pytest.mark.skipif(real is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run against it"),
+            ],
+        ),
+    ]
+
+
+@pytest.fixture(scope="module", params=_backends())
+def worker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    os.environ.setdefault("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
+    backend: ComfyBackend = request.param
+    with serve_api(backend, tmp_path_factory.mktemp(f"worker-{backend.name}")) as process:
+        yield process
+
+
+def workflow(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((EXAMPLES / "workflows" / name).read_text())
+    return data
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode(entry: dict[str, Any]) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(entry["data"])))
+
+
+def close_to(actual: Any, expected: tuple[int, ...]) -> bool:
+    """Pixel equality up to ComfyUI's float rounding (it inverts as 1.0 - x in float32)."""
+    return all(abs(a - e) <= 1 for a, e in zip(actual, expected, strict=True))
+
+
+def failed_error(body: dict[str, Any]) -> dict[str, Any]:
+    assert body["status"] == "FAILED", body
+    error: dict[str, Any] = json.loads(body["error"])
+    return error
+
+
+def save_chain(*nodes: tuple[str, dict[str, Any]], prefix: str) -> dict[str, Any]:
+    """A linear workflow: each node's first image input is fed by the previous node."""
+    graph: dict[str, Any] = {}
+    for index, (class_type, inputs) in enumerate(nodes, start=1):
+        graph[str(index)] = {"class_type": class_type, "inputs": dict(inputs)}
+    graph[str(len(nodes) + 1)] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": [str(len(nodes)), 0], "filename_prefix": prefix},
+    }
+    return graph
+
+
+def test_model_free_workflow_returns_the_image(worker: WorkerProcess) -> None:
+    body = worker.runsync({"workflow": workflow("model_free.json")})
+    assert body["status"] == "COMPLETED", body
+    output = body["output"]
+    assert output["status"] == "success"
+    assert output["warnings"] == []
+    assert len(output["images"]) == 1
+    image = output["images"][0]
+    assert (image["node_id"], image["mime_type"], image["type"]) == ("3", "image/png", "base64")
+    assert image["filename"].startswith("model_free_")
+    picture = decode(image)
+    assert picture.size == (512, 512)
+    # EmptyImage's color 0x336699, inverted by ImageInvert
+    assert close_to(picture.convert("RGB").getpixel((0, 0)), (255 - 0x33, 255 - 0x66, 255 - 0x99))
+    assert output["prompt_id"] and output["execution_time_seconds"] >= 0
+
+
+def test_run_then_status(worker: WorkerProcess) -> None:
+    job = {
+        "workflow": save_chain(("EmptyImage", {"width": 32, "height": 16, "batch_size": 2, "color": 0}), prefix="rs")
+    }
+    queued = requests.post(f"{worker.api_url}/run", json={"input": job}, timeout=10).json()
+    assert queued["status"] == "IN_PROGRESS" and queued["id"]
+    body = requests.post(f"{worker.api_url}/status/{queued['id']}", timeout=120).json()
+    assert body["status"] == "COMPLETED", body
+    assert [decode(i).size for i in body["output"]["images"]] == [(32, 16), (32, 16)]
+
+
+def test_uploaded_image_in_a_subfolder(worker: WorkerProcess) -> None:
+    source = Image.new("RGB", (8, 8), (10, 200, 30))
+    job = {
+        "workflow": save_chain(
+            ("LoadImage", {"image": "jobs/abc/src.png"}), ("ImageInvert", {"image": ["1", 0]}), prefix="up"
+        ),
+        "images": [{"name": "jobs/abc/src.png", "image": "data:image/png;base64," + png_b64(source)}],
+    }
+    body = worker.runsync(job)
+    assert body["status"] == "COMPLETED", body
+    assert close_to(decode(body["output"]["images"][0]).convert("RGB").getpixel((3, 3)), (245, 55, 225))
+    assert (worker.input_dir / "jobs" / "abc" / "src.png").is_file()
+
+
+def test_overrides_and_convenience_fields(worker: WorkerProcess) -> None:
+    body = worker.runsync(json.loads((EXAMPLES / "requests" / "overrides.json").read_text())["input"])
+    assert body["status"] == "COMPLETED", body
+    image = body["output"]["images"][0]
+    assert image["filename"].startswith("red_")
+    assert close_to(decode(image).convert("RGB").getpixel((0, 0)), (0, 255, 255))  # red, inverted
+
+
+def test_invalid_input_is_refused_before_comfyui(worker: WorkerProcess) -> None:
+    error = failed_error(worker.runsync({"workflow": {"nodes": [], "links": []}}))
+    assert error["error_type"] == "validation"
+    assert "Save (API Format)" in error["message"]
+
+
+def test_comfyui_validation_error_keeps_node_errors(worker: WorkerProcess) -> None:
+    graph = save_chain(("EmptyImage", {"width": 99999, "height": 64, "batch_size": 1, "color": 0}), prefix="v")
+    error = failed_error(worker.runsync({"workflow": graph}))
+    assert error["error_type"] == "workflow_validation"
+    assert "node 1 (EmptyImage) input 'width': Value 99999 bigger than max of 16384" in error["message"]
+    assert error["details"]["node_errors"][0]["type"] == "value_bigger_than_max"
+
+
+def test_unknown_node_type(worker: WorkerProcess) -> None:
+    graph = save_chain(("NoSuchNodeXYZ", {}), prefix="u")
+    error = failed_error(worker.runsync({"workflow": graph}))
+    assert error["error_type"] == "workflow_validation"
+    assert "NoSuchNodeXYZ does not exist" in error["message"] and "config.yml" in error["message"]
+
+
+def test_execution_error_names_the_node(worker: WorkerProcess) -> None:
+    job = {
+        "workflow": save_chain(("LoadImage", {"image": "corrupt.png"}), prefix="e"),
+        "images": [{"name": "corrupt.png", "image": base64.b64encode(b"this is not an image").decode()}],
+    }
+    error = failed_error(worker.runsync(job))
+    assert error["error_type"] == "comfyui_execution"
+    assert error["details"]["node_id"] == "1" and error["details"]["node_type"] == "LoadImage"
+    assert "UnidentifiedImageError" in error["details"]["exception_type"]
+    assert error["prompt_id"]
+    # and the worker goes on serving
+    assert worker.runsync({"workflow": workflow("model_free.json")})["status"] == "COMPLETED"
+
+
+def test_cached_resubmission_returns_the_same_output(worker: WorkerProcess) -> None:
+    graph = save_chain(("EmptyImage", {"width": 24, "height": 24, "batch_size": 1, "color": 123456}), prefix="cache")
+    first = worker.runsync({"workflow": graph})
+    second = worker.runsync({"workflow": graph})
+    assert first["status"] == second["status"] == "COMPLETED"
+    assert first["output"]["prompt_id"] != second["output"]["prompt_id"]
+    assert first["output"]["images"] == second["output"]["images"]
+
+
+def test_temp_outputs_only_on_request(worker: WorkerProcess) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    without = worker.runsync({"workflow": graph})["output"]
+    assert without["images"] == []
+    assert "temp output" in without["warnings"][0]
+    with_temp = worker.runsync({"workflow": graph, "output": {"include_temp": True}})["output"]
+    assert len(with_temp["images"]) == 1
+
+
+@pytest.mark.slow
+def test_four_large_noisy_outputs(worker: WorkerProcess) -> None:
+    noise = Image.frombytes("RGB", (2048, 2048), os.urandom(2048 * 2048 * 3))
+    job = {
+        "workflow": save_chain(
+            ("LoadImage", {"image": "noise2048.png"}),
+            ("RepeatImageBatch", {"image": ["1", 0], "amount": 4}),
+            prefix="big",
+        ),
+        "images": [{"name": "noise2048.png", "image": png_b64(noise)}],
+        "timeout": 300,
+    }
+    started = time.monotonic()
+    body = worker.runsync(job, timeout_s=300)
+    assert body["status"] == "COMPLETED", str(body)[:2000]
+    images = body["output"]["images"]
+    assert len(images) == 4
+    for entry in images:
+        assert entry["size_bytes"] > 12_000_000
+        assert decode(entry).size == (2048, 2048)
+    assert time.monotonic() - started < 300
+
+
+def test_checkpoint_txt2img(worker: WorkerProcess) -> None:
+    checkpoint = os.environ.get("SD15_CHECKPOINT", "")
+    if not checkpoint or worker.env["COMFYUI_DIR"].endswith("standin_comfyui"):
+        pytest.skip("set SD15_CHECKPOINT to a checkpoint name in the real ComfyUI's models/checkpoints")
+    job = {
+        "workflow": workflow("sd15_txt2img.json"),
+        "overrides": [
+            {"node_id": "4", "field": "inputs.ckpt_name", "value": checkpoint},
+            {"node_id": "3", "field": "inputs.steps", "value": 2},
+        ],
+        "prompt": "a photo of a cat",
+        "seed": 3,
+        "width": 64,
+        "height": 64,
+        "timeout": 600,
+    }
+    body = worker.runsync(job, timeout_s=600)
+    assert body["status"] == "COMPLETED", body
+    assert decode(body["output"]["images"][0]).size == (64, 64)
+
+
+def test_worker_log_shows_comfyui_output(worker: WorkerProcess) -> None:
+    assert "comfyui:" in worker.log()
+    assert Path(worker.env["COMFYUI_OUTPUT_DIR"]).is_dir()

@@ -1,0 +1,147 @@
+"""Run the real worker (``handler.py``) as a subprocess in front of a ComfyUI, as a user would.
+
+``ComfyBackend`` says which ComfyUI the worker launches: the stand-in in ``tests/standin_comfyui`` (fast
+tests) or a real checkout named by ``COMFYUI_DIR`` (with ``COMFYUI_PYTHON`` as its interpreter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+STANDIN_DIR = REPO / "tests" / "standin_comfyui"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class ComfyBackend:
+    """Which ComfyUI the worker starts, and with which Python."""
+
+    name: str
+    comfyui_dir: Path
+    python: str
+    boot_timeout_s: float
+
+    @classmethod
+    def standin(cls) -> ComfyBackend:
+        return cls("standin", STANDIN_DIR, sys.executable, 30.0)
+
+    @classmethod
+    def real(cls) -> ComfyBackend | None:
+        raw = os.environ.get("COMFYUI_DIR", "").strip()
+        if not raw:
+            return None
+        return cls("real", Path(raw), os.environ.get("COMFYUI_PYTHON", "").strip() or sys.executable, 180.0)
+
+
+@dataclass
+class WorkerProcess:
+    """A running ``handler.py`` and the folders of its ComfyUI."""
+
+    process: subprocess.Popen[bytes]
+    env: dict[str, str]
+    root: Path
+    log_path: Path
+    comfy_url: str
+    api_url: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def input_dir(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.root / "output"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def runsync(self, job_input: dict[str, object], timeout_s: float = 120) -> dict[str, object]:
+        response = requests.post(f"{self.api_url}/runsync", json={"input": job_input}, timeout=timeout_s)
+        assert response.status_code == 200, response.text
+        body: dict[str, object] = response.json()
+        return body
+
+
+def worker_env(backend: ComfyBackend, root: Path, comfy_port: int, **extra: str) -> dict[str, str]:
+    """The environment a test worker runs with: only loopback, folders under ``root``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMFY", "RUNPOD_", "JOB_"))}
+    env |= {
+        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+        "RUNPOD_SKIP_GPU_CHECK": "true",
+        "COMFYUI_DIR": str(backend.comfyui_dir),
+        "COMFYUI_PYTHON": backend.python,
+        "COMFY_API_URL": f"http://127.0.0.1:{comfy_port}",
+        "COMFYUI_INPUT_DIR": str(root / "input"),
+        "COMFYUI_OUTPUT_DIR": str(root / "output"),
+        "COMFYUI_TEMP_DIR": str(root / "temp"),
+        "COMFY_STARTUP_TIMEOUT": str(backend.boot_timeout_s),
+        "PROGRESS_INTERVAL": "0",
+        "LOG_LEVEL": "INFO",
+    }
+    return env | extra
+
+
+def stop(process: subprocess.Popen[bytes], grace_s: float = 15) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def serve_api(backend: ComfyBackend, root: Path, **extra_env: str) -> Iterator[WorkerProcess]:
+    """``python handler.py --rp_serve_api`` on a free loopback port, ready when it yields."""
+    root.mkdir(parents=True, exist_ok=True)
+    comfy_port, api_port = free_port(), free_port()
+    env = worker_env(backend, root, comfy_port, **extra_env)
+    log_path = root / "worker.log"
+    command = [
+        sys.executable,
+        str(REPO / "handler.py"),
+        "--rp_serve_api",
+        "--rp_api_host",
+        "127.0.0.1",
+        "--rp_api_port",
+        str(api_port),
+        "--rp_log_level",
+        "INFO",
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = WorkerProcess(process, env, root, log_path, env["COMFY_API_URL"], f"http://127.0.0.1:{api_port}")
+    try:
+        deadline = time.monotonic() + backend.boot_timeout_s + 30
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"the worker exited with {process.returncode}:\n{worker.log()[-4000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{worker.api_url}/", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the worker's local API did not come up:\n{worker.log()[-4000:]}")
+            time.sleep(0.2)
+        yield worker
+    finally:
+        stop(process)
