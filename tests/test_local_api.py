@@ -10,6 +10,8 @@ import base64
 import io
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,3 +239,35 @@ def test_checkpoint_txt2img(worker: WorkerProcess) -> None:
 def test_worker_log_shows_comfyui_output(worker: WorkerProcess) -> None:
     assert "comfyui:" in worker.log()
     assert Path(worker.env["COMFYUI_OUTPUT_DIR"]).is_dir()
+
+
+def test_example_client_saves_outputs(worker: WorkerProcess, tmp_path: Path) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(source)
+    graph = save_chain(("LoadImage", {"image": "client/in.png"}), ("ImageInvert", {"image": ["1", 0]}), prefix="cli")
+    workflow_file = tmp_path / "wf.json"
+    workflow_file.write_text(json.dumps(graph))
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(EXAMPLES / "test_local.py"),
+        str(workflow_file),
+        "--url",
+        worker.api_url,
+        "--image",
+        f"{source}:client/in.png",
+        "--set",
+        "3.inputs.filename_prefix=cli_set",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    saved = sorted(out.iterdir())
+    assert len(saved) == 1 and saved[0].name.startswith("cli_set_")
+    assert close_to(Image.open(saved[0]).convert("RGB").getpixel((0, 0)), (255, 255, 255))
+    missing = [*command[:3], "--url", worker.api_url, "--set", "1.inputs.image=client/missing.png", "--out", str(out)]
+    failing = subprocess.run(missing, capture_output=True, text=True, timeout=120, check=False)
+    assert failing.returncode == 1
+    assert '"error_type": "workflow_validation"' in failing.stderr
+    assert "missing.png" in failing.stderr

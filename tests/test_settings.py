@@ -1,0 +1,77 @@
+"""Settings are read from a plain mapping; bad values stop the worker with the variable's name."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfy_worker.settings import Settings, SettingsError
+from comfy_worker.supervisor import ComfySupervisor
+
+
+def test_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.comfy_api_url == "http://127.0.0.1:8188"
+    assert (s.comfy_host, s.comfy_port, s.comfy_ws_url) == ("127.0.0.1", 8188, "ws://127.0.0.1:8188/ws")
+    assert s.comfyui_dir is None and s.comfyui_output_dir is None
+    assert s.comfyui_python == sys.executable
+    assert (s.job_timeout_s, s.job_timeout_max_s) == (600.0, 3600.0)
+    assert s.comfy_is_local
+
+
+def test_folders_follow_comfyui_dir_unless_set() -> None:
+    s = Settings.from_env({"COMFYUI_DIR": "/opt/ComfyUI", "COMFYUI_OUTPUT_DIR": "/data/out"})
+    assert s.comfyui_input_dir == Path("/opt/ComfyUI/input")
+    assert s.comfyui_output_dir == Path("/data/out")
+    assert s.comfyui_temp_dir == Path("/opt/ComfyUI/temp")
+
+
+def test_values_are_parsed() -> None:
+    s = Settings.from_env(
+        {
+            "COMFY_API_URL": "https://comfy.internal:9000/",
+            "COMFYUI_ARGS": "--preview-method auto --reserve-vram '1.5'",
+            "JOB_TIMEOUT": "30",
+            "PROGRESS_INTERVAL": "0.25",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert s.comfy_api_url == "https://comfy.internal:9000"
+    assert s.comfy_ws_url == "wss://comfy.internal:9000/ws"
+    assert not s.comfy_is_local
+    assert s.comfyui_args == ("--preview-method", "auto", "--reserve-vram", "1.5")
+    assert (s.job_timeout_s, s.progress_interval_s, s.log_level) == (30.0, 0.25, "DEBUG")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"COMFY_API_URL": "127.0.0.1:8188"}, "COMFY_API_URL"),
+        ({"JOB_TIMEOUT": "ten"}, "JOB_TIMEOUT='ten' is not a number"),
+        ({"JOB_TIMEOUT": "0"}, "must be at least 1"),
+        ({"JOB_TIMEOUT": "5000"}, "above JOB_TIMEOUT_MAX"),
+        ({"COMFY_LOG_TAIL_LINES": "1.5"}, "not an integer"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError, match=expected):
+        Settings.from_env(env)
+
+
+def test_comfyui_command_line() -> None:
+    s = Settings.from_env(
+        {
+            "COMFY_API_URL": "http://127.0.0.1:8190",
+            "COMFYUI_DIR": "/c",
+            "COMFYUI_PYTHON": "/venv/bin/python",
+            "COMFYUI_ARGS": "--cpu --listen 0.0.0.0",
+        }
+    )
+    command = ComfySupervisor(s).command()
+    assert command[:2] == ["/venv/bin/python", "/c/main.py"]
+    assert command[2:8] == ["--listen", "127.0.0.1", "--port", "8190", "--disable-auto-launch", "--input-directory"]
+    assert command.count("--cpu") == 1
+    assert command[-3:] == ["--cpu", "--listen", "0.0.0.0"], "COMFYUI_ARGS come last so they win"
