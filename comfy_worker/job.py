@@ -123,7 +123,9 @@ class Worker:
             job, graph = await asyncio.to_thread(self._prepare, raw_input)
             if self.startup_error is not None:
                 raise self.startup_error
+            timings = {"prepare_s": time.monotonic() - started}
             await self._upload_images(job)
+            timings["upload_s"] = time.monotonic() - started - sum(timings.values())
             prompt_id = str(uuid.uuid4())
             timeout_s = job.timeout or self.settings.job_timeout_s
             deadline = started + timeout_s
@@ -136,11 +138,13 @@ class Worker:
                 except JobTimeoutError:
                     await self._stop_prompt(prompt_id, frames)
                     raise
+            timings["comfyui_s"] = time.monotonic() - started - sum(timings.values())
             entry = await asyncio.to_thread(self.client.history, prompt_id)
             if entry is None:
                 raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
             collected = outputs.collect(entry, include_temp=job.output.include_temp)
             result = await asyncio.to_thread(outputs.build, self.client, self.folders, collected)
+            timings["outputs_s"] = time.monotonic() - started - sum(timings.values())
             warnings = prompt_warnings(queued.get("node_errors") or {})
             if collected.skipped_temp:
                 warnings.append(
@@ -153,6 +157,7 @@ class Worker:
                 "status": "success",
                 "prompt_id": prompt_id,
                 "execution_time_seconds": round(time.monotonic() - started, 3),
+                "timings": {name: round(value, 4) for name, value in timings.items()},
                 "warnings": warnings,
             }
             log.info(
