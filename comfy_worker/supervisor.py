@@ -87,10 +87,11 @@ class ComfySupervisor:
     def _pump_log(self, process: subprocess.Popen[str]) -> None:
         """Forward ComfyUI's output to our log, prefixed, and keep the last lines for error reports."""
         assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.rstrip("\n")
-            self._log_tail.append(line)
-            comfy_log.info("%s", line)
+        with process.stdout:
+            for raw in process.stdout:
+                line = raw.rstrip("\n")
+                self._log_tail.append(line)
+                comfy_log.info("%s", line)
 
     def log_tail(self, lines: int | None = None) -> list[str]:
         tail = list(self._log_tail)

@@ -1,0 +1,222 @@
+"""The job flow in-process, against the stand-in ComfyUI started by the worker's own supervisor:
+progress, timeouts that interrupt ComfyUI, cancellation, a dropped WebSocket, a ComfyUI that cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfy_worker.app import build_worker
+from comfy_worker.job import Worker
+from comfy_worker.settings import Settings
+
+from .tcp_proxy import tcp_proxy
+from .worker_process import STANDIN_DIR, free_port
+
+
+def settings_for(root: Path, comfy_port: int, **extra: str) -> Settings:
+    return Settings.from_env(
+        {
+            "COMFYUI_DIR": str(STANDIN_DIR),
+            "COMFYUI_PYTHON": sys.executable,
+            "COMFY_API_URL": f"http://127.0.0.1:{comfy_port}",
+            "COMFYUI_INPUT_DIR": str(root / "input"),
+            "COMFYUI_OUTPUT_DIR": str(root / "output"),
+            "COMFYUI_TEMP_DIR": str(root / "temp"),
+            "COMFY_STARTUP_TIMEOUT": "30",
+            "PROGRESS_INTERVAL": "0",
+            "INTERRUPT_GRACE": "5",
+            **extra,
+        }
+    )
+
+
+def close(worker: Worker) -> None:
+    worker.events.close()
+    worker.client.close()
+    if worker.supervisor is not None:
+        worker.supervisor.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    built = build_worker(settings_for(tmp_path_factory.mktemp("flow"), free_port()))
+    assert built.startup_error is None, built.startup_error.to_dict()
+    yield built
+    close(built)
+
+
+def sleep_graph(seconds: float, prefix: str = "flow", steps: int = 0) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "StandinSleep", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
+def run(worker: Worker, job_input: dict[str, Any], progress: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    sink = progress.append if progress is not None else (lambda _message: None)
+    return asyncio.run(worker.run("test-job", job_input, sink))
+
+
+def error_of(result: dict[str, Any]) -> dict[str, Any]:
+    assert "error" in result, result
+    error: dict[str, Any] = json.loads(result["error"])
+    return error
+
+
+def test_progress_updates_follow_the_sampler_steps(worker: Worker) -> None:
+    progress: list[dict[str, Any]] = []
+    result = run(worker, {"workflow": sleep_graph(0.5, steps=5)}, progress)
+    assert result["status"] == "success", result
+    steps = [m for m in progress if m.get("class_type") == "StandinSleep" and "step" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5]
+    assert all(m["steps"] == 5 and m["nodes_total"] == 3 for m in steps)
+    percents = [m["percent"] for m in progress]
+    assert percents == sorted(percents) and percents[-1] <= 100
+
+
+def test_progress_is_rate_limited(worker: Worker) -> None:
+    worker_settings = worker.settings
+    limited = Settings(**{**worker_settings.__dict__, "progress_interval_s": 10.0})
+    slow = Worker(limited, worker.client, worker.events, worker.supervisor)
+    progress: list[dict[str, Any]] = []
+    assert run(slow, {"workflow": sleep_graph(0.3, prefix="rate", steps=10)}, progress)["status"] == "success"
+    assert len(progress) == 1, progress
+
+
+def test_timeout_interrupts_the_prompt_and_names_the_node(worker: Worker) -> None:
+    started = time.monotonic()
+    result = run(worker, {"workflow": sleep_graph(30, prefix="slow"), "timeout": 1})
+    elapsed = time.monotonic() - started
+    error = error_of(result)
+    assert error["error_type"] == "timeout"
+    assert "timeout of 1s while node 2 (StandinSleep) was running" in error["message"]
+    assert error["details"]["node_id"] == "2"
+    assert elapsed < 6, f"the interrupt should stop the sleep within a tick, took {elapsed:.1f}s"
+    assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
+    assert run(worker, {"workflow": sleep_graph(0.1, prefix="after")})["status"] == "success"
+
+
+def test_cancellation_interrupts_comfyui_and_reraises(worker: Worker) -> None:
+    async def cancel_midway() -> None:
+        task = asyncio.create_task(worker.run("cancel-me", {"workflow": sleep_graph(30, prefix="cancel")}, print))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
+    deadline = time.monotonic() + 5
+    while worker.client.queue()["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
+    assert run(worker, {"workflow": sleep_graph(0.1, prefix="after_cancel")})["status"] == "success"
+
+
+def test_execution_error_then_success(worker: Worker) -> None:
+    graph = {
+        "1": {"class_type": "StandinFail", "inputs": {"message": "boom ünïcode", "exception_type": "ValueError"}},
+    }
+    error = error_of(run(worker, {"workflow": graph}))
+    assert error["error_type"] == "comfyui_execution"
+    assert error["message"] == "Node 1 (StandinFail) failed: ValueError: boom ünïcode"
+    assert run(worker, {"workflow": sleep_graph(0, prefix="ok")})["status"] == "success"
+
+
+def test_every_output_kind(worker: Worker) -> None:
+    def saver(node_id: str, kind: str, extension: str, **extra: Any) -> dict[str, Any]:
+        inputs = {"filename_prefix": f"kinds_{node_id}", "kind": kind, "extension": extension, **extra}
+        return {"class_type": "StandinSaveFile", "inputs": inputs}
+
+    graph = {
+        "1": saver("1", "gifs", "mp4", format="video/h264-mp4", size_bytes=2048),
+        "2": saver("2", "audio", "flac", size_bytes=100),
+        "3": saver("3", "text", "txt", content="a caption"),
+        "4": saver("4", "files", "glb", size_bytes=10),
+        "5": saver("5", "images", "webp", extra_ui='{"animated": [true]}', size_bytes=30),
+    }
+    result = run(worker, {"workflow": graph})
+    assert result["status"] == "success", result
+    assert [(v["node_id"], v["mime_type"], v["size_bytes"]) for v in result["videos"]] == [("1", "video/mp4", 2048)]
+    assert [(a["node_id"], a["mime_type"]) for a in result["audio"]] == [("2", "audio/flac")]
+    assert result["text"] == [{"node_id": "3", "text": "a caption"}]
+    assert [(f["node_id"], f["mime_type"]) for f in result["files"]] == [("4", "model/gltf-binary")]
+    assert [(i["node_id"], i["mime_type"]) for i in result["images"]] == [("5", "image/webp")]
+
+
+def test_dropped_websocket_reconnects_and_completes(worker: Worker, tmp_path: Path) -> None:
+    with tcp_proxy(worker.settings.comfy_port) as proxy:
+        settings = settings_for(tmp_path, proxy.port, COMFY_API_URL=f"http://127.0.0.1:{proxy.port}")
+        proxied = build_worker(settings)
+        try:
+            assert proxied.supervisor is not None and proxied.supervisor.attached
+            threading.Timer(0.5, proxy.cut_websockets).start()
+            result = run(proxied, {"workflow": sleep_graph(1.5, prefix="drop")})
+            assert result["status"] == "success", result
+            assert proxied.events.wait_connected(5)
+        finally:
+            close(proxied)
+
+
+def test_completion_seen_through_history_while_the_socket_is_down(worker: Worker, tmp_path: Path) -> None:
+    with tcp_proxy(worker.settings.comfy_port) as proxy:
+        proxied = build_worker(settings_for(tmp_path, proxy.port))
+        try:
+
+            def cut_and_hold() -> None:
+                proxy.refuse_websockets.set()
+                proxy.cut_websockets()
+
+            threading.Timer(0.3, cut_and_hold).start()
+            threading.Timer(4.0, proxy.refuse_websockets.clear).start()
+            started = time.monotonic()
+            result = run(proxied, {"workflow": sleep_graph(1.0, prefix="down")})
+            assert result["status"] == "success", result
+            assert result["images"], "outputs come from /history"
+            assert time.monotonic() - started < 3.5, "completion must come from /history, not the reconnect"
+        finally:
+            close(proxied)
+
+
+def test_comfyui_that_cannot_start_fails_every_job_with_its_log(tmp_path: Path) -> None:
+    broken = tmp_path / "broken_comfyui"
+    broken.mkdir()
+    (broken / "main.py").write_text(
+        "import sys\nprint('loading custom nodes...')\nprint('ImportError: no module named torch')\nsys.exit(3)\n"
+    )
+    settings = Settings.from_env({"COMFYUI_DIR": str(broken), "COMFY_API_URL": f"http://127.0.0.1:{free_port()}"})
+    failing = build_worker(settings)
+    try:
+        assert failing.startup_error is not None
+        for _ in range(2):
+            result = run(failing, {"workflow": sleep_graph(0)})
+            assert result.get("refresh_worker") is True
+            error = error_of(result)
+            assert error["error_type"] == "comfyui_unavailable"
+            assert "exited with code 3" in error["message"]
+            assert "ImportError: no module named torch" in error["details"]["log_tail"]
+        # input errors are still reported as such
+        assert error_of(run(failing, {"workflow": []}))["error_type"] == "validation"
+    finally:
+        close(failing)
+
+
+def test_no_comfyui_and_no_folder(tmp_path: Path) -> None:
+    settings = Settings.from_env({"COMFYUI_DIR": str(tmp_path), "COMFY_API_URL": f"http://127.0.0.1:{free_port()}"})
+    failing = build_worker(settings)
+    try:
+        error = error_of(run(failing, {"workflow": sleep_graph(0)}))
+        assert error["error_type"] == "comfyui_unavailable"
+        assert "holds no main.py" in error["message"]
+    finally:
+        close(failing)
