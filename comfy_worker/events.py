@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -75,9 +76,9 @@ class EventStream:
     def close(self) -> None:
         self._stop.set()
         ws = self._ws
-        if ws is not None:
-            with contextlib.suppress(Exception):
-                ws.shutdown()  # type: ignore[no-untyped-call]
+        if ws is not None and ws.sock is not None:
+            with contextlib.suppress(OSError):
+                ws.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread's blocking recv
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
