@@ -5,6 +5,8 @@ progress, timeouts that interrupt ComfyUI, cancellation, a dropped WebSocket, a 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import json
 import sys
 import threading
@@ -86,8 +88,7 @@ def test_progress_updates_follow_the_sampler_steps(worker: Worker) -> None:
 
 
 def test_progress_is_rate_limited(worker: Worker) -> None:
-    worker_settings = worker.settings
-    limited = Settings(**{**worker_settings.__dict__, "progress_interval_s": 10.0})
+    limited = dataclasses.replace(worker.settings, progress_interval_s=10.0)
     slow = Worker(limited, worker.client, worker.events, worker.supervisor)
     progress: list[dict[str, Any]] = []
     assert run(slow, {"workflow": sleep_graph(0.3, prefix="rate", steps=10)}, progress)["status"] == "success"
@@ -220,3 +221,17 @@ def test_no_comfyui_and_no_folder(tmp_path: Path) -> None:
         assert "holds no main.py" in error["message"]
     finally:
         close(failing)
+
+
+def test_outputs_come_through_view_when_the_folders_are_unknown(worker: Worker) -> None:
+    remote = dataclasses.replace(
+        worker.settings, comfyui_output_dir=None, comfyui_temp_dir=None, comfyui_input_dir=None
+    )
+    over_http = Worker(remote, worker.client, worker.events, worker.supervisor)
+    assert over_http.folders == {}
+    graph = sleep_graph(0, prefix="view")
+    graph["1"]["inputs"]["color"] = 0xFF0000
+    result = run(over_http, {"workflow": graph, "output": {"include_temp": True}})
+    assert result["status"] == "success", result
+    saved = Path(worker.settings.comfyui_output_dir or "") / result["images"][0]["filename"]
+    assert base64.b64decode(result["images"][0]["data"]) == saved.read_bytes()
