@@ -9,55 +9,39 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+N = TypeVar("N", int, float)
 
 
 class SettingsError(ValueError):
     """An environment variable holds a value the worker cannot use."""
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+def _number(env: Mapping[str, str], name: str, default: N, minimum: N, parse: Callable[[str], N]) -> N:
     raw = env.get(name)
-    if raw is None:
+    if raw is None or raw.strip() == "":
         return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+    try:
+        value = parse(raw)
+    except ValueError:
+        kind = "an integer" if parse is int else "a number"
+        raise SettingsError(f"{name}={raw!r} is not {kind}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+    return value
 
 
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if value < minimum:
-        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
-    return value
+    return _number(env, name, default, minimum, float)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
-    return value
+    return _number(env, name, default, minimum, int)
 
 
 def _path(env: Mapping[str, str], name: str, default: Path | None) -> Path | None:
