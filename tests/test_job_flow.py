@@ -11,6 +11,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -235,3 +236,26 @@ def test_outputs_come_through_view_when_the_folders_are_unknown(worker: Worker) 
     assert result["status"] == "success", result
     saved = Path(worker.settings.comfyui_output_dir or "") / result["images"][0]["filename"]
     assert base64.b64decode(result["images"][0]["data"]) == saved.read_bytes()
+
+
+def test_frames_of_other_prompts_on_our_socket_are_ignored(worker: Worker) -> None:
+    other_id = str(uuid.uuid4())
+    worker.client.queue_prompt(sleep_graph(0.8, prefix="someone_else"), other_id)  # same client_id as the worker
+    result = run(worker, {"workflow": sleep_graph(0.1, prefix="mine")})
+    assert result["status"] == "success", result
+    assert [i["filename"].split("_0")[0] for i in result["images"]] == ["mine"]
+    other = worker.client.history(other_id)
+    assert other is not None and other["status"]["status_str"] == "success", "the other prompt ran first"
+
+
+def test_binary_preview_frames_are_ignored(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, free_port(), COMFYUI_ARGS="--preview-method latent2rgb")
+    previewing = build_worker(settings)
+    try:
+        assert previewing.startup_error is None
+        progress: list[dict[str, Any]] = []
+        result = run(previewing, {"workflow": sleep_graph(0.3, prefix="preview", steps=3)}, progress)
+        assert result["status"] == "success", result
+        assert [m["step"] for m in progress if "step" in m] == [1, 2, 3]
+    finally:
+        close(previewing)
