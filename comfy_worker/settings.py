@@ -81,6 +81,12 @@ class Settings:
         def folder(name: str, sub: str) -> Path | None:
             return _path(env, name, comfyui_dir / sub if comfyui_dir else None)
 
+        temp_dir = folder("COMFYUI_TEMP_DIR", "temp")
+        if temp_dir is not None and temp_dir.name != "temp":
+            raise SettingsError(
+                f"COMFYUI_TEMP_DIR={str(temp_dir)!r} must end in /temp: ComfyUI always keeps temp files in a "
+                "folder named temp inside the directory it is given"
+            )
         job_timeout = _float(env, "JOB_TIMEOUT", cls.job_timeout_s, minimum=1.0)
         job_timeout_max = _float(env, "JOB_TIMEOUT_MAX", cls.job_timeout_max_s, minimum=1.0)
         if job_timeout > job_timeout_max:
@@ -95,7 +101,7 @@ class Settings:
             comfyui_args=tuple(shlex.split(env.get("COMFYUI_ARGS", ""))),
             comfyui_input_dir=folder("COMFYUI_INPUT_DIR", "input"),
             comfyui_output_dir=folder("COMFYUI_OUTPUT_DIR", "output"),
-            comfyui_temp_dir=folder("COMFYUI_TEMP_DIR", "temp"),
+            comfyui_temp_dir=temp_dir,
             startup_timeout_s=_float(env, "COMFY_STARTUP_TIMEOUT", cls.startup_timeout_s, minimum=1.0),
             job_timeout_s=job_timeout,
             job_timeout_max_s=job_timeout_max,

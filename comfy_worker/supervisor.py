@@ -40,13 +40,12 @@ class ComfySupervisor:
         assert s.comfyui_dir is not None
         args = [s.comfyui_python, str(s.comfyui_dir / "main.py")]
         args += ["--listen", s.comfy_host, "--port", str(s.comfy_port), "--disable-auto-launch"]
-        for flag, folder in (
-            ("--input-directory", s.comfyui_input_dir),
-            ("--output-directory", s.comfyui_output_dir),
-            ("--temp-directory", s.comfyui_temp_dir),
-        ):
-            if folder is not None:
-                args += [flag, str(folder)]
+        if s.comfyui_input_dir is not None:
+            args += ["--input-directory", str(s.comfyui_input_dir)]
+        if s.comfyui_output_dir is not None:
+            args += ["--output-directory", str(s.comfyui_output_dir)]
+        if s.comfyui_temp_dir is not None:  # ComfyUI writes temp files into <--temp-directory>/temp
+            args += ["--temp-directory", str(s.comfyui_temp_dir.parent)]
         if "--cpu" not in s.comfyui_args and shutil.which("nvidia-smi") is None:
             args.append("--cpu")  # no NVIDIA driver here: ComfyUI would fail to start on CUDA
         return [*args, *s.comfyui_args]

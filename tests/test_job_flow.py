@@ -259,3 +259,13 @@ def test_binary_preview_frames_are_ignored(tmp_path: Path) -> None:
         assert [m["step"] for m in progress if "step" in m] == [1, 2, 3]
     finally:
         close(previewing)
+
+
+def test_temp_outputs_are_found_on_disk(worker: Worker) -> None:
+    graph = sleep_graph(0, prefix="unused")
+    graph["3"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
+    result = run(worker, {"workflow": graph, "output": {"include_temp": True}})
+    assert result["status"] == "success", result
+    on_disk = worker.folders["temp"] / result["images"][0]["filename"]
+    assert on_disk.is_file(), "temp outputs must be read from COMFYUI_TEMP_DIR, not fetched over HTTP"
+    assert base64.b64decode(result["images"][0]["data"]) == on_disk.read_bytes()

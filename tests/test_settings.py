@@ -54,6 +54,7 @@ def test_values_are_parsed() -> None:
         ({"JOB_TIMEOUT": "5000"}, "above JOB_TIMEOUT_MAX"),
         ({"COMFY_LOG_TAIL_LINES": "1.5"}, "not an integer"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({"COMFYUI_TEMP_DIR": "/data/tmp"}, "must end in /temp"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], expected: str) -> None:
@@ -68,9 +69,11 @@ def test_comfyui_command_line() -> None:
             "COMFYUI_DIR": "/c",
             "COMFYUI_PYTHON": "/venv/bin/python",
             "COMFYUI_ARGS": "--cpu --listen 0.0.0.0",
+            "COMFYUI_TEMP_DIR": "/scratch/temp",
         }
     )
     command = ComfySupervisor(s).command()
+    assert command[command.index("--temp-directory") + 1] == "/scratch"
     assert command[:2] == ["/venv/bin/python", "/c/main.py"]
     assert command[2:8] == ["--listen", "127.0.0.1", "--port", "8190", "--disable-auto-launch", "--input-directory"]
     assert command.count("--cpu") == 1
