@@ -8,6 +8,7 @@ goes through ``asyncio.to_thread``; ComfyUI's frames arrive on an ``asyncio.Queu
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -89,6 +90,19 @@ class _Progress:
             log.exception("progress update failed")
 
 
+@dataclass
+class _Attempt:
+    """One run of a job: its prompt id once queued (for errors and cancellation) and where the time went."""
+
+    job_id: str
+    started: float
+    prompt_id: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, name: str) -> None:
+        self.timings[name] = time.monotonic() - self.started - sum(self.timings.values())
+
+
 class Worker:
     """Runs jobs against one ComfyUI; created once per process by ``app``."""
 
@@ -105,6 +119,7 @@ class Worker:
         self.events = events
         self.supervisor = supervisor
         self.startup_error = startup_error
+        self._recovery: concurrent.futures.Future[None] | None = None
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
             for name, folder in (
@@ -117,69 +132,73 @@ class Worker:
 
     async def run(self, job_id: str, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
-        started = time.monotonic()
-        prompt_id: str | None = None
+        attempt = _Attempt(job_id, started=time.monotonic())
         try:
-            job, graph = await asyncio.to_thread(self._prepare, raw_input)
-            if self.startup_error is not None:
-                raise self.startup_error
-            timings = {"prepare_s": time.monotonic() - started}
-            await self._upload_images(job)
-            timings["upload_s"] = time.monotonic() - started - sum(timings.values())
-            prompt_id = str(uuid.uuid4())
-            timeout_s = job.timeout or self.settings.job_timeout_s
-            deadline = started + timeout_s
-            tracker = _Progress(graph, progress, self.settings.progress_interval_s)
-            with self.events.subscription(prompt_id) as frames:
-                queued = await asyncio.to_thread(self.client.queue_prompt, graph, prompt_id)
-                log.info("job %s: queued prompt %s (%d nodes)", job_id, prompt_id, len(graph))
-                try:
-                    await self._follow(prompt_id, frames, tracker, deadline, timeout_s)
-                except JobTimeoutError:
-                    await self._stop_prompt(prompt_id, frames)
-                    raise
-            timings["comfyui_s"] = time.monotonic() - started - sum(timings.values())
-            entry = await asyncio.to_thread(self.client.history, prompt_id)
-            if entry is None:
-                raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
-            collected = outputs.collect(entry, include_temp=job.output.include_temp)
-            result = await asyncio.to_thread(outputs.build, self.client, self.folders, collected)
-            timings["outputs_s"] = time.monotonic() - started - sum(timings.values())
-            warnings = prompt_warnings(queued.get("node_errors") or {})
-            if collected.skipped_temp:
-                warnings.append(
-                    f"{collected.skipped_temp} temp output(s) (PreviewImage and the like) were left out; "
-                    "set output.include_temp to true to get them."
-                )
-            if not collected.files and not collected.texts:
-                warnings.append("The workflow finished but produced no outputs (is there a SaveImage node?).")
-            result |= {
-                "status": "success",
-                "prompt_id": prompt_id,
-                "execution_time_seconds": round(time.monotonic() - started, 3),
-                "timings": {name: round(value, 4) for name, value in timings.items()},
-                "warnings": warnings,
-            }
-            log.info(
-                "job %s: done in %.2fs, %d file(s)", job_id, result["execution_time_seconds"], len(collected.files)
-            )
-            return result
+            return await self._execute(attempt, raw_input, progress)
         except asyncio.CancelledError:
-            log.warning("job %s: cancelled; stopping prompt %s", job_id, prompt_id)
-            if prompt_id is not None:
-                threading.Thread(target=self._abandon, args=(prompt_id,), daemon=True).start()
+            log.warning("job %s: cancelled; stopping prompt %s", job_id, attempt.prompt_id)
+            if attempt.prompt_id is not None:
+                threading.Thread(target=self._abandon, args=(attempt.prompt_id,), daemon=True).start()
             raise
         except WorkerError as exc:
             log.warning("job %s: %s: %s", job_id, exc.error_type, exc.message)
-            refresh = exc is self.startup_error
-            result = exc.to_result(prompt_id=prompt_id)
-            return result | {"refresh_worker": True} if refresh else result
+            if isinstance(exc, ComfyCrashedError):
+                exc.details["comfyui_restarting"] = self._recover_in_background()
+            result = exc.to_result(prompt_id=attempt.prompt_id)
+            return result | {"refresh_worker": True} if exc is self.startup_error else result
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
             error = WorkerError(
                 f"Unexpected worker error: {type(exc).__name__}: {exc}", {"exception_type": type(exc).__name__}
             )
-            return error.to_result(prompt_id=prompt_id)
+            return error.to_result(prompt_id=attempt.prompt_id)
+
+    async def _execute(self, attempt: _Attempt, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
+        job, graph = await asyncio.to_thread(self._prepare, raw_input)
+        await self._comfyui_back()
+        if self.startup_error is not None:
+            raise self.startup_error
+        attempt.lap("prepare_s")
+        await self._upload_images(job)
+        attempt.lap("upload_s")
+        prompt_id = attempt.prompt_id = str(uuid.uuid4())
+        timeout_s = job.timeout or self.settings.job_timeout_s
+        tracker = _Progress(graph, progress, self.settings.progress_interval_s)
+        with self.events.subscription(prompt_id) as frames:
+            queued = await asyncio.to_thread(self.client.queue_prompt, graph, prompt_id)
+            log.info("job %s: queued prompt %s (%d nodes)", attempt.job_id, prompt_id, len(graph))
+            try:
+                await self._follow(prompt_id, frames, tracker, attempt.started + timeout_s, timeout_s)
+            except JobTimeoutError as exc:
+                if not await self._stop_prompt(prompt_id, frames):
+                    exc.details["comfyui_restarted"] = self._recover_in_background()
+                raise
+        attempt.lap("comfyui_s")
+        entry = await asyncio.to_thread(self.client.history, prompt_id)
+        if entry is None:
+            raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
+        collected = outputs.collect(entry, include_temp=job.output.include_temp)
+        result = await asyncio.to_thread(outputs.build, self.client, self.folders, collected)
+        attempt.lap("outputs_s")
+        warnings = prompt_warnings(queued.get("node_errors") or {})
+        if collected.skipped_temp:
+            warnings.append(
+                f"{collected.skipped_temp} temp output(s) (PreviewImage and the like) were left out; "
+                "set output.include_temp to true to get them."
+            )
+        if not collected.files and not collected.texts:
+            warnings.append("The workflow finished but produced no outputs (is there a SaveImage node?).")
+        result |= {
+            "status": "success",
+            "prompt_id": prompt_id,
+            "execution_time_seconds": round(time.monotonic() - attempt.started, 3),
+            "timings": {name: round(value, 4) for name, value in attempt.timings.items()},
+            "warnings": warnings,
+        }
+        log.info(
+            "job %s: done in %.2fs, %d file(s)", attempt.job_id, result["execution_time_seconds"], len(collected.files)
+        )
+        return result
 
     def _prepare(self, raw_input: Any) -> tuple[JobInput, dict[str, Any]]:
         job = parse_job_input(raw_input, timeout_max=self.settings.job_timeout_max_s)
@@ -265,8 +284,12 @@ class Worker:
                 raise interrupted_error(data)
         return bool(status.get("completed")) or status.get("status_str") in ("success", "error")
 
-    async def _stop_prompt(self, prompt_id: str, frames: asyncio.Queue[Frame]) -> None:
-        """Interrupt a timed-out prompt and wait (INTERRUPT_GRACE) until ComfyUI lets go of it."""
+    async def _stop_prompt(self, prompt_id: str, frames: asyncio.Queue[Frame]) -> bool:
+        """Interrupt a timed-out prompt; whether ComfyUI let go of it within INTERRUPT_GRACE.
+
+        ComfyUI honours an interrupt only between nodes or at progress ticks: one long node can hold it for
+        minutes, and the caller then restarts ComfyUI so the next job starts on a clean one.
+        """
         await asyncio.to_thread(self._abandon, prompt_id)
         deadline = time.monotonic() + self.settings.interrupt_grace_s
         while (remaining := deadline - time.monotonic()) > 0:
@@ -275,14 +298,63 @@ class Worker:
             except TimeoutError:
                 with contextlib.suppress(WorkerError):
                     if await self._finished_in_history(prompt_id):
-                        return
+                        return True
                 continue
             data = frame.get("data") or {}
             if frame.get("type") in ("execution_interrupted", "execution_error") or (
                 frame.get("type") == "executing" and data.get("node") is None
             ):
-                return
+                return True
         log.warning("prompt %s still runs %gs after its interrupt", prompt_id, self.settings.interrupt_grace_s)
+        return False
+
+    def _recover_in_background(self) -> bool:
+        """Restart the ComfyUI we own, without holding up the failing job's result; False if we cannot."""
+        supervisor = self.supervisor
+        if supervisor is None or not supervisor.restartable:
+            return False
+        if self._recovery is None or self._recovery.done():
+            recovery: concurrent.futures.Future[None] = concurrent.futures.Future()
+            threading.Thread(
+                target=self._recover, args=(supervisor, recovery), name="comfyui-restart", daemon=True
+            ).start()
+            self._recovery = recovery
+        return True
+
+    def _recover(self, supervisor: ComfySupervisor, recovery: concurrent.futures.Future[None]) -> None:
+        attempts = self.settings.restart_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                waited = supervisor.restart(self.client)
+            except ComfyUnavailableError as exc:
+                log.error("ComfyUI restart %d/%d failed: %s", attempt, attempts, exc.message)
+                if attempt == attempts:
+                    recovery.set_exception(exc)
+                    return
+            else:
+                log.info("ComfyUI restarted and ready in %.1fs", waited)
+                self.events.wait_connected(timeout_s=10)
+                recovery.set_result(None)
+                return
+
+    async def _comfyui_back(self) -> None:
+        """Before a job: restart a ComfyUI found dead, and wait for a restart under way.
+
+        A restart that failed every attempt becomes the worker's standing error, so each later job reports it
+        and asks RunPod to replace the worker (``refresh_worker``).
+        """
+        if self.supervisor is not None and not self.supervisor.alive():
+            self._recover_in_background()
+        recovery = self._recovery
+        if recovery is None:
+            return
+        try:
+            await asyncio.wrap_future(recovery)
+        except ComfyUnavailableError as exc:
+            attempts = self.settings.restart_attempts
+            self.startup_error = ComfyUnavailableError(
+                f"ComfyUI stopped and could not be restarted ({attempts} attempts): {exc.message}", exc.details
+            )
 
     def _abandon(self, prompt_id: str) -> None:
         """Drop the prompt from the queue and interrupt it if it runs: best effort, never raises."""

@@ -64,6 +64,7 @@ class Settings:
     job_timeout_s: float = 600.0
     job_timeout_max_s: float = 3600.0
     interrupt_grace_s: float = 10.0
+    restart_attempts: int = 3
     progress_interval_s: float = 1.0
     log_tail_lines: int = 200
     log_level: str = "INFO"
@@ -106,6 +107,7 @@ class Settings:
             job_timeout_s=job_timeout,
             job_timeout_max_s=job_timeout_max,
             interrupt_grace_s=_float(env, "INTERRUPT_GRACE", cls.interrupt_grace_s),
+            restart_attempts=_int(env, "COMFY_RESTART_ATTEMPTS", cls.restart_attempts, minimum=1),
             progress_interval_s=_float(env, "PROGRESS_INTERVAL", cls.progress_interval_s),
             log_tail_lines=_int(env, "COMFY_LOG_TAIL_LINES", cls.log_tail_lines, minimum=1),
             log_level=level,

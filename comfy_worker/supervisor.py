@@ -31,6 +31,7 @@ class ComfySupervisor:
         self.settings = settings
         self.process: subprocess.Popen[str] | None = None
         self.attached = False
+        self.restarts = 0
         self._log_tail: collections.deque[str] = collections.deque(maxlen=settings.log_tail_lines)
         self._reader: threading.Thread | None = None
 
@@ -66,12 +67,15 @@ class ComfySupervisor:
                 f"({s.comfyui_dir or 'not set'}) holds no main.py to start one.",
                 {"comfy_api_url": s.comfy_api_url, "comfyui_dir": str(s.comfyui_dir or "")},
             )
+        self._launch()
+
+    def _launch(self) -> None:
         command = self.command()
         log.info("Starting ComfyUI: %s", " ".join(command))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
             command,
-            cwd=s.comfyui_dir,
+            cwd=self.settings.comfyui_dir,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -82,6 +86,21 @@ class ComfySupervisor:
         )
         self._reader = threading.Thread(target=self._pump_log, args=(self.process,), name="comfyui-log", daemon=True)
         self._reader.start()
+
+    @property
+    def restartable(self) -> bool:
+        """Only a ComfyUI this worker started can be restarted by it."""
+        return self.process is not None
+
+    def restart(self, client: ComfyClient) -> float:
+        """Stop what is left of our ComfyUI, start a new one and wait for it; return the seconds waited."""
+        if self.process is None:
+            raise ComfyUnavailableError("The worker did not start this ComfyUI, so it cannot restart it.")
+        self.stop(grace_s=5)
+        self.restarts += 1
+        self._log_tail.append(f"--- comfy-worker: restarting ComfyUI (restart #{self.restarts}) ---")
+        self._launch()
+        return self.wait_ready(client)
 
     def _pump_log(self, process: subprocess.Popen[str]) -> None:
         """Forward ComfyUI's output to our log, prefixed, and keep the last lines for error reports."""

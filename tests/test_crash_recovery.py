@@ -1,0 +1,151 @@
+"""A ComfyUI that dies or hangs: the job explains it at once, ComfyUI is restarted, the next job succeeds;
+when ComfyUI cannot come back, every job says so and asks RunPod to replace the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfy_worker.app import build_worker
+from comfy_worker.job import Worker
+from comfy_worker.settings import Settings
+
+from .worker_process import STANDIN_DIR, free_port
+
+
+def make_worker(root: Path, comfyui_dir: Path = STANDIN_DIR, **extra: str) -> Worker:
+    settings = Settings.from_env(
+        {
+            "COMFYUI_DIR": str(comfyui_dir),
+            "COMFYUI_PYTHON": sys.executable,
+            "COMFY_API_URL": f"http://127.0.0.1:{free_port()}",
+            "COMFYUI_INPUT_DIR": str(root / "input"),
+            "COMFYUI_OUTPUT_DIR": str(root / "output"),
+            "COMFYUI_TEMP_DIR": str(root / "temp"),
+            "COMFY_STARTUP_TIMEOUT": "20",
+            "INTERRUPT_GRACE": "1",
+            **extra,
+        }
+    )
+    worker = build_worker(settings)
+    assert worker.startup_error is None, worker.startup_error.to_dict()
+    return worker
+
+
+def close(worker: Worker) -> None:
+    worker.events.close()
+    worker.client.close()
+    if worker.supervisor is not None:
+        worker.supervisor.stop()
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Worker]:
+    built = make_worker(tmp_path)
+    yield built
+    close(built)
+
+
+def sleep_graph(seconds: float, steps: int = 0, prefix: str = "crash") -> dict[str, Any]:
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "StandinSleep", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
+def run(worker: Worker, job_input: dict[str, Any]) -> dict[str, Any]:
+    return asyncio.run(worker.run("job", job_input, lambda _message: None))
+
+
+def error_of(result: dict[str, Any]) -> dict[str, Any]:
+    assert "error" in result, result
+    error: dict[str, Any] = json.loads(result["error"])
+    return error
+
+
+def kill_mid_job(worker: Worker) -> tuple[dict[str, Any], float]:
+    """Run a long job, SIGKILL ComfyUI while node 2 runs; return the result and seconds from kill to result."""
+
+    async def scenario() -> tuple[dict[str, Any], float]:
+        task = asyncio.create_task(worker.run("job", {"workflow": sleep_graph(30)}, lambda _m: None))
+        deadline = time.monotonic() + 10
+        while not (await asyncio.to_thread(worker.client.queue))["queue_running"]:
+            assert time.monotonic() < deadline, "the job never started running"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert worker.supervisor is not None and worker.supervisor.process is not None
+        worker.supervisor.process.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        result = await task
+        return result, time.monotonic() - killed
+
+    return asyncio.run(scenario())
+
+
+def test_killed_mid_job_three_times_in_a_row(worker: Worker) -> None:
+    for round_ in range(3):
+        result, seconds = kill_mid_job(worker)
+        error = error_of(result)
+        assert error["error_type"] == "comfyui_crashed", error
+        assert seconds <= 2.0, f"round {round_}: the error took {seconds:.2f}s"
+        assert error["details"]["node_id"] == "2"
+        assert error["details"]["exit_code"] == -signal.SIGKILL
+        assert "node 2 (StandinSleep)" in error["message"]
+        assert error["details"]["comfyui_restarting"] is True
+        assert isinstance(error["details"]["log_tail"], list) and error["details"]["log_tail"]
+        assert "refresh_worker" not in result
+        after = run(worker, {"workflow": sleep_graph(0, prefix=f"after_{round_}")})
+        assert after.get("status") == "success", after
+    assert worker.supervisor is not None and worker.supervisor.restarts == 3
+
+
+def test_comfyui_dead_between_jobs_is_restarted(worker: Worker) -> None:
+    assert worker.supervisor is not None and worker.supervisor.process is not None
+    worker.supervisor.process.kill()
+    worker.supervisor.process.wait(5)
+    result = run(worker, {"workflow": sleep_graph(0, prefix="revived")})
+    assert result.get("status") == "success", result
+    assert worker.supervisor.restarts == 1
+
+
+def test_timeout_inside_a_node_that_ignores_interrupts_restarts_comfyui(worker: Worker) -> None:
+    started = time.monotonic()
+    result = run(worker, {"workflow": sleep_graph(30, steps=1), "timeout": 1})
+    error = error_of(result)
+    assert error["error_type"] == "timeout"
+    assert error["details"]["node_id"] == "2"
+    assert error["details"]["comfyui_restarted"] is True
+    assert time.monotonic() - started < 5
+    after = run(worker, {"workflow": sleep_graph(0, prefix="clean")})
+    assert after.get("status") == "success", after
+    assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
+
+
+def test_comfyui_that_cannot_come_back_asks_for_a_new_worker(tmp_path: Path) -> None:
+    comfy_copy = tmp_path / "comfyui"
+    shutil.copytree(STANDIN_DIR, comfy_copy, ignore=shutil.ignore_patterns("__pycache__", "input", "output", "temp"))
+    broken = make_worker(tmp_path / "root", comfyui_dir=comfy_copy, COMFY_RESTART_ATTEMPTS="2")
+    try:
+        (comfy_copy / "main.py").write_text("import sys\nprint('CUDA error: device lost')\nsys.exit(1)\n")
+        crashed, _ = kill_mid_job(broken)
+        assert error_of(crashed)["error_type"] == "comfyui_crashed"
+        for _ in range(2):
+            result = run(broken, {"workflow": sleep_graph(0)})
+            error = error_of(result)
+            assert error["error_type"] == "comfyui_unavailable"
+            assert "could not be restarted (2 attempts)" in error["message"]
+            assert "CUDA error: device lost" in error["details"]["log_tail"]
+            assert result["refresh_worker"] is True
+    finally:
+        close(broken)
