@@ -60,6 +60,11 @@ class ComfyClient:
         result: dict[str, Any] = self._json("GET", "/system_stats")
         return result
 
+    def node_types(self) -> set[str]:
+        """The node classes this ComfyUI can run (the keys of ``/object_info``)."""
+        info = self._json("GET", "/object_info", timeout_s=max(self.timeout_s, 60.0))
+        return set(info) if isinstance(info, dict) else set()
+
     def queue_prompt(self, workflow: dict[str, Any], prompt_id: str) -> dict[str, Any]:
         """Queue ``workflow`` under our own ``prompt_id`` so its frames can be routed before the reply."""
         body = {"prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id}

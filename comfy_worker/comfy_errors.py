@@ -7,6 +7,7 @@ essentials (node id, class type, input, message) into one line a person can act 
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from .errors import ExecutionError, PromptInterruptedError, WorkflowError
@@ -32,7 +33,37 @@ def node_error_lines(node_errors: dict[str, Any]) -> list[dict[str, Any]]:
                     "received_value": extra.get("received_value"),
                 }
             )
+            if err.get("type") == "value_not_in_list":
+                records[-1]["closest"] = _closest(extra.get("received_value"), extra.get("input_config"))
     return records
+
+
+def missing_node_types_error(workflow: dict[str, Any], missing: set[str]) -> WorkflowError:
+    """All unknown node types at once (ComfyUI names only the first), with the nodes that use them."""
+    users = {
+        class_type: sorted(nid for nid, node in workflow.items() if node["class_type"] == class_type)
+        for class_type in sorted(missing)
+    }
+    listed = "; ".join(f"{class_type} (node {', '.join(ids)})" for class_type, ids in users.items())
+    return WorkflowError(
+        f"This worker's ComfyUI has no node type {listed}. Add the custom node that provides "
+        f"{'it' if len(users) == 1 else 'them'} to the 'nodes' section of config.yml (or use a workflow without "
+        f"{'it' if len(users) == 1 else 'them'}).",
+        {"missing_node_types": list(users), "nodes": users},
+    )
+
+
+def _closest(value: Any, input_config: Any) -> list[str]:
+    """The allowed values nearest a refused one (a misspelt model or file name, usually)."""
+    if not isinstance(value, str) or not isinstance(input_config, list) or not input_config:
+        return []
+    allowed = input_config[0]
+    if not isinstance(allowed, list):
+        return []
+    names = [str(name) for name in allowed]
+    by_basename = {name.rsplit("/", 1)[-1].lower(): name for name in names}
+    close = difflib.get_close_matches(value.rsplit("/", 1)[-1].lower(), list(by_basename), n=3, cutoff=0.5)
+    return [by_basename[name] for name in close]
 
 
 def describe_node_error(record: dict[str, Any]) -> str:
@@ -41,7 +72,11 @@ def describe_node_error(record: dict[str, Any]) -> str:
         where += f" input '{record['input_name']}'"
     text = f"{where}: {record.get('message') or record.get('type')}"
     details = record.get("details")
-    if details and details != record.get("input_name"):
+    if record.get("type") == "value_not_in_list":
+        value = record.get("received_value")
+        closest = record.get("closest")
+        text += f" ({value!r}; closest: {', '.join(closest)})" if closest else f" ({value!r})"
+    elif details and details != record.get("input_name"):
         text += f" ({details})"
     return text
 

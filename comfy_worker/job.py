@@ -21,7 +21,7 @@ from typing import Any
 
 from . import outputs, workflow
 from .comfy_client import ComfyClient
-from .comfy_errors import execution_error, interrupted_error, prompt_warnings
+from .comfy_errors import execution_error, interrupted_error, missing_node_types_error, prompt_warnings
 from .errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError
 from .events import DISCONNECTED, RECONNECTED, EventStream, Frame
 from .schema import JobInput, parse_job_input
@@ -120,6 +120,7 @@ class Worker:
         self.supervisor = supervisor
         self.startup_error = startup_error
         self._recovery: concurrent.futures.Future[None] | None = None
+        self._node_types: set[str] | None = None
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
             for name, folder in (
@@ -158,6 +159,7 @@ class Worker:
         await self._comfyui_back()
         if self.startup_error is not None:
             raise self.startup_error
+        await self._check_node_types(graph)
         attempt.lap("prepare_s")
         await self._upload_images(job)
         attempt.lap("upload_s")
@@ -199,6 +201,19 @@ class Worker:
             "job %s: done in %.2fs, %d file(s)", attempt.job_id, result["execution_time_seconds"], len(collected.files)
         )
         return result
+
+    async def _check_node_types(self, graph: dict[str, Any]) -> None:
+        """Refuse every unknown node type in one error, before uploading anything.
+
+        ``/object_info`` is cached per ComfyUI start (custom nodes load only at start) and asked again once
+        when a type seems missing, so a cache can never wrongly refuse a job.
+        """
+        wanted = {node["class_type"] for node in graph.values()}
+        if self._node_types is None or not wanted <= self._node_types:
+            self._node_types = await asyncio.to_thread(self.client.node_types)
+        missing = wanted - self._node_types
+        if missing:
+            raise missing_node_types_error(graph, missing)
 
     def _prepare(self, raw_input: Any) -> tuple[JobInput, dict[str, Any]]:
         job = parse_job_input(raw_input, timeout_max=self.settings.job_timeout_max_s)
@@ -333,6 +348,7 @@ class Worker:
                     return
             else:
                 log.info("ComfyUI restarted and ready in %.1fs", waited)
+                self._node_types = None
                 self.events.wait_connected(timeout_s=10)
                 recovery.set_result(None)
                 return

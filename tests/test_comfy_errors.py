@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from comfy_worker.comfy_errors import execution_error, interrupted_error, prompt_warnings, workflow_error
+from comfy_worker.comfy_errors import (
+    execution_error,
+    interrupted_error,
+    missing_node_types_error,
+    prompt_warnings,
+    workflow_error,
+)
 
 from .conftest import load_transcript
 
@@ -34,7 +40,7 @@ def responses(name: str, status: int) -> dict[str, Any]:
         ("c5_return_type_mismatch_latent_into_image", "received_type(LATENT) mismatch input_type(IMAGE)"),
         ("c6_link_to_missing_node", "node 2 (SaveImage): Exception when validating node ('99')"),
         ("c7_no_output_nodes", "Prompt has no outputs"),
-        ("c8_combo_value_not_in_list", "upscale_method: 'bogus' not in ['nearest-exact'"),
+        ("c8_combo_value_not_in_list", "node 2 (ImageScale) input 'upscale_method': Value not in list ('bogus')"),
         ("c9_loadimage_missing_file_custom_validation", "Invalid image file: does_not_exist.png"),
         ("c12_no_prompt_key", "No prompt provided"),
     ],
@@ -92,3 +98,46 @@ def test_interrupted_names_the_node() -> None:
     error = interrupted_error({"prompt_id": "p", "node_id": "4", "node_type": "KSampler", "executed": ["1"]})
     assert error.error_type == "interrupted"
     assert "at node 4 (KSampler)" in error.message
+
+
+def test_a_misspelt_model_name_gets_the_closest_files() -> None:
+    body = {
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+        "node_errors": {
+            "4": {
+                "class_type": "CheckpointLoaderSimple",
+                "errors": [
+                    {
+                        "type": "value_not_in_list",
+                        "message": "Value not in list",
+                        "details": "ckpt_name: 'sd_xl_base.safetensors' not in [...]",
+                        "extra_info": {
+                            "input_name": "ckpt_name",
+                            "input_config": [["v1-5-pruned-emaonly.safetensors", "xl/sd_xl_base_1.0.safetensors"], {}],
+                            "received_value": "sd_xl_base.safetensors",
+                        },
+                    }
+                ],
+            }
+        },
+    }
+    error = workflow_error(body, 400)
+    assert (
+        "node 4 (CheckpointLoaderSimple) input 'ckpt_name': Value not in list "
+        "('sd_xl_base.safetensors'; closest: xl/sd_xl_base_1.0.safetensors)"
+    ) in error.message
+    assert error.details["node_errors"][0]["closest"] == ["xl/sd_xl_base_1.0.safetensors"]
+
+
+def test_every_missing_node_type_in_one_error() -> None:
+    workflow = {
+        "1": {"class_type": "VHS_LoadVideo", "inputs": {}},
+        "2": {"class_type": "SaveImage", "inputs": {}},
+        "3": {"class_type": "IPAdapterApply", "inputs": {}},
+        "4": {"class_type": "VHS_LoadVideo", "inputs": {}},
+    }
+    error = missing_node_types_error(workflow, {"VHS_LoadVideo", "IPAdapterApply"})
+    assert error.error_type == "workflow_validation"
+    assert "no node type IPAdapterApply (node 3); VHS_LoadVideo (node 1, 4)" in error.message
+    assert "config.yml" in error.message
+    assert error.details["missing_node_types"] == ["IPAdapterApply", "VHS_LoadVideo"]

@@ -150,11 +150,13 @@ def test_comfyui_validation_error_keeps_node_errors(worker: WorkerProcess) -> No
     assert error["details"]["node_errors"][0]["type"] == "value_bigger_than_max"
 
 
-def test_unknown_node_type(worker: WorkerProcess) -> None:
-    graph = save_chain(("NoSuchNodeXYZ", {}), prefix="u")
+def test_unknown_node_types_are_listed_together(worker: WorkerProcess) -> None:
+    graph = save_chain(("NoSuchNodeXYZ", {}), ("AlsoMissing", {"image": ["1", 0]}), prefix="u")
     error = failed_error(worker.runsync({"workflow": graph}))
     assert error["error_type"] == "workflow_validation"
-    assert "NoSuchNodeXYZ does not exist" in error["message"] and "config.yml" in error["message"]
+    assert "no node type AlsoMissing (node 2); NoSuchNodeXYZ (node 1)" in error["message"]
+    assert "config.yml" in error["message"]
+    assert error["details"]["missing_node_types"] == ["AlsoMissing", "NoSuchNodeXYZ"]
 
 
 def test_execution_error_names_the_node(worker: WorkerProcess) -> None:

@@ -39,4 +39,4 @@ def test_test_input_flag_and_a_failing_job(tmp_path: Path) -> None:
     done = run_handler(tmp_path, "--test_input", json.dumps(bad))
     assert done.returncode == 1, "a failed job makes the SDK exit 1"
     assert '"error_type": "workflow_validation"' in done.stdout
-    assert "NoSuchNodeXYZ does not exist" in done.stdout
+    assert "no node type NoSuchNodeXYZ (node 1)" in done.stdout
