@@ -60,6 +60,7 @@ class EventStream:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._ws: websocket.WebSocket | None = None
         self._thread = threading.Thread(target=self._run, name="comfyui-ws", daemon=True)
 
@@ -73,8 +74,13 @@ class EventStream:
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
 
+    def retry_now(self) -> None:
+        """Reconnect at once instead of after the backoff (the supervisor knows ComfyUI is back)."""
+        self._wake.set()
+
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         ws = self._ws
         if ws is not None and ws.sock is not None:
             with contextlib.suppress(OSError):
@@ -123,7 +129,8 @@ class EventStream:
                 ws = websocket.create_connection(self.url, timeout=self.connect_timeout_s)
             except (OSError, websocket.WebSocketException) as exc:
                 log.debug("ComfyUI WebSocket connect failed (%s); retrying in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
+                self._wake.wait(backoff)
+                self._wake.clear()
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             self._ws = ws

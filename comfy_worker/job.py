@@ -349,6 +349,7 @@ class Worker:
             else:
                 log.info("ComfyUI restarted and ready in %.1fs", waited)
                 self._node_types = None
+                self.events.retry_now()
                 self.events.wait_connected(timeout_s=10)
                 recovery.set_result(None)
                 return
