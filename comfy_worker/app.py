@@ -18,18 +18,19 @@ from .comfy_client import ComfyClient
 from .errors import ComfyUnavailableError, WorkerError
 from .events import EventStream
 from .job import Worker
+from .redact import RedactingFilter, Redactor
 from .settings import Settings, SettingsError
 from .supervisor import ComfySupervisor
 
 log = logging.getLogger("comfy_worker")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, redact: Redactor | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if redact is not None:
+        handler.addFilter(RedactingFilter(redact))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def build_worker(settings: Settings) -> Worker:
@@ -80,7 +81,7 @@ def main() -> None:
         setup_logging("INFO")
         log.error("Invalid configuration: %s", exc)
         raise SystemExit(2) from exc
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, Redactor(settings.secrets))
     worker = build_worker(settings)
     import runpod
 

@@ -34,14 +34,13 @@ class WorkerError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {"error_type": self.error_type, "message": self.message, "details": self.details}
 
-    def to_result(self, **extra: Any) -> dict[str, Any]:
-        """The handler's return value for this error.
+    def to_json(self, **extra: Any) -> str:
+        """The job result's ``error`` string.
 
         The runpod SDK requires ``error`` to be a string (a dict makes the local API answer HTTP 500), and
         the platform shows only ``error`` for a FAILED job, so the structured error travels as JSON text.
         """
-        body = self.to_dict() | extra
-        return {"error": json.dumps(body, ensure_ascii=False, default=str)}
+        return json.dumps(self.to_dict() | extra, ensure_ascii=False, default=str)
 
 
 class InputError(WorkerError):

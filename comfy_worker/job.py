@@ -24,6 +24,7 @@ from .comfy_client import ComfyClient
 from .comfy_errors import execution_error, interrupted_error, missing_node_types_error, prompt_warnings
 from .errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError
 from .events import DISCONNECTED, RECONNECTED, EventStream, Frame
+from .redact import Redactor
 from .schema import JobInput, parse_job_input
 from .settings import Settings
 from .supervisor import ComfySupervisor
@@ -121,6 +122,7 @@ class Worker:
         self.startup_error = startup_error
         self._recovery: concurrent.futures.Future[None] | None = None
         self._node_types: set[str] | None = None
+        self.redact = Redactor(settings.secrets)
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
             for name, folder in (
@@ -145,14 +147,14 @@ class Worker:
             log.warning("job %s: %s: %s", job_id, exc.error_type, exc.message)
             if isinstance(exc, ComfyCrashedError):
                 exc.details["comfyui_restarting"] = self._recover_in_background()
-            result = exc.to_result(prompt_id=attempt.prompt_id)
+            result = {"error": self.redact(exc.to_json(prompt_id=attempt.prompt_id))}
             return result | {"refresh_worker": True} if exc is self.startup_error else result
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
             error = WorkerError(
                 f"Unexpected worker error: {type(exc).__name__}: {exc}", {"exception_type": type(exc).__name__}
             )
-            return error.to_result(prompt_id=attempt.prompt_id)
+            return {"error": self.redact(error.to_json(prompt_id=attempt.prompt_id))}
 
     async def _execute(self, attempt: _Attempt, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         job, graph = await asyncio.to_thread(self._prepare, raw_input)
@@ -182,6 +184,7 @@ class Worker:
         collected = outputs.collect(entry, include_temp=job.output.include_temp)
         result = await asyncio.to_thread(outputs.build, self.client, self.folders, collected)
         attempt.lap("outputs_s")
+        result["text"] = [entry | {"text": self.redact(entry["text"])} for entry in result["text"]]
         warnings = prompt_warnings(queued.get("node_errors") or {})
         if collected.skipped_temp:
             warnings.append(

@@ -10,10 +10,12 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
+
+from .redact import secrets_from_env
 
 N = TypeVar("N", int, float)
 
@@ -68,6 +70,7 @@ class Settings:
     progress_interval_s: float = 1.0
     log_tail_lines: int = 200
     log_level: str = "INFO"
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -111,6 +114,7 @@ class Settings:
             progress_interval_s=_float(env, "PROGRESS_INTERVAL", cls.progress_interval_s),
             log_tail_lines=_int(env, "COMFY_LOG_TAIL_LINES", cls.log_tail_lines, minimum=1),
             log_level=level,
+            secrets=secrets_from_env(env),
         )
 
     @property
