@@ -8,10 +8,14 @@ can log in to a serverless worker to read it.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from .comfy_client import ComfyClient
@@ -55,6 +59,28 @@ def build_worker(settings: Settings) -> Worker:
     return Worker(settings, client, events, supervisor)
 
 
+def warm_up(worker: Worker, path: Path) -> None:
+    """Run WARMUP_WORKFLOW once before taking jobs, so the first real job does not pay for model loading.
+
+    The file holds an API-format workflow, a job input (``{"workflow": ...}``) or a request body
+    (``{"input": {...}}``). A failing warm-up is logged, not fatal: other workflows may still run.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.error("WARMUP_WORKFLOW %s cannot be read: %s", path, exc)
+        return
+    if isinstance(data, dict) and isinstance(data.get("input"), dict):
+        data = data["input"]
+    job_input = data if isinstance(data, dict) and "workflow" in data else {"workflow": data}
+    started = time.monotonic()
+    result = asyncio.run(worker.run("warmup", job_input, lambda _message: None))
+    if "error" in result:
+        log.error("Warm-up with %s failed: %s", path, result["error"])
+    else:
+        log.info("Warm-up with %s done in %.1fs", path, time.monotonic() - started)
+
+
 def make_handler(worker: Worker) -> Any:
     """The runpod handler: an async function of the job dict."""
     import runpod
@@ -83,6 +109,8 @@ def main() -> None:
         raise SystemExit(2) from exc
     setup_logging(settings.log_level, Redactor(settings.secrets))
     worker = build_worker(settings)
+    if settings.warmup_workflow is not None and worker.startup_error is None:
+        warm_up(worker, settings.warmup_workflow)
     import runpod
 
     try:

@@ -70,6 +70,7 @@ class Settings:
     progress_interval_s: float = 1.0
     log_tail_lines: int = 200
     log_level: str = "INFO"
+    warmup_workflow: Path | None = None
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
@@ -114,6 +115,7 @@ class Settings:
             progress_interval_s=_float(env, "PROGRESS_INTERVAL", cls.progress_interval_s),
             log_tail_lines=_int(env, "COMFY_LOG_TAIL_LINES", cls.log_tail_lines, minimum=1),
             log_level=level,
+            warmup_workflow=_path(env, "WARMUP_WORKFLOW", None),
             secrets=secrets_from_env(env),
         )
 

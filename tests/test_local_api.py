@@ -273,3 +273,13 @@ def test_example_client_saves_outputs(worker: WorkerProcess, tmp_path: Path) -> 
     assert failing.returncode == 1
     assert '"error_type": "workflow_validation"' in failing.stderr
     assert "missing.png" in failing.stderr
+
+
+def test_warmup_workflow_runs_before_the_first_job(tmp_path: Path) -> None:
+    warmup = tmp_path / "warmup.json"
+    graph = save_chain(("EmptyImage", {"width": 8, "height": 8, "batch_size": 1, "color": 1}), prefix="warmup")
+    warmup.write_text(json.dumps({"input": {"workflow": graph}}))
+    with serve_api(ComfyBackend.standin(), tmp_path / "w", WARMUP_WORKFLOW=str(warmup)) as worker:
+        assert list(worker.output_dir.glob("warmup_*.png")), "the API answered before the warm-up ran"
+        assert "Warm-up with" in worker.log() and "done in" in worker.log()
+        assert worker.runsync({"workflow": workflow("model_free.json")})["status"] == "COMPLETED"
