@@ -56,14 +56,22 @@ class ComfyClient:
         except requests.RequestException:
             return False
 
-    def system_stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", "/system_stats")
+    def system_stats(self, timeout_s: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/system_stats", timeout_s=timeout_s)
         return result
 
     def node_types(self) -> set[str]:
         """The node classes this ComfyUI can run (the keys of ``/object_info``)."""
         info = self._json("GET", "/object_info", timeout_s=max(self.timeout_s, 60.0))
         return set(info) if isinstance(info, dict) else set()
+
+    def model_folder_names(self) -> list[str]:
+        names = self._json("GET", "/models", timeout_s=5.0)
+        return [str(name) for name in names] if isinstance(names, list) else []
+
+    def model_files(self, folder: str) -> list[str]:
+        files = self._json("GET", f"/models/{folder}", timeout_s=5.0)
+        return [str(name) for name in files] if isinstance(files, list) else []
 
     def queue_prompt(self, workflow: dict[str, Any], prompt_id: str) -> dict[str, Any]:
         """Queue ``workflow`` under our own ``prompt_id`` so its frames can be routed before the reply."""

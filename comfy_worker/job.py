@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import outputs, workflow
+from . import diagnostics, outputs, workflow
 from .comfy_client import ComfyClient
 from .comfy_errors import execution_error, interrupted_error, missing_node_types_error, prompt_warnings
 from .errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError
@@ -147,7 +147,10 @@ class Worker:
             log.warning("job %s: %s: %s", job_id, exc.error_type, exc.message)
             if isinstance(exc, ComfyCrashedError):
                 exc.details["comfyui_restarting"] = self._recover_in_background()
-            result = {"error": self.redact(exc.to_json(prompt_id=attempt.prompt_id))}
+            report = await asyncio.to_thread(
+                diagnostics.collect, exc, self.client, self.supervisor, self.folders, self._recovering()
+            )
+            result = {"error": self.redact(exc.to_json(prompt_id=attempt.prompt_id, diagnostics=report))}
             return result | {"refresh_worker": True} if exc is self.startup_error else result
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
@@ -325,6 +328,9 @@ class Worker:
                 return True
         log.warning("prompt %s still runs %gs after its interrupt", prompt_id, self.settings.interrupt_grace_s)
         return False
+
+    def _recovering(self) -> bool:
+        return self._recovery is not None and not self._recovery.done()
 
     def _recover_in_background(self) -> bool:
         """Restart the ComfyUI we own, without holding up the failing job's result; False if we cannot."""

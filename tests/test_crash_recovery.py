@@ -103,6 +103,7 @@ def test_killed_mid_job_three_times_in_a_row(worker: Worker) -> None:
         assert error["details"]["exit_code"] == -signal.SIGKILL
         assert "node 2 (StandinSleep)" in error["message"]
         assert error["details"]["comfyui_restarting"] is True
+        assert error["diagnostics"]["comfyui"]["state"] == "restarting"
         assert isinstance(error["details"]["log_tail"], list) and error["details"]["log_tail"]
         assert "refresh_worker" not in result
         after = run(worker, {"workflow": sleep_graph(0, prefix=f"after_{round_}")})

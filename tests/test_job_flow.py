@@ -269,3 +269,24 @@ def test_temp_outputs_are_found_on_disk(worker: Worker) -> None:
     on_disk = worker.folders["temp"] / result["images"][0]["filename"]
     assert on_disk.is_file(), "temp outputs must be read from COMFYUI_TEMP_DIR, not fetched over HTTP"
     assert base64.b64decode(result["images"][0]["data"]) == on_disk.read_bytes()
+
+
+def test_errors_carry_diagnostics(worker: Worker) -> None:
+    (worker.folders["input"] / "diag").mkdir(parents=True, exist_ok=True)
+    (worker.folders["input"] / "diag" / "present.png").write_bytes(b"x")
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "diag/presnt.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "diag"}},
+    }
+    error = error_of(run(worker, {"workflow": graph}))
+    assert error["error_type"] == "workflow_validation"
+    report = error["diagnostics"]
+    assert report["comfyui"]["state"] == "running"
+    assert report["comfyui"]["version"]
+    assert report["comfyui"]["devices"][0]["vram_total_gb"] > 0
+    assert report["system"]["ram_available_gb"] > 0 and report["system"]["output_dir_free_gb"] > 0
+    assert report["comfyui_log_tail"], "ComfyUI's last log lines"
+    assert "diag/present.png" in report["input_files"]
+    assert isinstance(report["model_folders"], dict)
+    plain = error_of(run(worker, {"workflow": sleep_graph(0, prefix="d"), "seed": 1}))
+    assert "model_folders" not in plain["diagnostics"], "file listings only for errors about files"

@@ -1,0 +1,113 @@
+"""What a failed job reports about the worker, since nobody can log in to look.
+
+Gathered only when a job fails, best effort (a diagnostic that cannot be read is left out, never raised):
+ComfyUI's state and version, its last log lines, free disk and memory (RAM, and VRAM as ComfyUI reports
+it), and for errors about files the model folders ComfyUI sees with their files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .comfy_client import ComfyClient
+from .errors import WorkerError
+from .supervisor import ComfySupervisor
+
+LOG_LINES = 40
+FILES_PER_FOLDER = 50
+GIB = 1024**3
+
+
+def _gib(value: Any) -> float | None:
+    return round(value / GIB, 2) if isinstance(value, int | float) else None
+
+
+def memory_available() -> dict[str, float | None]:
+    """RAM from /proc/meminfo (Linux, which is where RunPod workers run)."""
+    fields: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            name, _, rest = line.partition(":")
+            fields[name] = int(rest.split()[0]) * 1024
+    return {"ram_total_gb": _gib(fields.get("MemTotal")), "ram_available_gb": _gib(fields.get("MemAvailable"))}
+
+
+def disk_free(folders: dict[str, Path]) -> dict[str, float]:
+    free = {}
+    for name, folder in folders.items():
+        with contextlib.suppress(OSError):
+            free[f"{name}_dir_free_gb"] = round(shutil.disk_usage(folder).free / GIB, 2)
+    return free
+
+
+def comfyui_state(supervisor: ComfySupervisor | None, recovering: bool, client: ComfyClient) -> dict[str, Any]:
+    state: dict[str, Any] = {"url": client.base_url}
+    if supervisor is None or supervisor.attached:
+        state["state"] = "attached" if supervisor else "remote"
+    elif recovering:
+        state["state"] = "restarting"
+    elif supervisor.process is not None and supervisor.process.poll() is not None:
+        state["state"] = f"exited ({supervisor.process.returncode})"
+    else:
+        state["state"] = "running" if supervisor.process is not None else "not started"
+    if supervisor is not None:
+        state["restarts"] = supervisor.restarts
+    with contextlib.suppress(WorkerError, ValueError):
+        stats = client.system_stats(timeout_s=2.0)
+        state["version"] = stats.get("system", {}).get("comfyui_version")
+        state["devices"] = [
+            {
+                "name": d.get("name"),
+                "vram_total_gb": _gib(d.get("vram_total")),
+                "vram_free_gb": _gib(d.get("vram_free")),
+            }
+            for d in stats.get("devices", [])
+        ]
+    return state
+
+
+def model_folders(client: ComfyClient) -> dict[str, list[str]]:
+    """Each model folder ComfyUI knows with (up to FILES_PER_FOLDER of) its files; empty folders left out."""
+    listing: dict[str, list[str]] = {}
+    with contextlib.suppress(WorkerError, ValueError):
+        for folder in client.model_folder_names():
+            files = client.model_files(folder)
+            if files:
+                listing[folder] = files[:FILES_PER_FOLDER] + (
+                    [f"... {len(files) - FILES_PER_FOLDER} more"] if len(files) > FILES_PER_FOLDER else []
+                )
+    return listing
+
+
+def is_file_error(error: WorkerError) -> bool:
+    """An error about a missing or misnamed model or input file."""
+    records = error.details.get("node_errors") or []
+    return any(r.get("type") in ("value_not_in_list", "custom_validation_failed") for r in records) or (
+        "FileNotFoundError" in str(error.details.get("exception_type", ""))
+    )
+
+
+def collect(
+    error: WorkerError,
+    client: ComfyClient,
+    supervisor: ComfySupervisor | None,
+    folders: dict[str, Path],
+    recovering: bool,
+) -> dict[str, Any]:
+    diagnostics: dict[str, Any] = {
+        "comfyui": comfyui_state(supervisor, recovering, client),
+        "system": memory_available() | disk_free(folders),
+    }
+    if supervisor is not None and supervisor.log_tail():
+        diagnostics["comfyui_log_tail"] = supervisor.log_tail(LOG_LINES)
+    if is_file_error(error):
+        diagnostics["model_folders"] = model_folders(client)
+        if "input" in folders:
+            with contextlib.suppress(OSError):
+                diagnostics["input_files"] = sorted(
+                    str(p.relative_to(folders["input"])) for p in folders["input"].rglob("*") if p.is_file()
+                )[:FILES_PER_FOLDER]
+    return diagnostics
