@@ -18,10 +18,17 @@ from .errors import ComfyUnavailableError, WorkerError
 log = logging.getLogger(__name__)
 
 
-class ComfyClient:
-    """A thin client for one ComfyUI server."""
+CONTROL_TIMEOUT_S = 3.0  # interrupt and queue edits: a ComfyUI that cannot answer these in 3 s is hung
 
-    def __init__(self, base_url: str, client_id: str, timeout_s: float = 30.0) -> None:
+
+class ComfyClient:
+    """A thin client for one ComfyUI server.
+
+    Timeouts are short on purpose (ComfyUI answers its JSON routes in milliseconds while it runs a prompt):
+    a hung ComfyUI must turn into an error the worker can act on, not a job that waits for minutes.
+    """
+
+    def __init__(self, base_url: str, client_id: str, timeout_s: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
         self.timeout_s = timeout_s
@@ -76,7 +83,7 @@ class ComfyClient:
     def queue_prompt(self, workflow: dict[str, Any], prompt_id: str) -> dict[str, Any]:
         """Queue ``workflow`` under our own ``prompt_id`` so its frames can be routed before the reply."""
         body = {"prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id}
-        response = self._request("POST", "/prompt", json=body)
+        response = self._request("POST", "/prompt", json=body, timeout_s=max(self.timeout_s, 60.0))
         if response.status_code == 400:
             try:
                 payload: Any = response.json()
@@ -132,8 +139,8 @@ class ComfyClient:
 
     def interrupt(self, prompt_id: str) -> None:
         """Interrupt ``prompt_id`` if it is running (ComfyUI ignores the call otherwise)."""
-        self._request("POST", "/interrupt", json={"prompt_id": prompt_id})
+        self._request("POST", "/interrupt", json={"prompt_id": prompt_id}, timeout_s=CONTROL_TIMEOUT_S)
 
     def delete_queued(self, prompt_id: str) -> None:
         """Drop ``prompt_id`` from the pending queue (no effect once it runs)."""
-        self._request("POST", "/queue", json={"delete": [prompt_id]})
+        self._request("POST", "/queue", json={"delete": [prompt_id]}, timeout_s=CONTROL_TIMEOUT_S)

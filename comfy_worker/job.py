@@ -257,7 +257,10 @@ class Worker:
             wait = min(remaining, IDLE_CHECK_S if self.events.connected else HISTORY_POLL_S)
             try:
                 frame = await asyncio.wait_for(frames.get(), timeout=wait)
-            except TimeoutError:  # nothing heard for a while: ask /history, the source of truth
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    continue  # the time limit, not silence: report the timeout without asking ComfyUI
+                # nothing heard for a while: ask /history, the source of truth
                 self._raise_if_crashed(tracker)
                 if await self._finished_in_history(prompt_id):
                     return
@@ -311,7 +314,9 @@ class Worker:
         ComfyUI honours an interrupt only between nodes or at progress ticks: one long node can hold it for
         minutes, and the caller then restarts ComfyUI so the next job starts on a clean one.
         """
-        await asyncio.to_thread(self._abandon, prompt_id)
+        if not await asyncio.to_thread(self._abandon, prompt_id):
+            log.warning("ComfyUI does not answer; it will be restarted")
+            return False
         deadline = time.monotonic() + self.settings.interrupt_grace_s
         while (remaining := deadline - time.monotonic()) > 0:
             try:
@@ -382,10 +387,13 @@ class Worker:
                 f"ComfyUI stopped and could not be restarted ({attempts} attempts): {exc.message}", exc.details
             )
 
-    def _abandon(self, prompt_id: str) -> None:
-        """Drop the prompt from the queue and interrupt it if it runs: best effort, never raises."""
+    def _abandon(self, prompt_id: str) -> bool:
+        """Drop the prompt from the queue and interrupt it if it runs; whether ComfyUI answered at all."""
+        answered = False
         for action in (self.client.delete_queued, self.client.interrupt):
             try:
                 action(prompt_id)
+                answered = True
             except WorkerError as exc:
                 log.warning("could not stop prompt %s: %s", prompt_id, exc.message)
+        return answered

@@ -96,7 +96,7 @@ class ComfySupervisor:
         """Stop what is left of our ComfyUI, start a new one and wait for it; return the seconds waited."""
         if self.process is None:
             raise ComfyUnavailableError("The worker did not start this ComfyUI, so it cannot restart it.")
-        self.stop(grace_s=5)
+        self.stop(grace_s=1)  # it crashed or hangs: no point in a long goodbye
         self.restarts += 1
         self._log_tail.append(f"--- comfy-worker: restarting ComfyUI (restart #{self.restarts}) ---")
         self._launch()

@@ -150,3 +150,52 @@ def test_comfyui_that_cannot_come_back_asks_for_a_new_worker(tmp_path: Path) -> 
             assert result["refresh_worker"] is True
     finally:
         close(broken)
+
+
+def test_comfyui_that_stops_answering_is_restarted(worker: Worker) -> None:
+    async def scenario() -> dict[str, Any]:
+        task = asyncio.create_task(worker.run("job", {"workflow": sleep_graph(30), "timeout": 2}, lambda _m: None))
+        deadline = time.monotonic() + 10
+        while not (await asyncio.to_thread(worker.client.queue))["queue_running"]:
+            assert time.monotonic() < deadline, "the job never started running"
+            await asyncio.sleep(0.05)
+        assert worker.supervisor is not None and worker.supervisor.process is not None
+        worker.supervisor.process.send_signal(signal.SIGSTOP)
+        return await task
+
+    started = time.monotonic()
+    result = asyncio.run(scenario())
+    error = error_of(result)
+    assert error["error_type"] == "timeout"
+    assert error["details"]["comfyui_restarted"] is True
+    # 2 s timeout + two 3 s control calls that get no answer + a 2 s diagnostics probe, then the result
+    assert time.monotonic() - started < 12
+    after = run(worker, {"workflow": sleep_graph(0, prefix="unfrozen")})
+    assert after.get("status") == "success", after
+    assert worker.supervisor is not None and worker.supervisor.restarts == 1
+
+
+def test_readiness_has_its_own_timeout(tmp_path: Path) -> None:
+    hanging = tmp_path / "hanging_comfyui"
+    hanging.mkdir()
+    (hanging / "main.py").write_text("import time\nprint('loading 300 custom nodes...', flush=True)\ntime.sleep(600)\n")
+    settings = Settings.from_env(
+        {
+            "COMFYUI_DIR": str(hanging),
+            "COMFY_API_URL": f"http://127.0.0.1:{free_port()}",
+            "COMFY_STARTUP_TIMEOUT": "2",
+        }
+    )
+    started = time.monotonic()
+    failing = build_worker(settings)
+    try:
+        assert time.monotonic() - started < 8
+        assert failing.startup_error is not None
+        result = run(failing, {"workflow": sleep_graph(0)})
+        error = error_of(result)
+        assert error["error_type"] == "comfyui_unavailable"
+        assert "within 2s (COMFY_STARTUP_TIMEOUT)" in error["message"]
+        assert "loading 300 custom nodes..." in error["details"]["log_tail"]
+        assert result["refresh_worker"] is True
+    finally:
+        close(failing)
