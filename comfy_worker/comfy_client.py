@@ -137,6 +137,10 @@ class ComfyClient:
         result: dict[str, Any] = response.json()
         return result
 
+    def free(self, body: dict[str, bool]) -> None:
+        """Ask ComfyUI to unload models and/or free cached memory (it does so between prompts)."""
+        self._request("POST", "/free", json=body, timeout_s=CONTROL_TIMEOUT_S)
+
     def interrupt(self, prompt_id: str) -> None:
         """Interrupt ``prompt_id`` if it is running (ComfyUI ignores the call otherwise)."""
         self._request("POST", "/interrupt", json={"prompt_id": prompt_id}, timeout_s=CONTROL_TIMEOUT_S)

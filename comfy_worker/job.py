@@ -26,7 +26,7 @@ from .errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, W
 from .events import DISCONNECTED, RECONNECTED, EventStream, Frame
 from .redact import Redactor
 from .schema import JobInput, parse_job_input
-from .settings import Settings
+from .settings import FREE_MODES, Settings
 from .supervisor import ComfySupervisor
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ class Worker:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
         attempt = _Attempt(job_id, started=time.monotonic())
         try:
-            return await self._execute(attempt, raw_input, progress)
+            result = await self._execute(attempt, raw_input, progress)
+            return result | await asyncio.to_thread(self._after_job)
         except asyncio.CancelledError:
             log.warning("job %s: cancelled; stopping prompt %s", job_id, attempt.prompt_id)
             if attempt.prompt_id is not None:
@@ -220,6 +221,34 @@ class Worker:
         missing = wanted - self._node_types
         if missing:
             raise missing_node_types_error(graph, missing)
+
+    def _after_job(self) -> dict[str, Any]:
+        """Hygiene between jobs: COMFY_FREE_AFTER_JOB, and ask for a new worker when memory runs low.
+
+        Returns what to add to the result: ``refresh_worker`` makes RunPod replace this worker after the job,
+        which beats the next job failing with out-of-memory on a worker whose memory leaked or fragmented.
+        """
+        s = self.settings
+        if FREE_MODES[s.free_after_job]:
+            try:
+                self.client.free(FREE_MODES[s.free_after_job])
+            except WorkerError as exc:
+                log.warning("POST /free failed: %s", exc.message)
+        low = []
+        if s.refresh_min_free_ram_gb > 0:
+            ram = diagnostics.memory_available()["ram_available_gb"]
+            if ram is not None and ram < s.refresh_min_free_ram_gb:
+                low.append(f"RAM {ram:g} GB < REFRESH_MIN_FREE_RAM_GB={s.refresh_min_free_ram_gb:g}")
+        if s.refresh_min_free_vram_gb > 0:
+            with contextlib.suppress(WorkerError, ValueError):
+                devices = self.client.system_stats(timeout_s=2.0).get("devices") or []
+                vram = min((d.get("vram_free", 0) / diagnostics.GIB for d in devices), default=None)
+                if vram is not None and vram < s.refresh_min_free_vram_gb:
+                    low.append(f"VRAM {vram:.2f} GB < REFRESH_MIN_FREE_VRAM_GB={s.refresh_min_free_vram_gb:g}")
+        if not low:
+            return {}
+        log.warning("memory is low (%s): asking RunPod for a fresh worker", "; ".join(low))
+        return {"refresh_worker": True}
 
     def _prepare(self, raw_input: Any) -> tuple[JobInput, dict[str, Any]]:
         job = parse_job_input(raw_input, timeout_max=self.settings.job_timeout_max_s)

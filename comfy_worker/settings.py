@@ -18,6 +18,12 @@ from urllib.parse import urlsplit
 from .redact import secrets_from_env
 
 N = TypeVar("N", int, float)
+# COMFY_FREE_AFTER_JOB -> the body of ComfyUI's POST /free
+FREE_MODES: dict[str, dict[str, bool]] = {
+    "none": {},
+    "memory": {"free_memory": True},
+    "models": {"unload_models": True, "free_memory": True},
+}
 
 
 class SettingsError(ValueError):
@@ -71,6 +77,9 @@ class Settings:
     log_tail_lines: int = 200
     log_level: str = "INFO"
     warmup_workflow: Path | None = None
+    free_after_job: str = "none"
+    refresh_min_free_ram_gb: float = 0.0
+    refresh_min_free_vram_gb: float = 0.0
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
@@ -92,6 +101,9 @@ class Settings:
                 f"COMFYUI_TEMP_DIR={str(temp_dir)!r} must end in /temp: ComfyUI always keeps temp files in a "
                 "folder named temp inside the directory it is given"
             )
+        free_after_job = env.get("COMFY_FREE_AFTER_JOB", cls.free_after_job).strip().lower() or cls.free_after_job
+        if free_after_job not in FREE_MODES:
+            raise SettingsError(f"COMFY_FREE_AFTER_JOB={free_after_job!r} is not one of {', '.join(FREE_MODES)}")
         job_timeout = _float(env, "JOB_TIMEOUT", cls.job_timeout_s, minimum=1.0)
         job_timeout_max = _float(env, "JOB_TIMEOUT_MAX", cls.job_timeout_max_s, minimum=1.0)
         if job_timeout > job_timeout_max:
@@ -116,6 +128,9 @@ class Settings:
             log_tail_lines=_int(env, "COMFY_LOG_TAIL_LINES", cls.log_tail_lines, minimum=1),
             log_level=level,
             warmup_workflow=_path(env, "WARMUP_WORKFLOW", None),
+            free_after_job=free_after_job,
+            refresh_min_free_ram_gb=_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
+            refresh_min_free_vram_gb=_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),
             secrets=secrets_from_env(env),
         )
 

@@ -290,3 +290,23 @@ def test_errors_carry_diagnostics(worker: Worker) -> None:
     assert isinstance(report["model_folders"], dict)
     plain = error_of(run(worker, {"workflow": sleep_graph(0, prefix="d"), "seed": 1}))
     assert "model_folders" not in plain["diagnostics"], "file listings only for errors about files"
+
+
+def test_free_after_job_clears_comfyui_caches(worker: Worker) -> None:
+    graph = sleep_graph(0, prefix="freed")
+    graph["1"]["inputs"]["color"] = 424242
+    first = run(worker, {"workflow": graph})
+    cached = run(worker, {"workflow": graph})
+    assert cached["images"][0]["filename"] == first["images"][0]["filename"], "a resubmission is cached"
+    freeing = Worker(dataclasses.replace(worker.settings, free_after_job="models"), worker.client, worker.events)
+    run(freeing, {"workflow": graph})  # this job's /free empties ComfyUI's cache afterwards
+    after_free = run(worker, {"workflow": graph})
+    assert after_free["images"][0]["filename"] != first["images"][0]["filename"], "the cache was emptied"
+
+
+def test_low_memory_asks_for_a_new_worker(worker: Worker) -> None:
+    demanding = dataclasses.replace(worker.settings, refresh_min_free_ram_gb=1_000_000.0)
+    result = run(Worker(demanding, worker.client, worker.events), {"workflow": sleep_graph(0, prefix="lowmem")})
+    assert result["status"] == "success"
+    assert result["refresh_worker"] is True
+    assert "refresh_worker" not in run(worker, {"workflow": sleep_graph(0, prefix="enough")})

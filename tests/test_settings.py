@@ -55,6 +55,8 @@ def test_values_are_parsed() -> None:
         ({"COMFY_LOG_TAIL_LINES": "1.5"}, "not an integer"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
         ({"COMFYUI_TEMP_DIR": "/data/tmp"}, "must end in /temp"),
+        ({"COMFY_FREE_AFTER_JOB": "everything"}, "not one of none, memory, models"),
+        ({"REFRESH_MIN_FREE_VRAM_GB": "-1"}, "must be at least 0"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], expected: str) -> None:
