@@ -169,7 +169,7 @@ def large_job(
         del result
         graph["3"]["inputs"]["filename_prefix"] = f"bench_raw_{repeat}"
         baseline_times.append(files_then_base64(worker.settings.comfy_api_url, ws, client_id, graph, folder))
-    size = next(folder.glob("bench_big_0_*.png")).stat().st_size
+    size = next(folder.glob("bench_raw_0_*.png")).stat().st_size
     print(f"\nlarge job: 4 outputs of {size / 1e6:.1f} MB, {repeats} runs each, interleaved")
     job_s, out_s = statistics.median(job_times), statistics.median(output_times)
     base_s = statistics.median(baseline_times)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import diagnostics, outputs, workflow
+from . import cleanup, diagnostics, outputs, workflow
 from .comfy_client import ComfyClient
 from .comfy_errors import execution_error, interrupted_error, missing_node_types_error, prompt_warnings
 from .errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError
@@ -93,12 +93,16 @@ class _Progress:
 
 @dataclass
 class _Attempt:
-    """One run of a job: its prompt id once queued (for errors and cancellation) and where the time went."""
+    """One run of a job: its prompt id once queued (for errors and cancellation), where the time went, and
+    the files it made (for cleanup)."""
 
     job_id: str
     started: float
+    folder: str  # the job's own output subfolder (see ``cleanup``)
     prompt_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    uploaded: list[str] = field(default_factory=list)
+    temp_files: list[tuple[str, str]] = field(default_factory=list)
 
     def lap(self, name: str) -> None:
         self.timings[name] = time.monotonic() - self.started - sum(self.timings.values())
@@ -135,7 +139,7 @@ class Worker:
 
     async def run(self, job_id: str, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
-        attempt = _Attempt(job_id, started=time.monotonic())
+        attempt = _Attempt(job_id, started=time.monotonic(), folder=cleanup.job_folder(str(uuid.uuid4())))
         try:
             result = await self._execute(attempt, raw_input, progress)
             return result | await asyncio.to_thread(self._after_job)
@@ -159,15 +163,22 @@ class Worker:
                 f"Unexpected worker error: {type(exc).__name__}: {exc}", {"exception_type": type(exc).__name__}
             )
             return {"error": self.redact(error.to_json(prompt_id=attempt.prompt_id))}
+        finally:
+            if self.settings.cleanup_job_files:
+                await asyncio.to_thread(
+                    cleanup.remove_job_files, self.folders, attempt.folder, attempt.uploaded, attempt.temp_files
+                )
 
     async def _execute(self, attempt: _Attempt, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
-        job, graph = await asyncio.to_thread(self._prepare, raw_input)
+        job, graph = await asyncio.to_thread(self._prepare, raw_input, attempt.folder)
         await self._comfyui_back()
         if self.startup_error is not None:
             raise self.startup_error
         await self._check_node_types(graph)
         attempt.lap("prepare_s")
-        await self._upload_images(job)
+        for image in job.images:
+            await asyncio.to_thread(self.client.upload_image, image.filename, image.data, image.subfolder)
+            attempt.uploaded.append(image.name)
         attempt.lap("upload_s")
         prompt_id = attempt.prompt_id = str(uuid.uuid4())
         timeout_s = job.timeout or self.settings.job_timeout_s
@@ -186,6 +197,7 @@ class Worker:
         if entry is None:
             raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
         collected = outputs.collect(entry, include_temp=job.output.include_temp)
+        attempt.temp_files = [(f.subfolder, f.filename) for f in collected.files if f.folder_type == "temp"]
         result = await asyncio.to_thread(outputs.build, self.client, self.folders, collected)
         attempt.lap("outputs_s")
         result["text"] = [entry | {"text": self.redact(entry["text"])} for entry in result["text"]]
@@ -250,13 +262,12 @@ class Worker:
         log.warning("memory is low (%s): asking RunPod for a fresh worker", "; ".join(low))
         return {"refresh_worker": True}
 
-    def _prepare(self, raw_input: Any) -> tuple[JobInput, dict[str, Any]]:
+    def _prepare(self, raw_input: Any, folder: str) -> tuple[JobInput, dict[str, Any]]:
         job = parse_job_input(raw_input, timeout_max=self.settings.job_timeout_max_s)
-        return job, workflow.prepare(job)
-
-    async def _upload_images(self, job: JobInput) -> None:
-        for image in job.images:
-            await asyncio.to_thread(self.client.upload_image, image.filename, image.data, image.subfolder)
+        graph = workflow.prepare(job)
+        if self.settings.cleanup_job_files and "output" in self.folders:
+            cleanup.isolate_outputs(graph, folder)
+        return job, graph
 
     async def _follow(
         self,

@@ -30,6 +30,17 @@ class SettingsError(ValueError):
     """An environment variable holds a value the worker cannot use."""
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
 def _number(env: Mapping[str, str], name: str, default: N, minimum: N, parse: Callable[[str], N]) -> N:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -78,6 +89,7 @@ class Settings:
     log_level: str = "INFO"
     warmup_workflow: Path | None = None
     free_after_job: str = "none"
+    cleanup_job_files: bool = True
     refresh_min_free_ram_gb: float = 0.0
     refresh_min_free_vram_gb: float = 0.0
     secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -129,6 +141,7 @@ class Settings:
             log_level=level,
             warmup_workflow=_path(env, "WARMUP_WORKFLOW", None),
             free_after_job=free_after_job,
+            cleanup_job_files=_bool(env, "CLEANUP_JOB_FILES", cls.cleanup_job_files),
             refresh_min_free_ram_gb=_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
             refresh_min_free_vram_gb=_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),
             secrets=secrets_from_env(env),

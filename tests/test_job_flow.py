@@ -52,7 +52,8 @@ def close(worker: Worker) -> None:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    built = build_worker(settings_for(tmp_path_factory.mktemp("flow"), free_port()))
+    # Files stay on disk in this module so tests can compare them with the results; cleanup is tested below.
+    built = build_worker(settings_for(tmp_path_factory.mktemp("flow"), free_port(), CLEANUP_JOB_FILES="false"))
     assert built.startup_error is None, built.startup_error.to_dict()
     yield built
     close(built)
@@ -310,3 +311,48 @@ def test_low_memory_asks_for_a_new_worker(worker: Worker) -> None:
     assert result["status"] == "success"
     assert result["refresh_worker"] is True
     assert "refresh_worker" not in run(worker, {"workflow": sleep_graph(0, prefix="enough")})
+
+
+def test_cleanup_removes_only_this_jobs_files(worker: Worker) -> None:
+    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    others = [worker.folders["output"] / "someone_else_00001_.png", worker.folders["input"] / "shared" / "keep.png"]
+    for path in others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not mine")
+    image = base64.b64encode(Path(others[1]).read_bytes()).decode()
+    graph = sleep_graph(0, prefix="tidy")
+    graph["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
+    job = {
+        "workflow": graph,
+        "images": [{"name": "jobs_in/x/up.png", "image": image}],
+        "output": {"include_temp": True},
+    }
+    before_temp = set(worker.folders["temp"].rglob("*.png"))
+    result = run(tidy, job)
+    assert result["status"] == "success", result
+    saved = next(i for i in result["images"] if i["filename"].startswith("tidy_"))
+    assert saved["subfolder"].startswith("jobs/"), "outputs go to the job's own folder"
+    assert base64.b64decode(saved["data"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (worker.folders["output"] / saved["subfolder"]).exists()
+    assert not (worker.folders["input"] / "jobs_in").exists(), "the upload and its empty folders are gone"
+    assert set(worker.folders["temp"].rglob("*.png")) <= before_temp, "the job's temp files are gone"
+    assert all(path.read_bytes() == b"not mine" for path in others), "other files are never touched"
+
+
+def test_cleanup_keeps_cached_resubmissions_working(worker: Worker) -> None:
+    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    graph = sleep_graph(0, prefix="again")
+    graph["1"]["inputs"]["color"] = 0x123456
+    first, second = run(tidy, {"workflow": graph}), run(tidy, {"workflow": graph})
+    assert first["status"] == second["status"] == "success", second
+    assert first["images"][0]["subfolder"] != second["images"][0]["subfolder"]
+    assert len(base64.b64decode(second["images"][0]["data"])) > 0
+
+
+def test_cleanup_after_a_failed_job(worker: Worker) -> None:
+    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    image = base64.b64encode(b"fake").decode()
+    graph = {"1": {"class_type": "StandinFail", "inputs": {"message": "nope"}}}
+    error = error_of(run(tidy, {"workflow": graph, "images": [{"name": "failed_job.png", "image": image}]}))
+    assert error["error_type"] == "comfyui_execution"
+    assert not (worker.folders["input"] / "failed_job.png").exists()

@@ -31,7 +31,7 @@ def test_test_input_json_in_the_working_directory(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Job local_test completed successfully." in done.stdout
     assert "'status': 'success'" in done.stdout
-    assert list((tmp_path / "output").glob("model_free_*.png"))
+    assert "'filename': 'model_free_00001_.png'" in done.stdout
 
 
 def test_test_input_flag_and_a_failing_job(tmp_path: Path) -> None:
