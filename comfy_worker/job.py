@@ -332,13 +332,24 @@ class Worker:
         )
 
     async def _finished_in_history(self, prompt_id: str) -> bool:
-        """Whether /history shows the prompt ended; raise its error if it ended in one."""
+        """Whether the prompt ended, by /queue and /history; raise its error if it ended in one.
+
+        The queue is asked first: a prompt moves from the queue to the history at once, so one that is in
+        neither was lost (ComfyUI restarted behind the worker's back, or someone cleared its queue).
+        """
         try:
+            queue = await asyncio.to_thread(self.client.queue)
             entry = await asyncio.to_thread(self.client.history, prompt_id)
         except ComfyUnavailableError:
             return False  # still down: keep waiting for the socket or the deadline
         if entry is None:
-            return False
+            if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
+                return False
+            raise ComfyCrashedError(
+                f"ComfyUI no longer knows prompt {prompt_id}: it was restarted or its queue was cleared "
+                "while the job ran, and the prompt's results are lost.",
+                {"prompt_id": prompt_id},
+            )
         status = entry.get("status") or {}
         messages = status.get("messages") or []
         for name, data in messages:

@@ -22,6 +22,7 @@ from comfy_worker.app import build_worker
 from comfy_worker.job import Worker
 from comfy_worker.settings import Settings
 
+from .comfy_servers import run_standin
 from .tcp_proxy import tcp_proxy
 from .worker_process import STANDIN_DIR, free_port
 
@@ -356,3 +357,26 @@ def test_cleanup_after_a_failed_job(worker: Worker) -> None:
     error = error_of(run(tidy, {"workflow": graph, "images": [{"name": "failed_job.png", "image": image}]}))
     assert error["error_type"] == "comfyui_execution"
     assert not (worker.folders["input"] / "failed_job.png").exists()
+
+
+def test_a_prompt_lost_by_a_comfyui_restarted_elsewhere_fails_clearly(tmp_path: Path) -> None:
+    port = free_port()
+    with run_standin(tmp_path / "first", port=port) as first:
+        attached = build_worker(settings_for(tmp_path, port))
+        try:
+            assert attached.supervisor is not None and attached.supervisor.attached
+
+            async def scenario() -> dict[str, Any]:
+                task = asyncio.create_task(attached.run("lost", {"workflow": sleep_graph(30)}, lambda _m: None))
+                while not (await asyncio.to_thread(attached.client.queue))["queue_running"]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                first.process.kill()
+                first.process.wait(5)
+                with run_standin(tmp_path / "second", port=port):  # a new ComfyUI, empty queue and history
+                    return await asyncio.wait_for(task, timeout=20)
+
+            error = error_of(asyncio.run(scenario()))
+            assert error["error_type"] == "comfyui_crashed"
+            assert "no longer knows prompt" in error["message"]
+        finally:
+            close(attached)
