@@ -14,6 +14,24 @@ from .errors import ExecutionError, PromptInterruptedError, WorkflowError
 
 TRACEBACK_FRAMES = 8  # the last frames of a node's traceback kept in the result
 
+# Loader inputs of ComfyUI's core nodes -> the model folder they list, to say where a missing file was looked for.
+MODEL_INPUT_FOLDERS = {
+    "ckpt_name": "checkpoints",
+    "lora_name": "loras",
+    "vae_name": "vae",
+    "control_net_name": "controlnet",
+    "unet_name": "diffusion_models",
+    "clip_name": "text_encoders",
+    "clip_name1": "text_encoders",
+    "clip_name2": "text_encoders",
+    "clip_name3": "text_encoders",
+    "model_name": "upscale_models",
+    "style_model_name": "style_models",
+    "gligen_name": "gligen",
+    "hypernetwork_name": "hypernetworks",
+    "config_name": "configs",
+}
+
 
 def node_error_lines(node_errors: dict[str, Any]) -> list[dict[str, Any]]:
     """Flatten ``node_errors`` into one record per problem."""
@@ -35,6 +53,7 @@ def node_error_lines(node_errors: dict[str, Any]) -> list[dict[str, Any]]:
             )
             if err.get("type") == "value_not_in_list":
                 records[-1]["closest"] = _closest(extra.get("received_value"), extra.get("input_config"))
+                records[-1]["model_folder"] = MODEL_INPUT_FOLDERS.get(str(extra.get("input_name")))
     return records
 
 
@@ -74,8 +93,11 @@ def describe_node_error(record: dict[str, Any]) -> str:
     details = record.get("details")
     if record.get("type") == "value_not_in_list":
         value = record.get("received_value")
-        closest = record.get("closest")
-        text += f" ({value!r}; closest: {', '.join(closest)})" if closest else f" ({value!r})"
+        closest = ", ".join(record.get("closest") or [])
+        if record.get("model_folder"):
+            text += f" ({value!r} is not in models/{record['model_folder']}; closest: {closest or 'none'})"
+        else:
+            text += f" ({value!r}; closest: {closest})" if closest else f" ({value!r})"
     elif details and details != record.get("input_name"):
         text += f" ({details})"
     return text

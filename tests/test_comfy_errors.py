@@ -40,7 +40,10 @@ def responses(name: str, status: int) -> dict[str, Any]:
         ("c5_return_type_mismatch_latent_into_image", "received_type(LATENT) mismatch input_type(IMAGE)"),
         ("c6_link_to_missing_node", "node 2 (SaveImage): Exception when validating node ('99')"),
         ("c7_no_output_nodes", "Prompt has no outputs"),
-        ("c8_combo_value_not_in_list", "node 2 (ImageScale) input 'upscale_method': Value not in list ('bogus')"),
+        (
+            "c8_combo_value_not_in_list",
+            "node 2 (ImageScale) input 'upscale_method': Value not in list ('bogus')",
+        ),
         ("c9_loadimage_missing_file_custom_validation", "Invalid image file: does_not_exist.png"),
         ("c12_no_prompt_key", "No prompt provided"),
     ],
@@ -124,9 +127,10 @@ def test_a_misspelt_model_name_gets_the_closest_files() -> None:
     error = workflow_error(body, 400)
     assert (
         "node 4 (CheckpointLoaderSimple) input 'ckpt_name': Value not in list "
-        "('sd_xl_base.safetensors'; closest: xl/sd_xl_base_1.0.safetensors)"
+        "('sd_xl_base.safetensors' is not in models/checkpoints; closest: xl/sd_xl_base_1.0.safetensors)"
     ) in error.message
     assert error.details["node_errors"][0]["closest"] == ["xl/sd_xl_base_1.0.safetensors"]
+    assert error.details["node_errors"][0]["model_folder"] == "checkpoints"
 
 
 def test_every_missing_node_type_in_one_error() -> None:
