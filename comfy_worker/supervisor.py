@@ -70,6 +70,15 @@ class ComfySupervisor:
         self._launch()
 
     def _launch(self) -> None:
+        # ComfyUI does not create folders given on its command line, and LoadImage's node info (so
+        # /object_info, and every prompt using it) fails while the input folder is missing.
+        for folder in (
+            self.settings.comfyui_input_dir,
+            self.settings.comfyui_output_dir,
+            self.settings.comfyui_temp_dir,
+        ):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
         command = self.command()
         log.info("Starting ComfyUI: %s", " ".join(command))
         env = dict(os.environ, PYTHONUNBUFFERED="1")

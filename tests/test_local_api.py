@@ -285,3 +285,18 @@ def test_warmup_workflow_runs_before_the_first_job(tmp_path: Path) -> None:
         assert "Warm-up with" in log and "done in" in log
         assert log.index("Warm-up with") < log.index("Starting API server"), "jobs are taken only after it"
         assert worker.runsync({"workflow": workflow("model_free.json")})["status"] == "COMPLETED"
+
+
+def test_missing_checkpoint_names_the_closest(worker: WorkerProcess) -> None:
+    checkpoint = os.environ.get("SD15_CHECKPOINT", "")
+    if not checkpoint or worker.env["COMFYUI_DIR"].endswith("standin_comfyui"):
+        pytest.skip("set SD15_CHECKPOINT to a checkpoint name in the real ComfyUI's models/checkpoints")
+    misspelt = checkpoint.replace(".safetensors", "_v2.safetensors")
+    job = {
+        "workflow": workflow("sd15_txt2img.json"),
+        "overrides": [{"node_id": "4", "field": "inputs.ckpt_name", "value": misspelt}],
+    }
+    error = failed_error(worker.runsync(job))
+    assert error["error_type"] == "workflow_validation"
+    assert f"'{misspelt}' is not in models/checkpoints; closest: {checkpoint}" in error["message"]
+    assert checkpoint in error["diagnostics"]["model_folders"]["checkpoints"]
