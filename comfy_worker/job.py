@@ -150,24 +150,30 @@ class Worker:
             raise
         except WorkerError as exc:
             log.warning("job %s: %s: %s", job_id, exc.error_type, exc.message)
-            if isinstance(exc, ComfyCrashedError):
-                exc.details["comfyui_restarting"] = self._recover_in_background()
-            report = await asyncio.to_thread(
-                diagnostics.collect, exc, self.client, self.supervisor, self.folders, self._recovering()
-            )
-            result = {"error": self.redact(exc.to_json(prompt_id=attempt.prompt_id, diagnostics=report))}
-            return result | {"refresh_worker": True} if exc is self.startup_error else result
+            return await self._error_result(exc, attempt)
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
             error = WorkerError(
                 f"Unexpected worker error: {type(exc).__name__}: {exc}", {"exception_type": type(exc).__name__}
             )
-            return {"error": self.redact(error.to_json(prompt_id=attempt.prompt_id))}
+            return await self._error_result(error, attempt)
         finally:
             if self.settings.cleanup_job_files:
                 await asyncio.to_thread(
                     cleanup.remove_job_files, self.folders, attempt.folder, attempt.uploaded, attempt.temp_files
                 )
+
+    async def _error_result(self, error: WorkerError, attempt: _Attempt) -> dict[str, Any]:
+        """The failed job's result: the error as JSON text with diagnostics, secrets masked."""
+        if isinstance(error, ComfyCrashedError):
+            error.details["comfyui_restarting"] = self._recover_in_background()
+        report = await asyncio.to_thread(
+            diagnostics.collect, error, self.client, self.supervisor, self.folders, self._recovering()
+        )
+        result = {"error": self.redact(error.to_json(prompt_id=attempt.prompt_id, diagnostics=report))}
+        if error is self.startup_error:
+            return result | {"refresh_worker": True}
+        return result | await asyncio.to_thread(self._after_job)
 
     async def _execute(self, attempt: _Attempt, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         job, graph = await asyncio.to_thread(self._prepare, raw_input, attempt.folder)
@@ -425,6 +431,8 @@ class Worker:
         A restart that failed every attempt becomes the worker's standing error, so each later job reports it
         and asks RunPod to replace the worker (``refresh_worker``).
         """
+        if self.startup_error is not None:
+            return  # ComfyUI never came up, or every restart failed: the worker waits to be replaced
         if self.supervisor is not None and not self.supervisor.alive():
             self._recover_in_background()
         recovery = self._recovery

@@ -172,6 +172,8 @@ def test_comfyui_that_cannot_come_back_asks_for_a_new_worker(tmp_path: Path) -> 
             assert "could not be restarted (2 attempts)" in error["message"]
             assert "CUDA error: device lost" in error["details"]["log_tail"]
             assert result["refresh_worker"] is True
+        assert broken.supervisor is not None
+        assert broken.supervisor.restarts == 2, "once the attempts are spent, later jobs do not restart again"
     finally:
         close(broken)
 
