@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from .test_local_api import _backends
-from .worker_process import ComfyBackend, WorkerProcess, serve_api
+from .worker_process import ComfyBackend, WorkerProcess, backend_params, serve_api
 
 PNG = base64.b64encode(
     bytes.fromhex(
@@ -163,7 +162,7 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
-@pytest.fixture(scope="module", params=_backends())
+@pytest.fixture(scope="module", params=backend_params())
 def worker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     backend: ComfyBackend = request.param
     with serve_api(backend, tmp_path_factory.mktemp(f"catalogue-{backend.name}")) as process:

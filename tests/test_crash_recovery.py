@@ -19,8 +19,7 @@ from comfy_worker.app import build_worker
 from comfy_worker.job import Worker
 from comfy_worker.settings import Settings
 
-from .test_local_api import _backends
-from .worker_process import STANDIN_DIR, ComfyBackend, free_port
+from .worker_process import STANDIN_DIR, ComfyBackend, backend_params, free_port
 
 
 def make_worker(root: Path, backend: ComfyBackend, comfyui_dir: Path | None = None, **extra: str) -> Worker:
@@ -49,7 +48,7 @@ def close(worker: Worker) -> None:
         worker.supervisor.stop()
 
 
-@pytest.fixture(params=_backends())
+@pytest.fixture(params=backend_params())
 def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
     built = make_worker(tmp_path, request.param)
     yield built

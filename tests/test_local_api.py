@@ -22,25 +22,10 @@ import requests
 from PIL import Image
 
 from .conftest import EXAMPLES
-from .worker_process import ComfyBackend, WorkerProcess, serve_api
+from .worker_process import ComfyBackend, WorkerProcess, backend_params, serve_api
 
 
-def _backends() -> list[Any]:
-    real = ComfyBackend.real()
-    return [
-        pytest.param(ComfyBackend.standin(), id="standin"),
-        pytest.param(
-            real,
-            id="real",
-            marks=[
-                pytest.mark.comfyui,
-                pytest.mark.skipif(real is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run against it"),
-            ],
-        ),
-    ]
-
-
-@pytest.fixture(scope="module", params=_backends())
+@pytest.fixture(scope="module", params=backend_params())
 def worker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     os.environ.setdefault("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
     backend: ComfyBackend = request.param

@@ -18,7 +18,7 @@ import requests
 
 from .conftest import REPO
 from .runpod_platform import RunpodPlatform, SpawnedWorker
-from .worker_process import ComfyBackend, free_port, worker_env
+from .worker_process import ComfyBackend, backend_params, free_port, worker_env
 
 
 @dataclass
@@ -30,21 +30,6 @@ class Deployment:
     root: Path
 
 
-def _backends() -> list[Any]:
-    real = ComfyBackend.real()
-    return [
-        pytest.param(ComfyBackend.standin(), id="standin"),
-        pytest.param(
-            real,
-            id="real",
-            marks=[
-                pytest.mark.comfyui,
-                pytest.mark.skipif(real is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run against it"),
-            ],
-        ),
-    ]
-
-
 def deploy(platform: RunpodPlatform, backend: ComfyBackend, root: Path, pod_id: str) -> Deployment:
     root.mkdir(parents=True, exist_ok=True)
     env = worker_env(backend, root, free_port())
@@ -54,7 +39,7 @@ def deploy(platform: RunpodPlatform, backend: ComfyBackend, root: Path, pod_id: 
     return Deployment(platform, worker, backend, env["COMFY_API_URL"], root)
 
 
-@pytest.fixture(scope="module", params=_backends())
+@pytest.fixture(scope="module", params=backend_params())
 def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     backend: ComfyBackend = request.param
     with RunpodPlatform() as platform:

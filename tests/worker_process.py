@@ -16,7 +16,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +51,22 @@ class ComfyBackend:
         if not raw:
             return None
         return cls("real", Path(raw), os.environ.get("COMFYUI_PYTHON", "").strip() or sys.executable, 180.0)
+
+
+def backend_params() -> list[Any]:
+    """The stand-in always; a real ComfyUI too when COMFYUI_DIR is set (skipped with that reason otherwise)."""
+    real = ComfyBackend.real()
+    return [
+        pytest.param(ComfyBackend.standin(), id="standin"),
+        pytest.param(
+            real,
+            id="real",
+            marks=[
+                pytest.mark.comfyui,
+                pytest.mark.skipif(real is None, reason="set COMFYUI_DIR to a ComfyUI checkout to run against it"),
+            ],
+        ),
+    ]
 
 
 @dataclass
