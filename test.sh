@@ -5,18 +5,8 @@ set -Eeuo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-ensure_uv() {
-  if ! command -v uv >/dev/null 2>&1; then
-    python3 -m pip install --quiet uv
-  fi
-}
-
-make_venv() {
-  if [[ ! -x .venv/bin/python ]]; then
-    uv venv --quiet --python "$(command -v python3)" .venv
-  fi
-  uv pip install --quiet --python .venv/bin/python -r requirements.txt -e '.[dev]'
-}
+# shellcheck source=start.sh
+source ./start.sh  # make_venv: the same environment the worker runs in, plus the dev tools
 
 lint() {
   .venv/bin/ruff check .
@@ -30,8 +20,7 @@ lint() {
 }
 
 main() {
-  ensure_uv
-  make_venv
+  make_venv "[dev]"
   lint
   .venv/bin/python -m pytest "$@"
 }

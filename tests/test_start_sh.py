@@ -1,0 +1,57 @@
+"""``start.sh``, the entrypoint: local mode serves the runpod local API, RunPod mode takes jobs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from .conftest import REPO
+from .runpod_platform import RunpodPlatform
+from .worker_process import ComfyBackend, free_port, stop, worker_env
+
+MODEL_FREE = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "start_sh"}},
+}
+
+
+def test_local_mode_serves_the_local_api(tmp_path: Path) -> None:
+    api_port = free_port()
+    env = worker_env(
+        ComfyBackend.standin(), tmp_path, free_port(), WORKER_PYTHON=sys.executable, RP_API_PORT=str(api_port)
+    )
+    log = tmp_path / "start.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(REPO / "start.sh")], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                body = requests.post(
+                    f"http://127.0.0.1:{api_port}/runsync", json={"input": {"workflow": MODEL_FREE}}, timeout=30
+                ).json()
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert body["status"] == "COMPLETED", body
+        assert "local mode: the runpod local API on 127.0.0.1:" in log.read_text()
+    finally:
+        stop(process)
+
+
+def test_runpod_mode_takes_jobs(tmp_path: Path) -> None:
+    env = worker_env(ComfyBackend.standin(), tmp_path, free_port(), WORKER_PYTHON=sys.executable)
+    with RunpodPlatform() as platform:
+        worker = platform.spawn([str(REPO / "start.sh")], extra_env=env, cwd=tmp_path, log_path=tmp_path / "w.log")
+        job = platform.submit({"workflow": MODEL_FREE})
+        assert platform.wait_result(job, timeout=60)["output"]["status"] == "success"
+        assert "local mode" not in worker.log()
+        assert worker.terminate() == 0
