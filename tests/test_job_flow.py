@@ -9,7 +9,6 @@ import base64
 import dataclasses
 import json
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from comfy_worker.job import Worker
 from comfy_worker.settings import Settings
 
 from .comfy_servers import run_standin
-from .tcp_proxy import tcp_proxy
 from .worker_process import STANDIN_DIR, free_port
 
 
@@ -156,40 +154,6 @@ def test_every_output_kind(worker: Worker) -> None:
     assert result["text"] == [{"node_id": "3", "text": "a caption"}]
     assert [(f["node_id"], f["mime_type"]) for f in result["files"]] == [("4", "model/gltf-binary")]
     assert [(i["node_id"], i["mime_type"]) for i in result["images"]] == [("5", "image/webp")]
-
-
-def test_dropped_websocket_reconnects_and_completes(worker: Worker, tmp_path: Path) -> None:
-    with tcp_proxy(worker.settings.comfy_port) as proxy:
-        settings = settings_for(tmp_path, proxy.port, COMFY_API_URL=f"http://127.0.0.1:{proxy.port}")
-        proxied = build_worker(settings)
-        try:
-            assert proxied.supervisor is not None and proxied.supervisor.attached
-            threading.Timer(0.5, proxy.cut_websockets).start()
-            result = run(proxied, {"workflow": sleep_graph(1.5, prefix="drop")})
-            assert result["status"] == "success", result
-            assert proxied.events.wait_connected(5)
-        finally:
-            close(proxied)
-
-
-def test_completion_seen_through_history_while_the_socket_is_down(worker: Worker, tmp_path: Path) -> None:
-    with tcp_proxy(worker.settings.comfy_port) as proxy:
-        proxied = build_worker(settings_for(tmp_path, proxy.port))
-        try:
-
-            def cut_and_hold() -> None:
-                proxy.refuse_websockets.set()
-                proxy.cut_websockets()
-
-            threading.Timer(0.3, cut_and_hold).start()
-            threading.Timer(4.0, proxy.refuse_websockets.clear).start()
-            started = time.monotonic()
-            result = run(proxied, {"workflow": sleep_graph(1.0, prefix="down")})
-            assert result["status"] == "success", result
-            assert result["images"], "outputs come from /history"
-            assert time.monotonic() - started < 3.5, "completion must come from /history, not the reconnect"
-        finally:
-            close(proxied)
 
 
 def test_comfyui_that_cannot_start_fails_every_job_with_its_log(tmp_path: Path) -> None:
