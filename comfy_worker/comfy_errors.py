@@ -8,11 +8,13 @@ essentials (node id, class type, input, message) into one line a person can act 
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from .errors import ExecutionError, PromptInterruptedError, WorkflowError
 
 TRACEBACK_FRAMES = 8  # the last frames of a node's traceback kept in the result
+MISSING_INPUT_FILE = re.compile(r"Invalid (?:image|video|audio)? ?file: (?P<name>.+)$")
 
 # Loader inputs of ComfyUI's core nodes -> the model folder they list, to say where a missing file was looked for.
 MODEL_INPUT_FOLDERS = {
@@ -91,7 +93,10 @@ def describe_node_error(record: dict[str, Any]) -> str:
         where += f" input '{record['input_name']}'"
     text = f"{where}: {record.get('message') or record.get('type')}"
     details = record.get("details")
-    if record.get("type") == "value_not_in_list":
+    if record.get("type") == "custom_validation_failed" and "closest" in record:
+        closest = ", ".join(record["closest"])
+        text += f" ({details}; closest in the input folder: {closest or 'none'})"
+    elif record.get("type") == "value_not_in_list":
         value = record.get("received_value")
         closest = ", ".join(record.get("closest") or [])
         if record.get("model_folder"):
@@ -103,6 +108,20 @@ def describe_node_error(record: dict[str, Any]) -> str:
     return text
 
 
+def _message(error: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    if records:
+        summary = "; ".join(describe_node_error(r) for r in records[:20])
+    else:
+        summary = " ".join(str(p) for p in (error.get("message"), error.get("details")) if p)
+    message = f"ComfyUI refused the workflow: {summary}"
+    if error.get("type") == "invalid_prompt" and "does not exist" in str(error.get("message")):
+        message += (
+            ". The node type is not installed in this worker: add the custom node that provides it to the "
+            "'nodes' section of config.yml (or use a workflow without it)."
+        )
+    return message
+
+
 def workflow_error(body: Any, status: int) -> WorkflowError:
     """The error for a prompt ComfyUI refused (HTTP 400 from ``POST /prompt``)."""
     if not isinstance(body, dict):
@@ -110,21 +129,21 @@ def workflow_error(body: Any, status: int) -> WorkflowError:
     raw_error = body.get("error")
     error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {"message": str(raw_error)}
     records = node_error_lines(body.get("node_errors") or {})
-    error_type = error.get("type")
-    if records:
-        summary = "; ".join(describe_node_error(r) for r in records[:20])
-    else:
-        summary = " ".join(str(p) for p in (error.get("message"), error.get("details")) if p)
-    message = f"ComfyUI refused the workflow: {summary}"
-    if error_type == "invalid_prompt" and "does not exist" in str(error.get("message")):
-        message += (
-            ". The node type is not installed in this worker: add the custom node that provides it to the "
-            "'nodes' section of config.yml (or use a workflow without it)."
-        )
-    return WorkflowError(
-        message,
-        {"comfyui_error": error, "node_errors": records, "status": status},
-    )
+    return WorkflowError(_message(error, records), {"comfyui_error": error, "node_errors": records, "status": status})
+
+
+def suggest_input_files(error: WorkflowError, input_files: list[str]) -> None:
+    """LoadImage and friends refused a file missing from the input folder: name the closest files there."""
+    records = error.details.get("node_errors") or []
+    changed = False
+    for record in records:
+        match = MISSING_INPUT_FILE.search(str(record.get("details") or ""))
+        if record.get("type") == "custom_validation_failed" and match:
+            record["closest"] = _closest(match["name"], [input_files])
+            changed = True
+    if changed:
+        error.message = _message(error.details.get("comfyui_error") or {}, records)
+        error.args = (error.message,)
 
 
 def prompt_warnings(node_errors: dict[str, Any]) -> list[str]:

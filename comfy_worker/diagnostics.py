@@ -82,6 +82,13 @@ def model_folders(client: ComfyClient) -> dict[str, list[str]]:
     return listing
 
 
+def input_files(folder: Path) -> list[str]:
+    """Files in ComfyUI's input folder, as LoadImage names them (``sub/name.png``)."""
+    with contextlib.suppress(OSError):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return []
+
+
 def is_file_error(error: WorkerError) -> bool:
     """An error about a missing or misnamed model or input file."""
     records = error.details.get("node_errors") or []
@@ -106,8 +113,5 @@ def collect(
     if is_file_error(error):
         diagnostics["model_folders"] = model_folders(client)
         if "input" in folders:
-            with contextlib.suppress(OSError):
-                diagnostics["input_files"] = sorted(
-                    str(p.relative_to(folders["input"])) for p in folders["input"].rglob("*") if p.is_file()
-                )[:FILES_PER_FOLDER]
+            diagnostics["input_files"] = input_files(folders["input"])[:FILES_PER_FOLDER]
     return diagnostics

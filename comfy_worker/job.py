@@ -21,8 +21,14 @@ from typing import Any
 
 from . import cleanup, diagnostics, outputs, workflow
 from .comfy_client import ComfyClient
-from .comfy_errors import execution_error, interrupted_error, missing_node_types_error, prompt_warnings
-from .errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError
+from .comfy_errors import (
+    execution_error,
+    interrupted_error,
+    missing_node_types_error,
+    prompt_warnings,
+    suggest_input_files,
+)
+from .errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError, WorkflowError
 from .events import DISCONNECTED, RECONNECTED, EventStream, Frame
 from .redact import Redactor
 from .schema import JobInput, parse_job_input
@@ -190,7 +196,13 @@ class Worker:
         timeout_s = job.timeout or self.settings.job_timeout_s
         tracker = _Progress(graph, progress, self.settings.progress_interval_s)
         with self.events.subscription(prompt_id) as frames:
-            queued = await asyncio.to_thread(self.client.queue_prompt, graph, prompt_id)
+            try:
+                queued = await asyncio.to_thread(self.client.queue_prompt, graph, prompt_id)
+            except WorkflowError as exc:
+                if "input" in self.folders:
+                    files = await asyncio.to_thread(diagnostics.input_files, self.folders["input"])
+                    suggest_input_files(exc, files)
+                raise
             log.info("job %s: queued prompt %s (%d nodes)", attempt.job_id, prompt_id, len(graph))
             try:
                 await self._follow(prompt_id, frames, tracker, attempt.started + timeout_s, timeout_s)

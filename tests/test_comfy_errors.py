@@ -11,6 +11,7 @@ from comfy_worker.comfy_errors import (
     interrupted_error,
     missing_node_types_error,
     prompt_warnings,
+    suggest_input_files,
     workflow_error,
 )
 
@@ -145,3 +146,17 @@ def test_every_missing_node_type_in_one_error() -> None:
     assert "no node type IPAdapterApply (node 3); VHS_LoadVideo (node 1, 4)" in error.message
     assert "config.yml" in error.message
     assert error.details["missing_node_types"] == ["IPAdapterApply", "VHS_LoadVideo"]
+
+
+def test_a_missing_input_image_gets_the_closest_files() -> None:
+    error = workflow_error(
+        responses("c_validation_errors.json", 400)["c9_loadimage_missing_file_custom_validation"], 400
+    )
+    suggest_input_files(error, ["does_not_exists.png", "masks/cat.png"])
+    assert (
+        "node 1 (LoadImage) input 'image': Custom validation failed for node (image - Invalid image file: "
+        "does_not_exist.png; closest in the input folder: does_not_exists.png)"
+    ) in error.message
+    assert str(error) == error.message
+    suggest_input_files(error, [])
+    assert "closest in the input folder: none" in error.message

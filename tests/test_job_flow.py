@@ -253,6 +253,7 @@ def test_errors_carry_diagnostics(worker: Worker) -> None:
     assert report["system"]["ram_available_gb"] > 0 and report["system"]["output_dir_free_gb"] > 0
     assert report["comfyui_log_tail"], "ComfyUI's last log lines"
     assert "diag/present.png" in report["input_files"]
+    assert "Invalid image file: diag/presnt.png; closest in the input folder: diag/present.png" in error["message"]
     assert isinstance(report["model_folders"], dict)
     plain = error_of(run(worker, {"workflow": sleep_graph(0, prefix="d"), "seed": 1}))
     assert "model_folders" not in plain["diagnostics"], "file listings only for errors about files"
