@@ -12,7 +12,9 @@ the worker::
     ├── JobTimeoutError        error_type "timeout": the job ran past its time limit
     ├── ComfyUnavailableError  error_type "comfyui_unavailable": ComfyUI did not start or does not answer
     ├── ComfyCrashedError      error_type "comfyui_crashed": the ComfyUI process died during the job
-    └── OutputError            error_type "output": an output ComfyUI reported could not be read
+    ├── OutputError            error_type "output": an output ComfyUI reported could not be read
+    ├── ResultTooLargeError    error_type "result_too_large": base64 outputs would exceed RunPod's limit
+    └── StorageError           error_type "storage": uploading outputs to S3 failed
 """
 
 from __future__ import annotations
@@ -73,3 +75,11 @@ class ComfyCrashedError(WorkerError):
 
 class OutputError(WorkerError):
     error_type = "output"
+
+
+class ResultTooLargeError(WorkerError):
+    error_type = "result_too_large"
+
+
+class StorageError(WorkerError):
+    error_type = "storage"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cleanup, diagnostics, outputs, workflow
+from . import cleanup, delivery, diagnostics, outputs, workflow
 from .comfy_client import ComfyClient
 from .comfy_errors import (
     execution_error,
@@ -28,11 +28,19 @@ from .comfy_errors import (
     prompt_warnings,
     suggest_input_files,
 )
-from .errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError, WorkflowError
+from .errors import (
+    ComfyCrashedError,
+    ComfyUnavailableError,
+    InputError,
+    JobTimeoutError,
+    WorkerError,
+    WorkflowError,
+)
 from .events import DISCONNECTED, RECONNECTED, EventStream, Frame
 from .redact import Redactor
 from .schema import JobInput, parse_job_input
 from .settings import FREE_MODES, Settings
+from .storage import S3Storage
 from .supervisor import ComfySupervisor
 
 log = logging.getLogger(__name__)
@@ -133,6 +141,7 @@ class Worker:
         self._recovery: concurrent.futures.Future[None] | None = None
         self._node_types: set[str] | None = None
         self.redact = Redactor(settings.secrets)
+        self.storage = S3Storage(settings.s3) if settings.s3 is not None else None
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
             for name, folder in (
@@ -183,6 +192,11 @@ class Worker:
 
     async def _execute(self, attempt: _Attempt, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         job, graph = await asyncio.to_thread(self._prepare, raw_input, attempt.folder)
+        if job.output.delivery == "s3" and self.storage is None:
+            raise InputError(
+                "output.delivery is 's3' but this worker has no bucket: set BUCKET_NAME (or BUCKET_ENDPOINT_URL), "
+                "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY, or use delivery 'auto' or 'base64'."
+            )
         await self._comfyui_back()
         if self.startup_error is not None:
             raise self.startup_error
@@ -216,10 +230,23 @@ class Worker:
             raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
         collected = outputs.collect(entry, include_temp=job.output.include_temp)
         attempt.temp_files = [(f.subfolder, f.filename) for f in collected.files if f.folder_type == "temp"]
-        result = await asyncio.to_thread(outputs.build, self.client, self.folders, collected)
+        options = job.output
+        payloads = await asyncio.to_thread(
+            outputs.load, self.client, self.folders, collected, options.format, options.quality
+        )
+        delivered, warnings = await asyncio.to_thread(
+            delivery.deliver,
+            payloads,
+            options.delivery,
+            self.storage,
+            int(self.settings.max_result_mb * delivery.MB),
+            {"job_id": attempt.job_id, "prompt_id": prompt_id},
+            options.s3_prefix,
+        )
         attempt.lap("outputs_s")
-        result["text"] = [entry | {"text": self.redact(entry["text"])} for entry in result["text"]]
-        warnings = prompt_warnings(queued.get("node_errors") or {})
+        texts = [text | {"text": self.redact(text["text"])} for text in collected.texts]
+        result = outputs.assemble(delivered, texts)
+        warnings += prompt_warnings(queued.get("node_errors") or {})
         if collected.skipped_temp:
             warnings.append(
                 f"{collected.skipped_temp} temp output(s) (PreviewImage and the like) were left out; "

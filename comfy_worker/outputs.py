@@ -10,15 +10,20 @@ machine (no HTTP copy of a 12 MB PNG), through ``/view`` otherwise.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import io
 import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .comfy_client import ComfyClient
 from .errors import OutputError, WorkerError
 
 KINDS = ("images", "videos", "audio", "files")
+STILL_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
 
 mimetypes.add_type("image/webp", ".webp")
 mimetypes.add_type("video/webm", ".webm")
@@ -112,23 +117,81 @@ def read_bytes(client: ComfyClient, folders: dict[str, Path], file: OutputFile) 
         ) from exc
 
 
-def encode(file: OutputFile, data: bytes) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Payload:
+    """One output's bytes as they will be delivered (after an optional format conversion)."""
+
+    file: OutputFile
+    filename: str
+    mime_type: str
+    data: bytes
+
+    @property
+    def base64_size(self) -> int:
+        return 4 * ((len(self.data) + 2) // 3)
+
+
+def load(
+    client: ComfyClient, folders: dict[str, Path], collected: CollectedOutputs, image_format: str, quality: int
+) -> list[Payload]:
+    """Read every output file (in parallel: disk and Pillow's encoders release the GIL), converting still
+    images when a format other than ``png`` is asked for."""
+
+    def one(file: OutputFile) -> Payload:
+        data = read_bytes(client, folders, file)
+        converted = convert_image(data, file.mime_type, image_format, quality)
+        if converted is None:
+            return Payload(file, file.filename, file.mime_type, data)
+        new_data, mime_type, extension = converted
+        return Payload(file, f"{file.filename.rsplit('.', 1)[0]}.{extension}", mime_type, new_data)
+
+    if len(collected.files) <= 1:
+        return [one(file) for file in collected.files]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(collected.files))) as pool:
+        return list(pool.map(one, collected.files))
+
+
+def convert_image(data: bytes, mime_type: str, image_format: str, quality: int) -> tuple[bytes, str, str] | None:
+    """``webp``/``jpeg`` for still images; None keeps the file as ComfyUI wrote it (png, videos, animations)."""
+    if image_format == "png" or mime_type not in STILL_IMAGE_TYPES:
+        return None
+    with Image.open(io.BytesIO(data)) as image:
+        if getattr(image, "is_animated", False):
+            return None
+        buffer = io.BytesIO()
+        if image_format == "jpeg":
+            rgb = image.convert("RGBA") if image.mode in ("P", "LA") else image
+            if rgb.mode == "RGBA":  # JPEG has no alpha: flatten onto white
+                background = Image.new("RGB", rgb.size, (255, 255, 255))
+                background.paste(rgb, mask=rgb.getchannel("A"))
+                rgb = background
+            rgb.convert("RGB").save(buffer, "JPEG", quality=quality, optimize=True)
+            return buffer.getvalue(), "image/jpeg", "jpg"
+        image.save(buffer, "WEBP", quality=quality, method=4)
+        return buffer.getvalue(), "image/webp", "webp"
+
+
+def entry(payload: Payload, delivery_type: str, data: str) -> dict[str, Any]:
     """One output in the result; ``type``/``data`` keep runpod-workers/worker-comfyui's shape."""
     return {
-        "filename": file.filename,
-        "subfolder": file.subfolder,
-        "node_id": file.node_id,
-        "mime_type": file.mime_type,
-        "size_bytes": len(data),
-        "type": "base64",
-        "data": base64.b64encode(data).decode("ascii"),
+        "filename": payload.filename,
+        "subfolder": payload.file.subfolder,
+        "node_id": payload.file.node_id,
+        "mime_type": payload.mime_type,
+        "size_bytes": len(payload.data),
+        "type": delivery_type,
+        "data": data,
     }
 
 
-def build(client: ComfyClient, folders: dict[str, Path], collected: CollectedOutputs) -> dict[str, Any]:
+def base64_entry(payload: Payload) -> dict[str, Any]:
+    return entry(payload, "base64", base64.b64encode(payload.data).decode("ascii"))
+
+
+def assemble(entries: list[tuple[Payload, dict[str, Any]]], texts: list[dict[str, str]]) -> dict[str, Any]:
     """The result's output lists: every kind present (possibly empty), plus ``text``."""
     result: dict[str, Any] = {kind: [] for kind in KINDS}
-    for file in collected.files:
-        result[file.kind].append(encode(file, read_bytes(client, folders, file)))
-    result["text"] = collected.texts
+    for payload, item in entries:
+        result[payload.file.kind].append(item)
+    result["text"] = texts
     return result

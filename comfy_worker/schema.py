@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -110,9 +110,13 @@ class Override(_Model):
 
 
 class OutputOptions(_Model):
-    """How outputs are collected."""
+    """How outputs are collected and delivered."""
 
     include_temp: bool = Field(False, description="Also return temp outputs (PreviewImage and the like).")
+    delivery: Literal["auto", "base64", "s3"] = Field("auto", description="auto: S3 when configured.")
+    format: Literal["png", "webp", "jpeg"] = Field("png", description="Still images: as written, or converted.")
+    quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality.")
+    s3_prefix: str | None = Field(None, min_length=1, max_length=200, description="Key prefix for this job.")
 
 
 class JobInput(_Model):

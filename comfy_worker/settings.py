@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from .redact import secrets_from_env
+from .storage import S3Settings
 
 N = TypeVar("N", int, float)
 # COMFY_FREE_AFTER_JOB -> the body of ComfyUI's POST /free
@@ -90,6 +92,8 @@ class Settings:
     warmup_workflow: Path | None = None
     free_after_job: str = "none"
     cleanup_job_files: bool = True
+    max_result_mb: float = 20.0
+    s3: S3Settings | None = None
     refresh_min_free_ram_gb: float = 0.0
     refresh_min_free_vram_gb: float = 0.0
     secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -142,6 +146,8 @@ class Settings:
             warmup_workflow=_path(env, "WARMUP_WORKFLOW", None),
             free_after_job=free_after_job,
             cleanup_job_files=_bool(env, "CLEANUP_JOB_FILES", cls.cleanup_job_files),
+            max_result_mb=_float(env, "MAX_RESULT_MB", cls.max_result_mb, minimum=0.1),
+            s3=s3_from_env(env),
             refresh_min_free_ram_gb=_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
             refresh_min_free_vram_gb=_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),
             secrets=secrets_from_env(env),
@@ -166,3 +172,51 @@ class Settings:
     def comfy_is_local(self) -> bool:
         """Whether ComfyUI runs on this machine, so the worker may start it and read its files."""
         return self.comfy_host in ("127.0.0.1", "localhost", "::1")
+
+
+_AWS_VHOST = re.compile(r"^(?P<bucket>[a-z0-9][a-z0-9.-]*)\.s3[.-](?:(?P<region>[a-z0-9-]+)\.)?amazonaws\.com$")
+MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
+KEY_FIELDS = {"job_id": "j", "prompt_id": "p", "filename": "f.png", "node_id": "9"}
+
+
+def s3_from_env(env: Mapping[str, str]) -> S3Settings | None:
+    """The bucket for outputs, or None when none is configured.
+
+    ``BUCKET_ENDPOINT_URL`` alone in runpod-workers/worker-comfyui's style (``https://BUCKET.s3.REGION.
+    amazonaws.com``) is understood too: the bucket and region come from the host name.
+    """
+    endpoint = env.get("BUCKET_ENDPOINT_URL", "").strip().rstrip("/") or None
+    bucket = env.get("BUCKET_NAME", "").strip()
+    if not endpoint and not bucket:
+        return None
+    region = env.get("BUCKET_REGION", "").strip()
+    if endpoint and not bucket:
+        match = _AWS_VHOST.match(urlsplit(endpoint).hostname or "")
+        if match is None:
+            raise SettingsError(
+                "BUCKET_NAME is required unless BUCKET_ENDPOINT_URL is https://BUCKET.s3.REGION.amazonaws.com"
+            )
+        bucket, region = match["bucket"], region or match["region"] or "us-east-1"
+        endpoint = None  # boto3 finds AWS's endpoint from the region
+    missing = [name for name in ("BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY") if not env.get(name, "").strip()]
+    if missing:
+        raise SettingsError(f"S3 output needs {' and '.join(missing)} (BUCKET_NAME or BUCKET_ENDPOINT_URL is set)")
+    template = env.get("S3_KEY_TEMPLATE", "").strip() or S3Settings.key_template
+    try:
+        template.format(**KEY_FIELDS)
+    except (KeyError, IndexError, ValueError) as exc:
+        known = ", ".join("{" + name + "}" for name in KEY_FIELDS)
+        raise SettingsError(f"S3_KEY_TEMPLATE={template!r} uses an unknown field {exc}; known: {known}") from None
+    expiry = _int(env, "S3_URL_EXPIRY", S3Settings.presign_expiry_s, minimum=1)
+    if expiry > MAX_PRESIGN_EXPIRY_S:
+        raise SettingsError(f"S3_URL_EXPIRY={expiry} is over {MAX_PRESIGN_EXPIRY_S} s (7 days), S3's own limit")
+    return S3Settings(
+        bucket=bucket,
+        access_key_id=env["BUCKET_ACCESS_KEY_ID"].strip(),
+        secret_access_key=env["BUCKET_SECRET_ACCESS_KEY"].strip(),
+        endpoint_url=endpoint,
+        region=region or "us-east-1",
+        key_template=template,
+        presign_expiry_s=expiry,
+        public_url=env.get("BUCKET_PUBLIC_URL", "").strip() or None,
+    )

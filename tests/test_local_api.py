@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,10 +179,10 @@ def test_temp_outputs_only_on_request(worker: WorkerProcess) -> None:
     assert len(with_temp["images"]) == 1
 
 
-@pytest.mark.slow
-def test_four_large_noisy_outputs(worker: WorkerProcess) -> None:
+def large_noisy_job() -> dict[str, Any]:
+    """4 x 2048x2048 noise PNGs of about 12.6 MB each: 67 MB as base64."""
     noise = Image.frombytes("RGB", (2048, 2048), os.urandom(2048 * 2048 * 3))
-    job = {
+    return {
         "workflow": save_chain(
             ("LoadImage", {"image": "noise2048.png"}),
             ("RepeatImageBatch", {"image": ["1", 0], "amount": 4}),
@@ -192,15 +191,30 @@ def test_four_large_noisy_outputs(worker: WorkerProcess) -> None:
         "images": [{"name": "noise2048.png", "image": png_b64(noise)}],
         "timeout": 300,
     }
-    started = time.monotonic()
-    body = worker.runsync(job, timeout_s=300)
+
+
+@pytest.mark.slow
+def test_four_large_outputs_over_the_result_limit(worker: WorkerProcess) -> None:
+    error = failed_error(worker.runsync(large_noisy_job(), timeout_s=300))
+    assert error["error_type"] == "result_too_large"
+    assert "over this worker's result limit of 20 MB" in error["message"]
+    assert "Configure an S3 bucket" in error["message"] and "output.format" in error["message"]
+    outputs = error["details"]["outputs"]
+    assert len(outputs) == 4 and all(o["size_mb"] > 11 for o in outputs)
+    assert worker.runsync({"workflow": workflow("model_free.json")})["status"] == "COMPLETED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", backend_params())
+def test_four_large_outputs_with_a_higher_limit(backend: ComfyBackend, tmp_path: Path) -> None:
+    with serve_api(backend, tmp_path, MAX_RESULT_MB="100") as big:
+        body = big.runsync(large_noisy_job(), timeout_s=300)
     assert body["status"] == "COMPLETED", str(body)[:2000]
     images = body["output"]["images"]
     assert len(images) == 4
     for entry in images:
         assert entry["size_bytes"] > 12_000_000
         assert decode(entry).size == (2048, 2048)
-    assert time.monotonic() - started < 300
 
 
 def test_checkpoint_txt2img(worker: WorkerProcess) -> None:

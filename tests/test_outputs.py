@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from comfy_worker.comfy_client import ComfyClient
 from comfy_worker.errors import OutputError
-from comfy_worker.outputs import build, collect
+from comfy_worker.outputs import assemble, base64_entry, collect, convert_image, load
 
 from .conftest import recorded_history
 
@@ -71,7 +73,9 @@ def test_files_are_read_from_disk_and_encoded(tmp_path: Path) -> None:
     entry = {"outputs": {"9": {"images": [{"filename": "a.png", "subfolder": "sub", "type": "output"}]}}}
     # No server answers on this port: reading from disk must not need one.
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
-    result = build(client, {"output": tmp_path / "out"}, collect(entry, False))
+    collected = collect(entry, False)
+    payloads = load(client, {"output": tmp_path / "out"}, collected, "png", 90)
+    result = assemble([(p, base64_entry(p)) for p in payloads], collected.texts)
     assert result["images"] == [
         {
             "filename": "a.png",
@@ -90,4 +94,42 @@ def test_unreadable_output_is_an_output_error(tmp_path: Path) -> None:
     entry = {"outputs": {"9": {"images": [{"filename": "../../etc/passwd", "subfolder": "", "type": "output"}]}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     with pytest.raises(OutputError, match="could not be read"):
-        build(client, {"output": tmp_path}, collect(entry, False))
+        load(client, {"output": tmp_path}, collect(entry, False), "png", 90)
+
+
+def png_bytes(mode: str = "RGBA", size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, (200, 30, 30, 128) if mode == "RGBA" else (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_still_images_convert_to_webp_and_jpeg() -> None:
+    source = png_bytes()
+    assert convert_image(source, "image/png", "png", 90) is None
+    webp, mime, extension = convert_image(source, "image/png", "webp", 80) or (b"", "", "")
+    assert (mime, extension) == ("image/webp", "webp")
+    with Image.open(io.BytesIO(webp)) as image:
+        assert image.format == "WEBP" and image.size == (64, 48) and image.mode == "RGBA"
+    jpeg, mime, extension = convert_image(source, "image/png", "jpeg", 70) or (b"", "", "")
+    assert (mime, extension) == ("image/jpeg", "jpg")
+    with Image.open(io.BytesIO(jpeg)) as image:
+        assert image.format == "JPEG" and image.mode == "RGB"
+        red, green, _blue = image.getpixel((10, 10))
+        assert red > 200 and green > 100, "alpha is flattened onto white, not black"
+
+
+def test_animations_and_videos_are_left_alone() -> None:
+    frames = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=100)
+    assert convert_image(buffer.getvalue(), "image/webp", "jpeg", 90) is None
+    assert convert_image(b"\x00\x00\x00 ftypmp42", "video/mp4", "webp", 90) is None
+
+
+def test_converted_outputs_get_the_new_name(tmp_path: Path) -> None:
+    (tmp_path / "ComfyUI_00001_.png").write_bytes(png_bytes("RGB", (32, 32)))
+    entry = {"outputs": {"9": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}}}
+    client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
+    [payload] = load(client, {"output": tmp_path}, collect(entry, False), "jpeg", 85)
+    assert (payload.filename, payload.mime_type) == ("ComfyUI_00001_.jpg", "image/jpeg")
+    assert payload.data[:3] == b"\xff\xd8\xff"

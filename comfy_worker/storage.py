@@ -1,0 +1,119 @@
+"""S3-compatible storage for outputs: AWS S3, Cloudflare R2, MinIO, a RunPod network volume's S3 API.
+
+One interface (``upload_many``) behind which boto3 does the work: multipart for big files (its transfer
+manager), retries with backoff on transient errors (botocore's standard retry mode), several files in
+parallel. URLs are presigned GET URLs, or plain ones under ``BUCKET_PUBLIC_URL`` for a public bucket.
+Credentials come from the settings and are never logged or returned.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from .errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+MAX_PARALLEL_UPLOADS = 8
+_SAFE_KEY_PART = re.compile(r"[^A-Za-z0-9._/-]+")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str
+    access_key_id: str
+    secret_access_key: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    key_template: str = "{job_id}/{filename}"
+    presign_expiry_s: int = 86400
+    public_url: str | None = None
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"S3Settings(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+
+@dataclass(frozen=True)
+class Upload:
+    key: str
+    data: bytes
+    content_type: str
+
+
+def sanitize_prefix(prefix: str) -> str:
+    """A per-request key prefix made safe: no traversal, no odd characters, no leading slash."""
+    parts = [_SAFE_KEY_PART.sub("-", part) for part in prefix.split("/")]
+    return "/".join(part for part in parts if part not in ("", ".", ".."))[:200]
+
+
+def render_key(template: str, prefix: str | None, **fields: str) -> str:
+    key = template.format(**fields).lstrip("/")
+    clean = sanitize_prefix(prefix) if prefix else ""
+    return f"{clean}/{key}" if clean else key
+
+
+class S3Storage:
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        addressing = "path" if settings.endpoint_url else "auto"  # custom endpoints (R2, MinIO...) want paths
+        self._client: Any = boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            region_name=settings.region,
+            config=botocore.config.Config(
+                signature_version="s3v4",
+                retries={"mode": "standard", "max_attempts": 5},
+                s3={"addressing_style": addressing},
+                connect_timeout=10,
+                read_timeout=60,
+            ),
+        )
+        self._transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD
+        )
+
+    def url_for(self, key: str) -> str:
+        if self.settings.public_url:
+            return f"{self.settings.public_url.rstrip('/')}/{key}"
+        url: str = self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.settings.bucket, "Key": key},
+            ExpiresIn=self.settings.presign_expiry_s,
+        )
+        return url
+
+    def upload(self, item: Upload) -> str:
+        try:
+            self._client.upload_fileobj(
+                io.BytesIO(item.data),
+                self.settings.bucket,
+                item.key,
+                ExtraArgs={"ContentType": item.content_type},
+                Config=self._transfer,
+            )
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
+            raise StorageError(
+                f"Uploading {item.key} to bucket {self.settings.bucket} failed: {exc}",
+                {"key": item.key, "bucket": self.settings.bucket, "endpoint_url": self.settings.endpoint_url},
+            ) from exc
+        return self.url_for(item.key)
+
+    def upload_many(self, items: list[Upload]) -> list[str]:
+        """Upload in parallel; the first failure is raised once the others have finished."""
+        if len(items) <= 1:
+            return [self.upload(item) for item in items]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_UPLOADS, len(items))) as pool:
+            return list(pool.map(self.upload, items))
