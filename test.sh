@@ -8,12 +8,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 # shellcheck source=start.sh
 source ./start.sh  # make_venv: the same environment the worker runs in, plus the dev tools
 
+# s3rver (npm): an S3-compatible server that checks signatures and presigned-URL expiry, for the S3 tests.
+install_s3rver() {
+  if [[ ! -x .tools/node_modules/.bin/s3rver ]] && command -v npm >/dev/null 2>&1; then
+    npm install --silent --no-audit --no-fund --prefix .tools s3rver@3.7.1 >/dev/null
+  fi
+}
+
 lint() {
   .venv/bin/ruff check .
   .venv/bin/ruff format --check .
   .venv/bin/mypy
   if command -v shellcheck >/dev/null 2>&1; then
-    shellcheck ./*.sh .ci/run
+    shellcheck -x ./*.sh .ci/run
   else
     echo "shellcheck not installed: shell scripts not linted (apt-get install shellcheck)" >&2
   fi
@@ -21,6 +28,7 @@ lint() {
 
 main() {
   make_venv "[dev]"
+  install_s3rver
   lint
   .venv/bin/python -m pytest "$@"
 }

@@ -67,7 +67,7 @@ class S3Storage:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         addressing = "path" if settings.endpoint_url else "auto"  # custom endpoints (R2, MinIO...) want paths
-        self._client: Any = boto3.client(
+        self.client: Any = boto3.client(
             "s3",
             endpoint_url=settings.endpoint_url,
             aws_access_key_id=settings.access_key_id,
@@ -88,7 +88,7 @@ class S3Storage:
     def url_for(self, key: str) -> str:
         if self.settings.public_url:
             return f"{self.settings.public_url.rstrip('/')}/{key}"
-        url: str = self._client.generate_presigned_url(
+        url: str = self.client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.settings.bucket, "Key": key},
             ExpiresIn=self.settings.presign_expiry_s,
@@ -97,7 +97,7 @@ class S3Storage:
 
     def upload(self, item: Upload) -> str:
         try:
-            self._client.upload_fileobj(
+            self.client.upload_fileobj(
                 io.BytesIO(item.data),
                 self.settings.bucket,
                 item.key,

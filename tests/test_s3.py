@@ -1,0 +1,204 @@
+"""S3 delivery against a real S3-compatible server (s3rver) on loopback: uploads, presigned URLs fetched
+back byte for byte, key templates, multipart, bad credentials, expiry, a server that dies mid-upload, and
+the worker's delivery modes end to end.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import requests
+from PIL import Image
+
+from comfy_worker.errors import StorageError
+from comfy_worker.settings import Settings, SettingsError
+from comfy_worker.storage import S3Settings, S3Storage, Upload, render_key, sanitize_prefix
+
+from .s3_server import ACCESS_KEY, SECRET_KEY, S3Server, run_s3rver
+from .worker_process import ComfyBackend, serve_api
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    with run_s3rver(tmp_path / "s3") as server:
+        yield server
+
+
+def storage_for(server: S3Server, **changes: object) -> S3Storage:
+    settings = Settings.from_env(server.env()).s3
+    assert settings is not None
+    fields = {**settings.__dict__, **changes}
+    return S3Storage(S3Settings(**fields))  # type: ignore[arg-type]
+
+
+def client_for(server: S3Server) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name="us-east-1",
+    )
+
+
+def listed_keys(server: S3Server) -> dict[str, int]:
+    contents = client_for(server).list_objects_v2(Bucket=server.bucket).get("Contents", [])
+    return {o["Key"]: o["Size"] for o in contents}
+
+
+def test_upload_and_fetch_back_through_presigned_urls(s3: S3Server) -> None:
+    storage = storage_for(s3)
+    items = [Upload(f"job-1/out_{i}.png", os.urandom(1000 + i), "image/png") for i in range(3)]
+    urls = storage.upload_many(items)
+    for item, url in zip(items, urls, strict=True):
+        assert "X-Amz-Signature=" in url and url.startswith(s3.endpoint_url)
+        response = requests.get(url, timeout=10)
+        assert response.status_code == 200
+        assert response.content == item.data
+        assert response.headers["Content-Type"] == "image/png"
+
+
+def test_key_templates_and_prefixes(s3: S3Server) -> None:
+    assert sanitize_prefix("../../etc//x y/./z") == "etc/x-y/z"
+    assert render_key("{job_id}/{node_id}_{filename}", "team a/..", job_id="j1", filename="a.png", node_id="9") == (
+        "team-a/j1/9_a.png"
+    )
+    storage = storage_for(s3, public_url="https://cdn.example.test/outputs")
+    [url] = storage.upload_many([Upload("k/plain.txt", b"hi", "text/plain")])
+    assert url == "https://cdn.example.test/outputs/k/plain.txt"
+    assert listed_keys(s3) == {"k/plain.txt": 2}
+
+
+def test_large_file_goes_multipart(s3: S3Server) -> None:
+    data = os.urandom(100 * 1024 * 1024)
+    storage = storage_for(s3)
+    parts: list[int] = []
+    storage.client.meta.events.register("before-call.s3.UploadPart", lambda **kwargs: parts.append(1))
+    [url] = storage.upload_many([Upload("big/blob.bin", data, "application/octet-stream")])
+    assert listed_keys(s3)["big/blob.bin"] == len(data)
+    assert len(parts) == 7, "100 MB in 16 MB parts"
+    fetched = requests.get(url, timeout=60).content
+    assert hashlib.sha256(fetched).digest() == hashlib.sha256(data).digest()
+
+
+def test_wrong_credentials_are_a_storage_error(s3: S3Server) -> None:
+    # s3rver checks the access key id (it does not verify SigV4 signatures themselves)
+    storage = storage_for(s3, access_key_id="NOT-A-KEY", secret_access_key="not-the-secret")
+    with pytest.raises(StorageError) as info:
+        storage.upload_many([Upload("x.png", b"x", "image/png")])
+    assert "InvalidAccessKeyId" in info.value.message
+    assert info.value.details["bucket"] == s3.bucket
+    assert "not-the-secret" not in info.value.message and "not-the-secret" not in json.dumps(info.value.details)
+
+
+def test_presigned_urls_expire(s3: S3Server) -> None:
+    storage = storage_for(s3, presign_expiry_s=1)
+    [url] = storage.upload_many([Upload("short.txt", b"soon gone", "text/plain")])
+    assert requests.get(url, timeout=10).status_code == 200
+    time.sleep(2.2)
+    assert requests.get(url, timeout=10).status_code == 403
+
+
+def test_server_dying_mid_upload_is_a_storage_error(tmp_path: Path) -> None:
+    with run_s3rver(tmp_path / "s3") as server:
+        storage = storage_for(server)
+        threading.Timer(0.3, server.process.kill).start()
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="failed"):
+            storage.upload_many(
+                [Upload(f"dying/{i}.bin", os.urandom(40 * 1024 * 1024), "application/octet-stream") for i in range(3)]
+            )
+        assert time.monotonic() - started < 60
+
+
+def test_s3_settings_from_the_environment() -> None:
+    assert Settings.from_env({}).s3 is None
+    aws = Settings.from_env(
+        {
+            "BUCKET_ENDPOINT_URL": "https://my-bucket.s3.eu-west-1.amazonaws.com",
+            "BUCKET_ACCESS_KEY_ID": "AKIA",
+            "BUCKET_SECRET_ACCESS_KEY": "secret",
+        }
+    ).s3
+    assert aws is not None and (aws.bucket, aws.region, aws.endpoint_url) == ("my-bucket", "eu-west-1", None)
+    assert "secret" not in repr(aws)
+    with pytest.raises(SettingsError, match="BUCKET_SECRET_ACCESS_KEY"):
+        Settings.from_env({"BUCKET_NAME": "b", "BUCKET_ACCESS_KEY_ID": "k"})
+    with pytest.raises(SettingsError, match="BUCKET_NAME is required"):
+        Settings.from_env({"BUCKET_ENDPOINT_URL": "http://127.0.0.1:9000", "BUCKET_ACCESS_KEY_ID": "k"})
+    with pytest.raises(SettingsError, match="unknown field 'date'"):
+        Settings.from_env(
+            {
+                "BUCKET_NAME": "b",
+                "BUCKET_ACCESS_KEY_ID": "k",
+                "BUCKET_SECRET_ACCESS_KEY": "s",
+                "S3_KEY_TEMPLATE": "{date}/{filename}",
+            }
+        )
+    with pytest.raises(SettingsError, match="7 days"):
+        Settings.from_env(
+            {
+                "BUCKET_NAME": "b",
+                "BUCKET_ACCESS_KEY_ID": "k",
+                "BUCKET_SECRET_ACCESS_KEY": "s",
+                "S3_URL_EXPIRY": "999999",
+            }
+        )
+
+
+GRAPH = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": 0x00FF00}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "s3job"}},
+}
+
+
+def test_worker_delivers_through_s3(s3: S3Server, tmp_path: Path) -> None:
+    with serve_api(
+        ComfyBackend.standin(), tmp_path / "w", **s3.env(S3_KEY_TEMPLATE="{job_id}/{node_id}/{filename}")
+    ) as worker:
+        body = worker.runsync({"workflow": GRAPH, "output": {"s3_prefix": "tenant-7", "format": "webp"}})
+        assert body["status"] == "COMPLETED", body
+        images = body["output"]["images"]
+        assert [i["type"] for i in images] == ["s3_url", "s3_url"]
+        for image in images:
+            response = requests.get(image["data"], timeout=10)
+            assert response.status_code == 200 and response.headers["Content-Type"] == "image/webp"
+            with Image.open(io.BytesIO(response.content)) as picture:
+                assert picture.format == "WEBP" and picture.size == (32, 32)
+            assert len(response.content) == image["size_bytes"]
+        keys = listed_keys(s3)
+        assert all(key.startswith(f"tenant-7/{body['id']}/2/s3job_") and key.endswith(".webp") for key in keys), keys
+        forced = worker.runsync({"workflow": GRAPH, "output": {"delivery": "base64"}})
+        assert [i["type"] for i in forced["output"]["images"]] == ["base64", "base64"]
+        assert SECRET_KEY * 2 not in worker.log()
+
+
+def test_failing_bucket_falls_back_to_base64(s3: S3Server, tmp_path: Path) -> None:
+    env = s3.env(BUCKET_ACCESS_KEY_ID="UNKNOWN-KEY", BUCKET_SECRET_ACCESS_KEY="wrong-secret-value")
+    with serve_api(ComfyBackend.standin(), tmp_path / "w", **env) as worker:
+        body = worker.runsync({"workflow": GRAPH})
+    assert body["status"] == "COMPLETED", body
+    output = body["output"]
+    assert [i["type"] for i in output["images"]] == ["base64", "base64"]
+    assert Image.open(io.BytesIO(base64.b64decode(output["images"][0]["data"]))).size == (32, 32)
+    assert any("S3 upload failed, outputs returned as base64" in w for w in output["warnings"])
+    assert "wrong-secret-value" not in json.dumps(body) and "wrong-secret-value" not in worker.log()
+
+
+def test_s3_delivery_without_a_bucket_is_refused(tmp_path: Path) -> None:
+    with serve_api(ComfyBackend.standin(), tmp_path) as worker:
+        body = worker.runsync({"workflow": GRAPH, "output": {"delivery": "s3"}})
+    assert body["status"] == "FAILED"
+    error = json.loads(body["error"])
+    assert error["error_type"] == "validation" and "has no bucket" in error["message"]
