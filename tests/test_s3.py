@@ -10,6 +10,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from comfy_worker.settings import Settings, SettingsError
 from comfy_worker.storage import S3Settings, S3Storage, Upload, render_key, sanitize_prefix
 
 from .s3_server import ACCESS_KEY, SECRET_KEY, S3Server, run_s3rver
-from .worker_process import ComfyBackend, serve_api
+from .worker_process import REPO, ComfyBackend, serve_api
 
 
 @pytest.fixture
@@ -202,3 +204,30 @@ def test_s3_delivery_without_a_bucket_is_refused(tmp_path: Path) -> None:
     assert body["status"] == "FAILED"
     error = json.loads(body["error"])
     assert error["error_type"] == "validation" and "has no bucket" in error["message"]
+
+
+def test_s3_upload_cli(s3: S3Server, tmp_path: Path) -> None:
+    sample = tmp_path / "check.png"
+    sample.write_bytes(b"\x89PNG fake")
+    env = {**os.environ, **s3.env()}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "s3_upload.py"), str(sample), "--key-prefix", "ci"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    key, url = done.stderr.strip().split(" -> ")
+    assert key == "ci/s3-upload-check/check.png"
+    assert requests.get(url, timeout=10).content == b"\x89PNG fake"
+    missing = subprocess.run(
+        [sys.executable, str(REPO / "s3_upload.py"), str(sample)],
+        env={k: v for k, v in env.items() if not k.startswith("BUCKET_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2 and "no bucket configured" in missing.stderr
