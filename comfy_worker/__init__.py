@@ -12,6 +12,7 @@ One module per responsibility:
 - ``comfy_errors``: ComfyUI's error payloads as readable errors (node, input, closest file names).
 - ``outputs``: a ``/history`` entry's files read (and converted) for the result's images, videos, audio...
 - ``delivery`` and ``storage``: outputs as base64 within RunPod's size limit, or uploaded to S3.
+- ``fetch``: input files by URL, behind an SSRF guard.
 - ``cleanup``: each job's uploads and outputs removed once its result is built.
 - ``diagnostics``: what a failed job reports about the worker; ``redact``: secrets kept out of it.
 - ``job``: one job from input to result; ``app``: the entry point that wires it to the runpod SDK.

@@ -37,6 +37,7 @@ from .errors import (
     WorkflowError,
 )
 from .events import DISCONNECTED, RECONNECTED, EventStream, Frame
+from .fetch import Fetcher
 from .redact import Redactor
 from .schema import JobInput, parse_job_input
 from .settings import FREE_MODES, Settings
@@ -142,6 +143,12 @@ class Worker:
         self._node_types: set[str] | None = None
         self.redact = Redactor(settings.secrets)
         self.storage = S3Storage(settings.s3) if settings.s3 is not None else None
+        self.fetcher = Fetcher(
+            settings.input_url_allowlist,
+            int(settings.input_url_max_mb * 1024 * 1024),
+            settings.input_url_timeout_s,
+            self.storage,
+        )
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
             for name, folder in (
@@ -202,9 +209,7 @@ class Worker:
             raise self.startup_error
         await self._check_node_types(graph)
         attempt.lap("prepare_s")
-        for image in job.images:
-            await asyncio.to_thread(self.client.upload_image, image.filename, image.data, image.subfolder)
-            attempt.uploaded.append(image.name)
+        await self._upload_inputs(job, attempt)
         attempt.lap("upload_s")
         prompt_id = attempt.prompt_id = str(uuid.uuid4())
         timeout_s = job.timeout or self.settings.job_timeout_s
@@ -265,6 +270,15 @@ class Worker:
             "job %s: done in %.2fs, %d file(s)", attempt.job_id, result["execution_time_seconds"], len(collected.files)
         )
         return result
+
+    async def _upload_inputs(self, job: JobInput, attempt: _Attempt) -> None:
+        """Upload ``images`` (fetched first when given by URL) into ComfyUI's input folder."""
+        for index, image in enumerate(job.images):
+            data = image.data
+            if image.url is not None:
+                data = await asyncio.to_thread(self.fetcher.fetch, image.url, f"images[{index}].url")
+            await asyncio.to_thread(self.client.upload_image, image.filename, data, image.subfolder)
+            attempt.uploaded.append(image.name)
 
     async def _check_node_types(self, graph: dict[str, Any]) -> None:
         """Refuse every unknown node type in one error, before uploading anything.

@@ -40,7 +40,8 @@ class InputImage(_Model):
     """An image the workflow reads with LoadImage (or any node reading ComfyUI's input folder)."""
 
     name: str = Field(description="Path under ComfyUI's input folder, e.g. 'masks/m.png'.")
-    image: str = Field(description="Base64 bytes, optionally as a data URI.")
+    image: str | None = Field(None, description="Base64 bytes, optionally as a data URI.")
+    url: str | None = Field(None, min_length=1, max_length=4096, description="http(s):// or s3:// to fetch.")
     _data: bytes = PrivateAttr(default=b"")
 
     @field_validator("name")
@@ -65,6 +66,10 @@ class InputImage(_Model):
 
     @model_validator(mode="after")
     def _decode(self) -> InputImage:
+        if (self.image is None) == (self.url is None):
+            raise ValueError(f"image {self.name!r}: give exactly one of 'image' (base64) and 'url'")
+        if self.image is None:
+            return self  # fetched later, off the event loop
         payload = _WHITESPACE.sub("", _DATA_URI.sub("", self.image.strip(), count=1))
         if not payload:
             raise ValueError(f"image {self.name!r}: 'image' is empty")

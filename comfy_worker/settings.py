@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -65,6 +66,17 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return _number(env, name, default, minimum, int)
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in env.get(name, "").replace(" ", "").split(","):
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise SettingsError(f"{name}: {item!r} is not an IP address or CIDR range") from None
+    return tuple(networks)
+
+
 def _path(env: Mapping[str, str], name: str, default: Path | None) -> Path | None:
     raw = env.get(name, "").strip()
     return Path(raw).expanduser() if raw else default
@@ -93,6 +105,9 @@ class Settings:
     free_after_job: str = "none"
     cleanup_job_files: bool = True
     max_result_mb: float = 20.0
+    input_url_allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    input_url_max_mb: float = 100.0
+    input_url_timeout_s: float = 60.0
     s3: S3Settings | None = None
     refresh_min_free_ram_gb: float = 0.0
     refresh_min_free_vram_gb: float = 0.0
@@ -147,6 +162,9 @@ class Settings:
             free_after_job=free_after_job,
             cleanup_job_files=_bool(env, "CLEANUP_JOB_FILES", cls.cleanup_job_files),
             max_result_mb=_float(env, "MAX_RESULT_MB", cls.max_result_mb, minimum=0.1),
+            input_url_allowlist=_networks(env, "INPUT_URL_ALLOWLIST"),
+            input_url_max_mb=_float(env, "INPUT_URL_MAX_MB", cls.input_url_max_mb, minimum=0.001),
+            input_url_timeout_s=_float(env, "INPUT_URL_TIMEOUT", cls.input_url_timeout_s, minimum=1.0),
             s3=s3_from_env(env),
             refresh_min_free_ram_gb=_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
             refresh_min_free_vram_gb=_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),

@@ -77,7 +77,7 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("size-field-out-of-range", good(width=-1, height=8), "validation", "width: Input should be greater than"),
     ("width-without-height", good(width=64), "validation", "width and height must be given together"),
     ("images-not-list", good(images={"name": "a.png"}), "validation", "images: Input should be a valid list"),
-    ("image-without-data", good(images=[{"name": "a.png"}]), "validation", "images[0].image: Field required"),
+    ("image-without-data", good(images=[{"name": "a.png"}]), "validation", "exactly one of 'image' (base64) and 'url'"),
     ("image-traversal", good(images=[{"name": "../../etc/x.png", "image": PNG}]), "validation", "'..' path"),
     ("image-absolute", good(images=[{"name": "/etc/passwd", "image": PNG}]), "validation", "absolute path"),
     ("image-null-byte", good(images=[{"name": "a\x00.png", "image": PNG}]), "validation", "null byte"),

@@ -58,7 +58,11 @@ def test_workflow_as_json_string() -> None:
         ({"workflow": WORKFLOW, "bogus": 1}, "bogus: unknown field; known fields are: workflow, images"),
         ({"workflow": WORKFLOW, "output": {"zip": True}}, "output.zip: unknown field; known fields are: include_temp"),
         ({"workflow": WORKFLOW, "images": {"name": "a.png"}}, "images: Input should be a valid list"),
-        ({"workflow": WORKFLOW, "images": [{"name": "a.png"}]}, "images[0].image: Field required"),
+        ({"workflow": WORKFLOW, "images": [{"name": "a.png"}]}, "give exactly one of 'image' (base64) and 'url'"),
+        (
+            {"workflow": WORKFLOW, "images": [{"name": "a.png", "image": "aGk=", "url": "https://x/a.png"}]},
+            "give exactly one of 'image' (base64) and 'url'",
+        ),
         ({"workflow": WORKFLOW, "images": [{"name": 5, "image": PNG_1PX}]}, "images[0].name: Input should be a valid"),
         ({"workflow": WORKFLOW, "overrides": [{"node_id": "1", "value": 1}]}, "overrides[0].field: Field required"),
         ({"workflow": WORKFLOW, "overrides": [{"node_id": "1", "field": "inputs..x", "value": 1}]}, "dot path"),

@@ -1,0 +1,158 @@
+"""Input files by URL (``images[].url``): http(s) with an SSRF guard, and ``s3://`` with the worker's bucket.
+
+A worker that fetches whatever URL a job names could be made to read internal services: the cloud metadata
+endpoint, ComfyUI itself on 127.0.0.1, anything on the private network. So every address a connection goes
+to (the first one and every redirect's, checked when the socket is opened, after DNS, which also defeats
+DNS rebinding) must be a public one unless INPUT_URL_ALLOWLIST names it. Downloads are capped in size and
+time, and an HTML page (a link to a viewer, not the file) is refused with a hint.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import botocore.exceptions
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util import connection as urllib3_connection
+
+from .errors import InputError
+from .storage import S3Storage
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+REFUSED_TYPES = ("text/html", "application/xhtml+xml")
+
+
+class ForbiddenAddressError(OSError):
+    """A URL resolved to an address the worker may not reach."""
+
+
+def check_address(host: str, port: int, allowlist: tuple[Network, ...]) -> str:
+    """Resolve ``host`` and return an address that is public or allow-listed; raise otherwise."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ForbiddenAddressError(f"cannot resolve {host}: {exc}") from exc
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not (address.is_global or any(address in network for network in allowlist)):
+            raise ForbiddenAddressError(
+                f"{host} resolves to {address}, a private, loopback, link-local or reserved address "
+                "(refused; INPUT_URL_ALLOWLIST can allow it)"
+            )
+    return str(infos[0][4][0])
+
+
+def _guarded(base: type[HTTPConnection], allowlist: tuple[Network, ...]) -> type[HTTPConnection]:
+    class Guarded(base):  # type: ignore[valid-type,misc]
+        def _new_conn(self) -> socket.socket:
+            address = check_address(self._dns_host, self.port, allowlist)
+            return urllib3_connection.create_connection(
+                (address, self.port),
+                self.timeout,
+                source_address=self.source_address,
+                socket_options=self.socket_options,
+            )
+
+    return Guarded
+
+
+def _find_forbidden(exc: BaseException) -> ForbiddenAddressError | None:
+    """The guard's refusal inside urllib3's wrapping (a redirect to a forbidden address)."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, ForbiddenAddressError):
+            return current
+        nested = [getattr(current, "reason", None), current.__cause__, current.__context__, *current.args]
+        seen += [item for item in nested if isinstance(item, BaseException)]
+    return None
+
+
+class Fetcher:
+    def __init__(
+        self, allowlist: tuple[Network, ...], max_bytes: int, timeout_s: float, storage: S3Storage | None
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.storage = storage
+        self.allowlist = allowlist
+        self._pool = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=10, read=timeout_s),
+            retries=urllib3.Retry(total=2, redirect=5, backoff_factor=0.5, raise_on_redirect=True),
+        )
+        http_pool = type(
+            "GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": _guarded(HTTPConnection, allowlist)}
+        )
+        https_pool = type(
+            "GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": _guarded(HTTPSConnection, allowlist)}
+        )
+        self._pool.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+
+    def fetch(self, url: str, field: str) -> bytes:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme == "s3":
+            return self._fetch_s3(url, field)
+        if scheme not in ("http", "https"):
+            raise InputError(f"{field}: only http, https and s3 URLs can be fetched, not {scheme or url!r}.")
+        parts = urlsplit(url)
+        try:  # fail fast on the first address; redirects are checked as their connections open
+            check_address(parts.hostname or "", parts.port or (443 if scheme == "https" else 80), self.allowlist)
+            response = self._pool.request("GET", url, preload_content=False)
+        except ForbiddenAddressError as exc:
+            raise InputError(f"{field}: {url} is refused: {exc}", {"url": url}) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            forbidden = _find_forbidden(exc)
+            reason = forbidden or (exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc)
+            verb = "is refused" if forbidden else "could not be fetched"
+            raise InputError(f"{field}: {url} {verb}: {reason}", {"url": url}) from exc
+        try:
+            return self._read(response, url, field)
+        finally:
+            response.close()  # no keep-alive: a refused body is not drained, and fetches are one-offs
+            response.release_conn()
+
+    def _read(self, response: Any, url: str, field: str) -> bytes:
+        if response.status != 200:
+            raise InputError(
+                f"{field}: {url} answered HTTP {response.status}.", {"url": url, "status": response.status}
+            )
+        content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type in REFUSED_TYPES:
+            raise InputError(
+                f"{field}: {url} is a web page ({content_type}), not a file: use the file's direct download link.",
+                {"url": url, "content_type": content_type},
+            )
+        declared = int(response.headers.get("Content-Length") or 0)
+        if declared > self.max_bytes:
+            raise self._too_large(url, field, declared)
+        chunks, size = [], 0
+        for chunk in response.stream(1024 * 1024):
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise self._too_large(url, field, size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, url: str, field: str, size: int) -> InputError:
+        return InputError(
+            f"{field}: {url} is larger than INPUT_URL_MAX_MB ({self.max_bytes / 1024 / 1024:g} MB).",
+            {"url": url, "bytes": size},
+        )
+
+    def _fetch_s3(self, url: str, field: str) -> bytes:
+        if self.storage is None:
+            raise InputError(f"{field}: s3:// URLs need the worker's bucket settings (BUCKET_NAME and keys).")
+        parts = urlsplit(url)
+        try:
+            head = self.storage.client.head_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+            if head["ContentLength"] > self.max_bytes:
+                raise self._too_large(url, field, head["ContentLength"])
+            body = self.storage.client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
+            data: bytes = body.read()
+            return data
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise InputError(f"{field}: fetching {url} failed: {exc}", {"url": url}) from exc

@@ -1,0 +1,177 @@
+"""Inputs by URL: a real HTTP server on loopback (allowed by INPUT_URL_ALLOWLIST in these tests), the SSRF
+guard refusing every private, loopback, link-local and metadata address (before any connection is made),
+redirects re-checked, size and type limits, s3:// through the worker's bucket, and the worker end to end.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import ipaddress
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from comfy_worker.errors import InputError
+from comfy_worker.fetch import Fetcher, ForbiddenAddressError, check_address
+from comfy_worker.settings import Settings
+from comfy_worker.storage import S3Storage
+
+from .s3_server import run_s3rver
+from .worker_process import ComfyBackend, serve_api
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
+
+
+def png(color: tuple[int, int, int] = (10, 20, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+PNG = png()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def send(self, status: int, body: bytes, content_type: str, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        port = self.server.server_address[1]
+        if self.path == "/cat.png":
+            self.send(200, PNG, "image/png")
+        elif self.path == "/page":
+            self.send(200, b"<html>a viewer</html>", "text/html; charset=utf-8")
+        elif self.path == "/big":
+            self.send(200, b"x" * 3_000_000, "application/octet-stream")
+        elif self.path == "/stream-big":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for _ in range(4):
+                chunk = b"y" * 1_000_000
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/redirect-ok":
+            self.send(302, b"", "text/plain", Location="/cat.png")
+        elif self.path == "/redirect-forbidden":
+            self.send(302, b"", "text/plain", Location=f"http://127.0.0.2:{port}/cat.png")
+        else:
+            self.send(404, b"no", "text/plain")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def fetcher(allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = LOOPBACK) -> Fetcher:
+    return Fetcher(allowlist, max_bytes=2_000_000, timeout_s=10, storage=None)
+
+
+def refused(
+    url: str, expected: str, allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = LOOPBACK
+) -> None:
+    with pytest.raises(InputError) as info:
+        fetcher(allowlist).fetch(url, "images[0].url")
+    assert info.value.message.startswith("images[0].url: ")
+    assert expected in info.value.message, info.value.message
+
+
+def test_fetches_a_file(server: str) -> None:
+    assert fetcher().fetch(f"{server}/cat.png", "f") == PNG
+    assert fetcher().fetch(f"{server}/redirect-ok", "f") == PNG
+
+
+def test_limits_and_types(server: str) -> None:
+    refused(f"{server}/page", "is a web page (text/html), not a file")
+    refused(f"{server}/big", "larger than INPUT_URL_MAX_MB")
+    refused(f"{server}/stream-big", "larger than INPUT_URL_MAX_MB")
+    refused(f"{server}/missing.png", "answered HTTP 404")
+    refused("ftp://127.0.0.1/x.png", "only http, https and s3 URLs")
+    refused("file:///etc/passwd", "only http, https and s3 URLs")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/x.png",
+        "http://localhost:9/x.png",
+        "http://10.0.0.1/x.png",
+        "http://192.168.1.1/x.png",
+        "http://172.16.0.1/x.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:9/x.png",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://0.0.0.0:9/x.png",
+        "http://100.64.0.1/x.png",
+    ],
+)
+def test_ssrf_guard_refuses_internal_addresses(url: str) -> None:
+    refused(url, "refused", allowlist=())
+
+
+def test_redirects_are_checked_again(server: str) -> None:
+    refused(f"{server}/redirect-forbidden", "127.0.0.2, a private, loopback, link-local or reserved address")
+
+
+def test_check_address_allows_public_and_listed() -> None:
+    assert check_address("8.8.8.8", 443, ()) == "8.8.8.8"  # resolution of a literal sends nothing
+    assert check_address("127.0.0.1", 80, LOOPBACK) == "127.0.0.1"
+    with pytest.raises(ForbiddenAddressError):
+        check_address("127.0.0.1", 80, ())
+
+
+def test_s3_urls_use_the_workers_bucket(tmp_path: Path) -> None:
+    with run_s3rver(tmp_path / "s3", bucket="inputs") as s3:
+        settings = Settings.from_env(s3.env())
+        assert settings.s3 is not None
+        storage_fetcher = Fetcher((), 2_000_000, 10, storage=S3Storage(settings.s3))
+        assert storage_fetcher.storage is not None
+        storage_fetcher.storage.client.put_object(Bucket="inputs", Key="in/cat.png", Body=PNG)
+        assert storage_fetcher.fetch("s3://inputs/in/cat.png", "f") == PNG
+        with pytest.raises(InputError, match="failed"):
+            storage_fetcher.fetch("s3://inputs/in/nothing.png", "f")
+    with pytest.raises(InputError, match="need the worker's bucket"):
+        fetcher().fetch("s3://inputs/in/cat.png", "f")
+
+
+GRAPH = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "remote/cat.png"}},
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "fetched"}},
+}
+
+
+def test_worker_loads_an_image_by_url(server: str, tmp_path: Path) -> None:
+    job = {"workflow": GRAPH, "images": [{"name": "remote/cat.png", "url": f"{server}/cat.png"}]}
+    with serve_api(ComfyBackend.standin(), tmp_path / "allowed", INPUT_URL_ALLOWLIST="127.0.0.1/32") as worker:
+        body = worker.runsync(job)
+    assert body["status"] == "COMPLETED", body
+    data = base64.b64decode(body["output"]["images"][0]["data"])
+    assert Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0)) == (245, 235, 225)
+    with serve_api(ComfyBackend.standin(), tmp_path / "guarded") as worker:
+        failed = worker.runsync(job)
+    error = json.loads(failed["error"])
+    assert error["error_type"] == "validation"
+    assert "images[0].url:" in error["message"] and "refused" in error["message"]
