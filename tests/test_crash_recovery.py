@@ -33,6 +33,7 @@ def make_worker(root: Path, backend: ComfyBackend, comfyui_dir: Path | None = No
             "COMFYUI_TEMP_DIR": str(root / "temp"),
             "COMFY_STARTUP_TIMEOUT": str(backend.boot_timeout_s),
             "INTERRUPT_GRACE": "1",
+            "PROGRESS_INTERVAL": "0",
             **extra,
         }
     )
@@ -100,12 +101,13 @@ def kill_mid_job(worker: Worker) -> tuple[dict[str, Any], float]:
     """Run a long job, SIGKILL ComfyUI while node 2 runs; return the result and seconds from kill to result."""
 
     async def scenario() -> tuple[dict[str, Any], float]:
-        task = asyncio.create_task(worker.run("job", {"workflow": long_graph(worker)[0]}, lambda _m: None))
-        deadline = time.monotonic() + 10
-        while not (await asyncio.to_thread(worker.client.queue))["queue_running"]:
-            assert time.monotonic() < deadline, "the job never started running"
+        progress: list[dict[str, Any]] = []
+        task = asyncio.create_task(worker.run("job", {"workflow": long_graph(worker)[0]}, progress.append))
+        deadline = time.monotonic() + 30
+        while not any(message["node_id"] == "2" for message in progress):
+            assert time.monotonic() < deadline, f"node 2 never started: {progress}"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)
         assert worker.supervisor is not None and worker.supervisor.process is not None
         worker.supervisor.process.send_signal(signal.SIGKILL)
         killed = time.monotonic()
