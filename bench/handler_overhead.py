@@ -198,6 +198,8 @@ def main() -> None:
         "COMFYUI_OUTPUT_DIR": str(root / "output"),
         "COMFYUI_TEMP_DIR": str(root / "temp"),
         "LOG_LEVEL": "WARNING",
+        "MAX_RESULT_MB": "100",  # the large job returns 64 MB of base64, over RunPod's default limit
+        "CLEANUP_JOB_FILES": "false",  # the baseline prompts reuse the handler's uploaded noise image
     }
     settings = Settings.from_env(env)
     print(f"ComfyUI: {comfy_dir}  ({settings.comfy_api_url})")
