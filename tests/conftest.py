@@ -3,44 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .worker_process import WORKER_ENV_PREFIXES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TRANSCRIPTS = SHARED / "comfyui" / "transcripts"
 EXAMPLES = REPO / "examples"
 
-# Variables the worker reads; cleared for every test so a developer's shell cannot change results.
-WORKER_ENV = (
-    "COMFY_API_URL",
-    "COMFYUI_DIR",
-    "COMFYUI_PYTHON",
-    "COMFYUI_ARGS",
-    "COMFYUI_INPUT_DIR",
-    "COMFYUI_OUTPUT_DIR",
-    "COMFYUI_TEMP_DIR",
-    "COMFY_STARTUP_TIMEOUT",
-    "JOB_TIMEOUT",
-    "JOB_TIMEOUT_MAX",
-    "INTERRUPT_GRACE",
-    "PROGRESS_INTERVAL",
-    "COMFY_LOG_TAIL_LINES",
-    "LOG_LEVEL",
-    "RUNPOD_WEBHOOK_GET_JOB",
-    "RUNPOD_WEBHOOK_POST_OUTPUT",
-    "RUNPOD_WEBHOOK_POST_STREAM",
-    "RUNPOD_POD_ID",
-    "RUNPOD_AI_API_KEY",
-)
-
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in WORKER_ENV:
-        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith(WORKER_ENV_PREFIXES):
+            monkeypatch.delenv(name, raising=False)
     # The runpod SDK's start-up checks otherwise open a connection to a public DNS server.
     monkeypatch.setenv("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
     monkeypatch.setenv("RUNPOD_SKIP_GPU_CHECK", "true")

@@ -19,41 +19,22 @@ from comfy_worker.app import build_worker
 from comfy_worker.job import Worker
 from comfy_worker.settings import Settings
 
-from .worker_process import STANDIN_DIR, ComfyBackend, backend_params, free_port
+from .worker_process import STANDIN_DIR, ComfyBackend, backend_params, close_worker, free_port, worker_settings
 
 
 def make_worker(root: Path, backend: ComfyBackend, comfyui_dir: Path | None = None, **extra: str) -> Worker:
-    settings = Settings.from_env(
-        {
-            "COMFYUI_DIR": str(comfyui_dir or backend.comfyui_dir),
-            "COMFYUI_PYTHON": backend.python,
-            "COMFY_API_URL": f"http://127.0.0.1:{free_port()}",
-            "COMFYUI_INPUT_DIR": str(root / "input"),
-            "COMFYUI_OUTPUT_DIR": str(root / "output"),
-            "COMFYUI_TEMP_DIR": str(root / "temp"),
-            "COMFY_STARTUP_TIMEOUT": str(backend.boot_timeout_s),
-            "INTERRUPT_GRACE": "1",
-            "PROGRESS_INTERVAL": "0",
-            **extra,
-        }
-    )
-    worker = build_worker(settings)
+    if comfyui_dir is not None:
+        extra["COMFYUI_DIR"] = str(comfyui_dir)
+    worker = build_worker(worker_settings(backend, root, free_port(), INTERRUPT_GRACE="1", **extra))
     assert worker.startup_error is None, worker.startup_error.to_dict()
     return worker
-
-
-def close(worker: Worker) -> None:
-    worker.events.close()
-    worker.client.close()
-    if worker.supervisor is not None:
-        worker.supervisor.stop()
 
 
 @pytest.fixture(params=backend_params())
 def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
     built = make_worker(tmp_path, request.param)
     yield built
-    close(built)
+    close_worker(built)
 
 
 def is_standin(worker: Worker) -> bool:
@@ -176,7 +157,7 @@ def test_comfyui_that_cannot_come_back_asks_for_a_new_worker(tmp_path: Path) -> 
         assert broken.supervisor is not None
         assert broken.supervisor.restarts == 2, "once the attempts are spent, later jobs do not restart again"
     finally:
-        close(broken)
+        close_worker(broken)
 
 
 def test_comfyui_that_stops_answering_is_restarted(worker: Worker) -> None:
@@ -226,4 +207,4 @@ def test_readiness_has_its_own_timeout(tmp_path: Path) -> None:
         assert "loading 300 custom nodes..." in error["details"]["log_tail"]
         assert result["refresh_worker"] is True
     finally:
-        close(failing)
+        close_worker(failing)

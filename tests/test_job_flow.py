@@ -8,7 +8,6 @@ import asyncio
 import base64
 import dataclasses
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,31 +21,11 @@ from comfy_worker.job import Worker
 from comfy_worker.settings import Settings
 
 from .comfy_servers import run_standin
-from .worker_process import STANDIN_DIR, free_port
+from .worker_process import ComfyBackend, close_worker, free_port, worker_settings
 
 
 def settings_for(root: Path, comfy_port: int, **extra: str) -> Settings:
-    return Settings.from_env(
-        {
-            "COMFYUI_DIR": str(STANDIN_DIR),
-            "COMFYUI_PYTHON": sys.executable,
-            "COMFY_API_URL": f"http://127.0.0.1:{comfy_port}",
-            "COMFYUI_INPUT_DIR": str(root / "input"),
-            "COMFYUI_OUTPUT_DIR": str(root / "output"),
-            "COMFYUI_TEMP_DIR": str(root / "temp"),
-            "COMFY_STARTUP_TIMEOUT": "30",
-            "PROGRESS_INTERVAL": "0",
-            "INTERRUPT_GRACE": "5",
-            **extra,
-        }
-    )
-
-
-def close(worker: Worker) -> None:
-    worker.events.close()
-    worker.client.close()
-    if worker.supervisor is not None:
-        worker.supervisor.stop()
+    return worker_settings(ComfyBackend.standin(), root, comfy_port, INTERRUPT_GRACE="5", **extra)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +34,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     built = build_worker(settings_for(tmp_path_factory.mktemp("flow"), free_port(), CLEANUP_JOB_FILES="false"))
     assert built.startup_error is None, built.startup_error.to_dict()
     yield built
-    close(built)
+    close_worker(built)
 
 
 def sleep_graph(seconds: float, prefix: str = "flow", steps: int = 0) -> dict[str, Any]:
@@ -176,7 +155,7 @@ def test_comfyui_that_cannot_start_fails_every_job_with_its_log(tmp_path: Path) 
         # input errors are still reported as such
         assert error_of(run(failing, {"workflow": []}))["error_type"] == "validation"
     finally:
-        close(failing)
+        close_worker(failing)
 
 
 def test_no_comfyui_and_no_folder(tmp_path: Path) -> None:
@@ -187,7 +166,7 @@ def test_no_comfyui_and_no_folder(tmp_path: Path) -> None:
         assert error["error_type"] == "comfyui_unavailable"
         assert "holds no main.py" in error["message"]
     finally:
-        close(failing)
+        close_worker(failing)
 
 
 def test_outputs_come_through_view_when_the_folders_are_unknown(worker: Worker) -> None:
@@ -224,7 +203,7 @@ def test_binary_preview_frames_are_ignored(tmp_path: Path) -> None:
         assert result["status"] == "success", result
         assert [m["step"] for m in progress if "step" in m] == [1, 2, 3]
     finally:
-        close(previewing)
+        close_worker(previewing)
 
 
 def test_temp_outputs_are_found_on_disk(worker: Worker) -> None:
@@ -344,4 +323,4 @@ def test_a_prompt_lost_by_a_comfyui_restarted_elsewhere_fails_clearly(tmp_path: 
             assert error["error_type"] == "comfyui_crashed"
             assert "no longer knows prompt" in error["message"]
         finally:
-            close(attached)
+            close_worker(attached)

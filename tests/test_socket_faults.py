@@ -15,41 +15,19 @@ import pytest
 
 from comfy_worker.app import build_worker
 from comfy_worker.job import Worker
-from comfy_worker.settings import Settings
 
 from .tcp_proxy import tcp_proxy
-from .worker_process import ComfyBackend, backend_params, free_port
+from .worker_process import ComfyBackend, backend_params, close_worker, free_port, worker_settings
 
 
 @pytest.fixture(params=backend_params())
 def comfy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Worker, ComfyBackend]]:
     """A worker that started its ComfyUI; the tests attach second workers to it through the proxy."""
     backend: ComfyBackend = request.param
-    owner = build_worker(settings(backend, tmp_path / "owner", free_port()))
+    owner = build_worker(worker_settings(backend, tmp_path / "owner", free_port()))
     assert owner.startup_error is None
     yield owner, backend
-    close(owner)
-
-
-def settings(backend: ComfyBackend, root: Path, port: int) -> Settings:
-    return Settings.from_env(
-        {
-            "COMFYUI_DIR": str(backend.comfyui_dir),
-            "COMFYUI_PYTHON": backend.python,
-            "COMFY_API_URL": f"http://127.0.0.1:{port}",
-            "COMFYUI_INPUT_DIR": str(root / "input"),
-            "COMFYUI_OUTPUT_DIR": str(root / "output"),
-            "COMFYUI_TEMP_DIR": str(root / "temp"),
-            "COMFY_STARTUP_TIMEOUT": str(backend.boot_timeout_s),
-        }
-    )
-
-
-def close(worker: Worker) -> None:
-    worker.events.close()
-    worker.client.close()
-    if worker.supervisor is not None:
-        worker.supervisor.stop()
+    close_worker(owner)
 
 
 def long_job(backend: ComfyBackend, prefix: str) -> dict[str, Any]:
@@ -77,7 +55,7 @@ def run(worker: Worker, job_input: dict[str, Any]) -> dict[str, Any]:
 def test_dropped_websocket_reconnects_and_completes(comfy: tuple[Worker, ComfyBackend], tmp_path: Path) -> None:
     owner, backend = comfy
     with tcp_proxy(owner.settings.comfy_port) as proxy:
-        proxied = build_worker(settings(backend, tmp_path, proxy.port))
+        proxied = build_worker(worker_settings(backend, tmp_path, proxy.port))
         try:
             assert proxied.supervisor is not None and proxied.supervisor.attached
             cut: list[int] = []
@@ -88,7 +66,7 @@ def test_dropped_websocket_reconnects_and_completes(comfy: tuple[Worker, ComfyBa
             assert result["images"]
             assert proxied.events.wait_connected(5), "the worker reconnected"
         finally:
-            close(proxied)
+            close_worker(proxied)
 
 
 def test_completion_seen_through_history_while_the_socket_is_down(
@@ -97,7 +75,7 @@ def test_completion_seen_through_history_while_the_socket_is_down(
     owner, backend = comfy
     hold_s = 5.0 if backend.name == "standin" else 40.0
     with tcp_proxy(owner.settings.comfy_port) as proxy:
-        proxied = build_worker(settings(backend, tmp_path, proxy.port))
+        proxied = build_worker(worker_settings(backend, tmp_path, proxy.port))
         try:
 
             def cut_and_hold() -> None:
@@ -114,4 +92,4 @@ def test_completion_seen_through_history_while_the_socket_is_down(
             assert elapsed < hold_s - 1, f"completion must come from /history, not the reconnect ({elapsed:.1f}s)"
             assert not proxied.events.connected
         finally:
-            close(proxied)
+            close_worker(proxied)

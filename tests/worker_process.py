@@ -21,8 +21,29 @@ from typing import Any
 import pytest
 import requests
 
+from comfy_worker.job import Worker
+from comfy_worker.settings import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 STANDIN_DIR = REPO / "tests" / "standin_comfyui"
+# Every variable the worker reads starts with one of these: none of the developer's may leak into a test.
+WORKER_ENV_PREFIXES = (
+    "COMFY",
+    "RUNPOD_",
+    "JOB_",
+    "BUCKET_",
+    "S3_",
+    "INPUT_URL_",
+    "MAX_RESULT",
+    "CLEANUP_",
+    "WARMUP_",
+    "REFRESH_",
+    "INTERRUPT_",
+    "PROGRESS_",
+    "LOG_LEVEL",
+    "WORKER_PYTHON",
+    "RP_API_",
+)
 
 
 def free_port() -> int:
@@ -101,7 +122,7 @@ class WorkerProcess:
 
 def worker_env(backend: ComfyBackend, root: Path, comfy_port: int, **extra: str) -> dict[str, str]:
     """The environment a test worker runs with: only loopback, folders under ``root``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMFY", "RUNPOD_", "JOB_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(WORKER_ENV_PREFIXES)}
     env |= {
         "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
         "RUNPOD_SKIP_GPU_CHECK": "true",
@@ -116,6 +137,19 @@ def worker_env(backend: ComfyBackend, root: Path, comfy_port: int, **extra: str)
         "LOG_LEVEL": "INFO",
     }
     return env | extra
+
+
+def worker_settings(backend: ComfyBackend, root: Path, comfy_port: int, **extra: str) -> Settings:
+    """Settings for an in-process ``Worker`` (``app.build_worker``), from the same environment."""
+    return Settings.from_env(worker_env(backend, root, comfy_port, **extra))
+
+
+def close_worker(worker: Worker) -> None:
+    """Stop an in-process worker: its WebSocket reader, HTTP session and the ComfyUI it started."""
+    worker.events.close()
+    worker.client.close()
+    if worker.supervisor is not None:
+        worker.supervisor.stop()
 
 
 def stop(process: subprocess.Popen[bytes], grace_s: float = 15) -> None:
