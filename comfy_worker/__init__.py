@@ -2,6 +2,7 @@
 
 One module per responsibility:
 
+- ``config``: the config.yml schema (what to install), its JSON Schema export and resolution order.
 - ``settings``: every environment variable the worker reads, parsed once into a frozen object.
 - ``errors``: the one error tree; each error knows its ``error_type`` and turns into the job's result.
 - ``schema``: the job input (``event["input"]``), validated with pydantic.
