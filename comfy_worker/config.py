@@ -27,6 +27,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from .schema import field_path
+
 # ComfyUI's model folders (folder_paths), plus the ones popular custom nodes add.
 MODEL_FOLDERS = (
     "checkpoints",
@@ -135,13 +137,6 @@ class Config(_Model):
     models: list[ModelConfig] = Field(default_factory=list)
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
 def parse(text: str, source: str = "config.yml") -> Config:
     """Parse and validate config text; raise ConfigError naming every problem."""
     try:
@@ -154,7 +149,7 @@ def parse(text: str, source: str = "config.yml") -> Config:
         return Config.model_validate(data)
     except PydanticValidationError as exc:
         problems = [
-            f"{_location(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+            f"{field_path(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
             for error in exc.errors(include_url=False)
         ]
         raise ConfigError(f"{source} is invalid: " + "; ".join(problems)) from None

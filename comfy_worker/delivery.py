@@ -69,10 +69,11 @@ def deliver(
     try:
         urls = storage.upload_many(uploads)
     except StorageError as exc:
-        if base64_bytes(payloads) > max_result_bytes:
+        total = base64_bytes(payloads)
+        if total > max_result_bytes:
             raise StorageError(
                 f"{exc.message}; the outputs are too large to return as base64 instead "
-                f"({base64_bytes(payloads) / MB:.1f} MB, MAX_RESULT_MB={max_result_bytes / MB:g}).",
+                f"({total / MB:.1f} MB, MAX_RESULT_MB={max_result_bytes / MB:g}).",
                 exc.details | {"outputs": _sizes(payloads)},
             ) from exc
         log.warning("S3 upload failed, returning base64 instead: %s", exc.message)

@@ -182,7 +182,8 @@ class JobInput(_Model):
         return self
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as people write it: ``images[0].name``."""
     text = ""
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
@@ -201,7 +202,7 @@ def parse_job_input(raw: Any, *, timeout_max: float) -> JobInput:
     except PydanticValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
-            field = _location(error["loc"]) or "input"
+            field = field_path(error["loc"]) or "input"
             if error["type"] == "extra_forbidden":
                 message = f"unknown field; known fields are: {', '.join(_known_fields(error['loc']))}"
             else:
