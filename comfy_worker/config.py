@@ -3,22 +3,17 @@
 The schema is the single source of truth: ``config.schema.json`` is exported from it (``python -m
 comfy_worker.config --schema``) so editors validate the file, and errors name the entry and the field
 (``models[3].destination: 'chekpoints' is not a ComfyUI model folder (did you mean 'checkpoints'?)``).
-Resolution order: the ``CONFIG_YML`` env var (base64, detected, or plain YAML), then ``config.yml`` on the
-volume, then the one baked into the image. The installers that act on it come with the provisioning issue.
+Which file is used (``CONFIG_YML``, the volume's, the image's) is ``config_source``'s job; ``provision``
+acts on it.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import difflib
-import hashlib
 import json
 import re
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from .config_source import ConfigError
 from .schema import field_path
 
 # ComfyUI's model folders (folder_paths), plus the ones popular custom nodes add.
@@ -58,10 +54,6 @@ MODEL_FOLDERS = (
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_FILENAME = re.compile(r"^[^/\\\x00]+$")
-
-
-class ConfigError(ValueError):
-    """config.yml is not valid; the message names every bad entry and field."""
 
 
 class _Model(BaseModel):
@@ -153,40 +145,6 @@ def parse(text: str, source: str = "config.yml") -> Config:
             for error in exc.errors(include_url=False)
         ]
         raise ConfigError(f"{source} is invalid: " + "; ".join(problems)) from None
-
-
-@dataclass(frozen=True)
-class ResolvedConfig:
-    text: str
-    source: str
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
-
-
-def _decode_env(value: str) -> str:
-    """CONFIG_YML holds YAML or its base64 (detected: it decodes to UTF-8 text that parses as a mapping)."""
-    compact = "".join(value.split())
-    if compact and ":" not in compact:
-        try:
-            decoded = base64.b64decode(compact, validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            return value
-        if isinstance(yaml.safe_load(decoded), dict):
-            return decoded
-    return value
-
-
-def resolve(env: Mapping[str, str], volume_config: Path, baked_config: Path) -> ResolvedConfig:
-    """The config text to use and where it came from: CONFIG_YML, then the volume's, then the image's."""
-    raw = env.get("CONFIG_YML", "")
-    if raw.strip():
-        return ResolvedConfig(_decode_env(raw), "CONFIG_YML")
-    for path in (volume_config, baked_config):
-        if path.is_file():
-            return ResolvedConfig(path.read_text(encoding="utf-8"), str(path))
-    raise ConfigError(f"no config: CONFIG_YML is unset and neither {volume_config} nor {baked_config} exists")
 
 
 def json_schema() -> dict[str, Any]:

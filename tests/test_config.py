@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_worker.config import ConfigError, json_schema, main, parse, resolve
+from comfy_worker.config import ConfigError, json_schema, main, parse
+from comfy_worker.config_source import resolve
 
 from .conftest import REPO
 
