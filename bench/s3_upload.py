@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from comfy_worker.storage import S3Settings, S3Storage, Upload
+from comfy_worker.settings import S3Settings
+from comfy_worker.storage import S3Storage, Upload
 
 REPO = Path(__file__).resolve().parents[1]
 S3RVER = REPO / ".tools" / "node_modules" / ".bin" / "s3rver"

@@ -16,15 +16,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .comfy_client import ComfyClient
-from .errors import ComfyUnavailableError, WorkerError
-from .events import EventStream
-from .job import Worker
 from .redact import RedactingFilter, Redactor
 from .settings import Settings, SettingsError
 from .supervisor import ComfySupervisor
+
+if TYPE_CHECKING:  # the job machinery is imported after ComfyUI was launched (see main)
+    from .job import Worker
 
 log = logging.getLogger("comfy_worker")
 
@@ -37,11 +36,16 @@ def setup_logging(level: str, redact: Redactor | None = None) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def build_worker(settings: Settings) -> Worker:
+def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) -> Worker:
     """Start or attach to ComfyUI and connect to it; a failure is kept and reported by every job."""
+    from .comfy_client import ComfyClient
+    from .errors import ComfyUnavailableError, WorkerError
+    from .events import EventStream
+    from .job import Worker
+
     client = ComfyClient(settings.comfy_api_url, client_id=f"worker-{uuid.uuid4().hex}")
     events = EventStream(settings.comfy_ws_url, client.client_id)
-    supervisor = ComfySupervisor(settings)
+    supervisor = supervisor or ComfySupervisor(settings)
     try:
         supervisor.start_or_attach(client)
         import runpod  # noqa: F401  - imported while ComfyUI boots: the two overlap
@@ -108,7 +112,9 @@ def main() -> None:
         log.error("Invalid configuration: %s", exc)
         raise SystemExit(2) from exc
     setup_logging(settings.log_level, Redactor(settings.secrets))
-    worker = build_worker(settings)
+    supervisor = ComfySupervisor(settings)
+    supervisor.launch_early()
+    worker = build_worker(settings, supervisor)
     if settings.warmup_workflow is not None and worker.startup_error is None:
         warm_up(worker, settings.warmup_workflow)
     import runpod

@@ -8,6 +8,7 @@ it), and for errors about files the model folders ComfyUI sees with their files.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,20 @@ def input_files(folder: Path) -> list[str]:
     return []
 
 
+def provisioning_problems(status_file: Path | None) -> dict[str, Any] | None:
+    """What start.sh's provisioning could not install (status.json), or None when it all went well."""
+    if status_file is None:
+        return None
+    try:
+        status = json.loads(status_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict) or (status.get("ok") and not status.get("optional_failed")):
+        return None
+    keys = ("ok", "failed", "optional_failed", "config_source", "config_sha256", "finished_at")
+    return {key: status[key] for key in keys if key in status}
+
+
 def is_file_error(error: WorkerError) -> bool:
     """An error about a missing or misnamed model or input file."""
     records = error.details.get("node_errors") or []
@@ -103,11 +118,14 @@ def collect(
     supervisor: ComfySupervisor | None,
     folders: dict[str, Path],
     recovering: bool,
+    provisioning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     diagnostics: dict[str, Any] = {
         "comfyui": comfyui_state(supervisor, recovering, client),
         "system": memory_available() | disk_free(folders),
     }
+    if provisioning is not None:
+        diagnostics["provisioning"] = provisioning
     if supervisor is not None and supervisor.log_tail():
         diagnostics["comfyui_log_tail"] = supervisor.log_tail(LOG_LINES)
     if is_file_error(error):

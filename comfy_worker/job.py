@@ -139,6 +139,7 @@ class Worker:
         self.events = events
         self.supervisor = supervisor
         self.startup_error = startup_error
+        self.provisioning = diagnostics.provisioning_problems(settings.provision_status)
         self._recovery: concurrent.futures.Future[None] | None = None
         self._node_types: set[str] | None = None
         self.redact = Redactor(settings.secrets)
@@ -190,7 +191,13 @@ class Worker:
         if isinstance(error, ComfyCrashedError):
             error.details["comfyui_restarting"] = self._recover_in_background()
         report = await asyncio.to_thread(
-            diagnostics.collect, error, self.client, self.supervisor, self.folders, self._recovering()
+            diagnostics.collect,
+            error,
+            self.client,
+            self.supervisor,
+            self.folders,
+            self._recovering(),
+            self.provisioning,
         )
         result = {"error": self.redact(error.to_json(prompt_id=attempt.prompt_id, diagnostics=report))}
         if error is self.startup_error:
@@ -259,6 +266,9 @@ class Worker:
             )
         if not collected.files and not collected.texts:
             warnings.append("The workflow finished but produced no outputs (is there a SaveImage node?).")
+        if self.provisioning is not None:
+            failed = self.provisioning.get("failed", []) + self.provisioning.get("optional_failed", [])
+            warnings += [f"Provisioning: {item['kind']} {item['name']} failed: {item['error']}" for item in failed]
         result |= {
             "status": "success",
             "prompt_id": prompt_id,

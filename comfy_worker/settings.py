@@ -18,7 +18,22 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from .redact import secrets_from_env
-from .storage import S3Settings
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str
+    access_key_id: str
+    secret_access_key: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    key_template: str = "{job_id}/{filename}"
+    presign_expiry_s: int = 86400
+    public_url: str | None = None
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"S3Settings(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
 
 N = TypeVar("N", int, float)
 # COMFY_FREE_AFTER_JOB -> the body of ComfyUI's POST /free
@@ -93,6 +108,9 @@ class Settings:
     comfyui_input_dir: Path | None = None
     comfyui_output_dir: Path | None = None
     comfyui_temp_dir: Path | None = None
+    comfyui_listen: str | None = None
+    extra_model_paths: Path | None = None
+    provision_status: Path | None = None
     startup_timeout_s: float = 300.0
     job_timeout_s: float = 600.0
     job_timeout_max_s: float = 3600.0
@@ -150,6 +168,9 @@ class Settings:
             comfyui_input_dir=folder("COMFYUI_INPUT_DIR", "input"),
             comfyui_output_dir=folder("COMFYUI_OUTPUT_DIR", "output"),
             comfyui_temp_dir=temp_dir,
+            comfyui_listen=env.get("COMFYUI_LISTEN", "").strip() or None,
+            extra_model_paths=_path(env, "COMFYUI_EXTRA_MODEL_PATHS", None),
+            provision_status=_path(env, "PROVISION_STATUS", None),
             startup_timeout_s=_float(env, "COMFY_STARTUP_TIMEOUT", cls.startup_timeout_s, minimum=1.0),
             job_timeout_s=job_timeout,
             job_timeout_max_s=job_timeout_max,

@@ -21,27 +21,13 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from .errors import StorageError
+from .settings import S3Settings
 
 log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MAX_PARALLEL_UPLOADS = 8
 _SAFE_KEY_PART = re.compile(r"[^A-Za-z0-9._/-]+")
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    bucket: str
-    access_key_id: str
-    secret_access_key: str = ""
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    key_template: str = "{job_id}/{filename}"
-    presign_expiry_s: int = 86400
-    public_url: str | None = None
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"S3Settings(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r}, region={self.region!r})"
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import requests
 from PIL import Image
 
 from comfy_worker.errors import StorageError
-from comfy_worker.settings import Settings, SettingsError
-from comfy_worker.storage import S3Settings, S3Storage, Upload, render_key, sanitize_prefix
+from comfy_worker.settings import S3Settings, Settings, SettingsError
+from comfy_worker.storage import S3Storage, Upload, render_key, sanitize_prefix
 
 from .s3_server import ACCESS_KEY, SECRET_KEY, S3Server, run_s3rver
 from .worker_process import REPO, ComfyBackend, serve_api

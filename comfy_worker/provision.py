@@ -1,0 +1,354 @@
+"""Provisioning: make the volume match config.yml (ComfyUI, custom nodes, models), only when it changed.
+
+``python -m comfy_worker.provision`` is what start.sh runs before the worker. The gate comes first and uses
+only the standard library, so an unchanged config costs milliseconds: the SHA-256 of the resolved config is
+stored on the volume only after a provisioning run succeeded, and the Python environment's own marker
+(``pyenv``) must list every requirement set the config needs, because that environment lives in the image,
+not on the volume. When the gate fails, each item is compared with its recorded state and only what
+changed is re-done.
+
+Several workers may share a volume and start together: the git and pip work runs under one lock on the
+volume (the later ones then find it done), models under one lock per file (``downloads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import pyenv
+from .config_source import ConfigError, ResolvedConfig, resolve
+from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger("comfy_worker.provision")
+LOCK_LOG_INTERVAL_S = 15.0
+
+
+@dataclass
+class State:
+    """What is on the volume, per item; ``provisioned_sha256`` only once everything required succeeded."""
+
+    provisioned_sha256: str | None = None
+    comfyui: dict[str, Any] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    env_keys: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> State:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls()
+        if not isinstance(data, dict):
+            return cls()
+        return cls(
+            provisioned_sha256=data.get("provisioned_sha256"),
+            comfyui=dict(data.get("comfyui") or {}),
+            nodes={str(k): dict(v) for k, v in (data.get("nodes") or {}).items()},
+            env_keys=[str(key) for key in data.get("env_keys") or []],
+        )
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(self.__dict__, indent=1, sort_keys=True), encoding="utf-8")
+        temporary.replace(path)
+
+
+def state_path(workspace: Workspace) -> Path:
+    return workspace.state_dir / "state.json"
+
+
+def gate(workspace: Workspace, resolved: ResolvedConfig, state: State, force: bool = False) -> str | None:
+    """Why provisioning must run, or None when the volume and the environment already match the config."""
+    if force:
+        return "PROVISION_FORCE is set"
+    if state.provisioned_sha256 is None:
+        return "nothing was provisioned on this volume yet"
+    if state.provisioned_sha256 != resolved.sha256:
+        return f"the config changed ({state.provisioned_sha256[:12]} -> {resolved.sha256[:12]})"
+    if not (workspace.comfyui_dir / "main.py").is_file():
+        return f"ComfyUI is missing from {workspace.comfyui_dir}"
+    missing = set(state.env_keys) - pyenv.read_marker(pyenv.marker_path(workspace.comfyui_python))
+    if missing:
+        return f"this Python environment lacks {len(missing)} requirement set(s) (a new image on this volume?)"
+    return None
+
+
+@contextlib.contextmanager
+def volume_lock(path: Path) -> Iterator[None]:
+    """Hold ``path`` as a lock; while another worker holds it, wait and say so every few seconds."""
+    import filelock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(path))
+    started = time.monotonic()
+    while True:
+        try:
+            lock.acquire(timeout=LOCK_LOG_INTERVAL_S)
+            break
+        except filelock.Timeout:
+            log.info("Waiting for another worker provisioning this volume (%.0fs so far)", time.monotonic() - started)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@dataclass
+class Report:
+    """What a provisioning run did; written to status.json for the worker to report."""
+
+    sha256: str
+    source: str
+    reason: str
+    failed: list[dict[str, str]] = field(default_factory=list)
+    optional_failed: list[dict[str, str]] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def fail(self, kind: str, name: str, error: str, optional: bool = False) -> None:
+        log.error("%s %s failed: %s", kind, name, error)
+        (self.optional_failed if optional else self.failed).append({"kind": kind, "name": name, "error": error})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "config_sha256": self.sha256,
+            "config_source": self.source,
+            "reason": self.reason,
+            "failed": self.failed,
+            "optional_failed": self.optional_failed,
+            "done": self.done,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+
+def install_comfyui(workspace: Workspace, config: Config, state: State, report: Report) -> None:
+    """Clone ComfyUI at the configured version, unless a ComfyUI this worker did not install is there."""
+    from . import gitrepo
+
+    path, repo, version = workspace.comfyui_dir, workspace.comfyui_repo, config.comfyui.version
+    previous = state.comfyui
+    if (path / "main.py").is_file() and not previous:
+        log.info("Using the ComfyUI already at %s (not installed by the worker: its version is left alone)", path)
+        return
+    unchanged = previous.get("repo") == repo and previous.get("version") == version
+    if unchanged and gitrepo.head_commit(path) == previous.get("commit"):
+        return
+    try:
+        resolved = gitrepo.resolve_version(repo, version)
+        commit = gitrepo.checkout(repo, resolved, path)
+    except gitrepo.GitError as exc:
+        report.fail("comfyui", repo, str(exc))
+        return
+    state.comfyui = {"repo": repo, "version": version, "commit": commit}
+    report.done.append(f"ComfyUI: {resolved.description} ({commit[:10]})")
+    log.info("ComfyUI: %s (%s) in %s", resolved.description, commit[:10], path)
+
+
+def install_comfyui_requirements(workspace: Workspace, report: Report) -> str | None:
+    """ComfyUI's own requirements in the environment that runs it; the requirement set's key."""
+    requirements = workspace.comfyui_dir / "requirements.txt"
+    if not requirements.is_file():
+        return None
+    key = pyenv.requirements_key("comfyui", "ComfyUI", [requirements])
+    marker = pyenv.marker_path(workspace.comfyui_python)
+    if key in pyenv.read_marker(marker):
+        return key
+    try:
+        pyenv.pip_install(workspace.comfyui_python, [requirements])
+    except pyenv.InstallError as exc:
+        report.fail("comfyui", "requirements.txt", str(exc))
+        return None
+    pyenv.add_to_marker(marker, [key])
+    report.done.append("ComfyUI requirements")
+    return key
+
+
+def install_custom_nodes(
+    workspace: Workspace, config: Config, state: State, report: Report, concurrency: int
+) -> list[str]:
+    from . import nodes
+
+    results = nodes.install_nodes(
+        config.nodes, workspace.custom_nodes_dir, workspace.comfyui_python, state.nodes, concurrency
+    )
+    for name in nodes.disable_removed(workspace.custom_nodes_dir, state.nodes, config.nodes):
+        state.nodes.pop(name, None)
+        report.done.append(f"node {name}: disabled")
+    for result in results:
+        if result.status == "failed":
+            report.fail("node", result.name, result.error or "failed")
+            continue
+        state.nodes[result.name] = result.state()
+        if result.status == "installed":
+            report.done.append(f"node {result.name}: {result.description}")
+    return [result.requirements_key for result in results if result.requirements_key and result.status != "failed"]
+
+
+def install_models(workspace: Workspace, config: Config, env: Mapping[str, str], report: Report) -> None:
+    if not config.models:
+        return
+    from . import downloads
+
+    results = downloads.download_models(config.models, workspace.models_dir, downloads.DownloadOptions.from_env(env))
+    for result in results:
+        name = f"{result.model.destination}/{result.path.name if result.path else result.model.url}"
+        if result.status == "failed":
+            report.fail("model", name, result.error or "failed", optional=result.model.optional)
+        elif result.status == "downloaded":
+            report.done.append(f"model {name}")
+
+
+def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
+    """Every model folder on the volume, for ComfyUI's --extra-model-paths-config."""
+    from .config import MODEL_FOLDERS
+
+    workspace.models_dir.mkdir(parents=True, exist_ok=True)
+    for model in config.models:
+        (workspace.models_dir / model.destination.split("/")[0]).mkdir(exist_ok=True)
+    present = {path.name for path in workspace.models_dir.iterdir() if path.is_dir() and not path.name.startswith(".")}
+    lines = [
+        "# Written by comfy-worker's provisioning at every run: every model folder on the volume.",
+        "comfy_worker_volume:",
+        f"  base_path: {json.dumps(str(workspace.models_dir))}",
+        *(f"  {name}: {json.dumps(name)}" for name in sorted(present | set(MODEL_FOLDERS))),
+    ]
+    workspace.extra_model_paths.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], reason: str, force: bool) -> Report:
+    """Provision what changed; the config's SHA-256 is stored only when every required item succeeded."""
+    from .config import parse
+
+    report = Report(resolved.sha256, resolved.source, reason)
+    config = parse(resolved.text, resolved.source)
+    concurrency = int(env.get("NODE_INSTALL_CONCURRENCY", "") or 4)
+    with volume_lock(workspace.state_dir / "provision.lock"):
+        state = State.load(state_path(workspace))
+        if gate(workspace, resolved, state, force) is None:
+            log.info("Another worker provisioned this config meanwhile; nothing left to do")
+            return report
+        install_comfyui(workspace, config, state, report)
+        env_keys = []
+        if report.ok:
+            env_keys.append(install_comfyui_requirements(workspace, report))
+            env_keys += install_custom_nodes(workspace, config, state, report, concurrency)
+        state.env_keys = sorted(key for key in env_keys if key)
+        state.save(state_path(workspace))
+    install_models(workspace, config, env, report)
+    write_extra_model_paths(workspace, config)
+    with volume_lock(workspace.state_dir / "provision.lock"):
+        state = State.load(state_path(workspace))
+        state.provisioned_sha256 = resolved.sha256 if report.ok else None
+        state.save(state_path(workspace))
+    return report
+
+
+def write_status(workspace: Workspace, status: dict[str, Any]) -> None:
+    path = Path(workspace.worker_env()["PROVISION_STATUS"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(status, indent=1), encoding="utf-8")
+
+
+def provision(env: Mapping[str, str]) -> int:
+    """Gate, then provision when needed; status.json always says how it went. Exit status 0 = ready."""
+    workspace = Workspace.from_env(env)
+    force = env.get("PROVISION_FORCE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        resolved = resolve(env, workspace.volume_config, workspace.baked_config)
+    except (ConfigError, OSError) as exc:
+        log.error("%s", exc)
+        write_status(workspace, {"ok": False, "failed": [{"kind": "config", "name": "config.yml", "error": str(exc)}]})
+        return 1
+    reason = gate(workspace, resolved, State.load(state_path(workspace)), force)
+    if reason is None:
+        log.info("config.yml unchanged (%s, sha256 %s): nothing to install", resolved.source, resolved.sha256[:12])
+        return 0
+    log.info("Provisioning from %s (sha256 %s) because %s", resolved.source, resolved.sha256[:12], reason)
+    started = time.monotonic()
+    try:
+        report = run(workspace, resolved, env, reason, force)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        write_status(workspace, {"ok": False, "failed": [{"kind": "config", "name": "config.yml", "error": str(exc)}]})
+        return 1
+    except Exception as exc:  # unexpected: still explain it to every job instead of dying silently
+        log.exception("Provisioning failed")
+        error = f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=3).splitlines()[-2].strip()})"
+        write_status(workspace, {"ok": False, "failed": [{"kind": "provisioning", "name": "", "error": error}]})
+        return 1
+    (workspace.state_dir / "config.yml").write_text(resolved.text, encoding="utf-8")
+    write_status(workspace, report.to_json())
+    seconds = time.monotonic() - started
+    if report.ok:
+        log.info("Provisioned in %.1fs: %s", seconds, "; ".join(report.done) or "everything was in place")
+        return 0
+    log.error("Provisioning failed after %.1fs: %d required item(s) failed", seconds, len(report.failed))
+    return 1
+
+
+def dry_run(env: Mapping[str, str]) -> int:
+    """Print what provisioning would do; change nothing."""
+    from . import downloads, gitrepo, nodes
+    from .config import parse
+
+    workspace = Workspace.from_env(env)
+    resolved = resolve(env, workspace.volume_config, workspace.baked_config)
+    config = parse(resolved.text, resolved.source)
+    reason = gate(workspace, resolved, State.load(state_path(workspace)))
+    out = [f"workspace: {workspace.root} ({workspace.mode}); config: {resolved.source} (sha256 {resolved.sha256[:12]})"]
+    out.append(f"gate: {reason or 'unchanged, nothing would be done'}")
+    try:
+        comfy = gitrepo.resolve_version(workspace.comfyui_repo, config.comfyui.version)
+        out.append(f"ComfyUI {workspace.comfyui_repo}: {comfy.description} -> {workspace.comfyui_dir}")
+    except gitrepo.GitError as exc:
+        out.append(f"ComfyUI: FAILS: {exc}")
+    out += [f"node {line}" for line in nodes.plan(config.nodes, workspace.custom_nodes_dir)]
+    options = downloads.DownloadOptions.from_env(env)
+    out += [f"model {item}" for item in downloads.plan(config.models, workspace.models_dir, options)]
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Install config.yml's ComfyUI, custom nodes and models (SHA-gated).")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    parser.add_argument(
+        "--print-env", action="store_true", help="print the worker's paths as KEY=VALUE lines (start.sh reads them)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.dry_run:
+        return dry_run(os.environ)
+    try:
+        return provision(os.environ)
+    finally:
+        if args.print_env:
+            paths = Workspace.from_env(os.environ).worker_env()
+            sys.stdout.write("".join(f"{key}={value}\n" for key, value in paths.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

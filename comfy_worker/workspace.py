@@ -1,0 +1,98 @@
+"""Where the worker runs and where everything it installs lives: the persistent volume's layout.
+
+RunPod serverless mounts a network volume at ``/runpod-volume``; a RunPod pod mounts its volume at
+``/workspace``; a local run uses ``./workspace`` beside ``start.sh`` (docker compose mounts it there). Every
+path can be overridden by env. Kept free of heavy imports: the warm-start gate reads it before anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Mode = Literal["serverless", "pod", "local"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_COMFYUI_REPO = "https://github.com/comfyanonymous/ComfyUI"
+STATE_DIRNAME = ".comfy-worker"
+
+
+def detect_mode(env: Mapping[str, str]) -> Mode:
+    """RunPod sets RUNPOD_WEBHOOK_GET_JOB on serverless workers only; pods (and workers) have RUNPOD_POD_ID."""
+    if env.get("RUNPOD_WEBHOOK_GET_JOB", "").strip():
+        return "serverless"
+    if env.get("RUNPOD_POD_ID", "").strip():
+        return "pod"
+    return "local"
+
+
+def _env_path(env: Mapping[str, str], name: str, default: Path) -> Path:
+    raw = env.get(name, "").strip()
+    return Path(raw).expanduser().absolute() if raw else default
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The paths provisioning writes and the worker reads; see the README's "Where things live"."""
+
+    mode: Mode
+    root: Path
+    comfyui_dir: Path
+    models_dir: Path
+    baked_config: Path
+    comfyui_repo: str
+    comfyui_python: str
+    listen: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], is_dir: Callable[[Path], bool] = Path.is_dir) -> Workspace:
+        mode = detect_mode(env)
+        if env.get("WORKSPACE", "").strip():
+            root = _env_path(env, "WORKSPACE", Path())
+        elif is_dir(Path("/runpod-volume")):
+            root = Path("/runpod-volume")
+        elif mode == "pod" and is_dir(Path("/workspace")):
+            root = Path("/workspace")
+        else:
+            root = REPO_ROOT / "workspace"
+        return cls(
+            mode=mode,
+            root=root,
+            comfyui_dir=_env_path(env, "COMFYUI_DIR", root / "ComfyUI"),
+            models_dir=_env_path(env, "MODELS_DIR", root / "models"),
+            baked_config=_env_path(env, "BAKED_CONFIG", REPO_ROOT / "config.yml"),
+            comfyui_repo=env.get("COMFYUI_REPO", "").strip() or DEFAULT_COMFYUI_REPO,
+            comfyui_python=env.get("COMFYUI_PYTHON", "").strip() or sys.executable,
+            # Serverless: only the handler talks to ComfyUI. Locally and on pods the user opens its UI.
+            listen=env.get("COMFYUI_LISTEN", "").strip() or ("127.0.0.1" if mode == "serverless" else "0.0.0.0"),  # noqa: S104
+        )
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIRNAME
+
+    @property
+    def volume_config(self) -> Path:
+        return self.root / "config.yml"
+
+    @property
+    def custom_nodes_dir(self) -> Path:
+        return self.comfyui_dir / "custom_nodes"
+
+    @property
+    def extra_model_paths(self) -> Path:
+        return self.state_dir / "extra_model_paths.yaml"
+
+    def worker_env(self) -> dict[str, str]:
+        """What start.sh exports for the worker, so it starts this ComfyUI with these folders."""
+        return {
+            "WORKSPACE": str(self.root),
+            "COMFYUI_DIR": str(self.comfyui_dir),
+            "MODELS_DIR": str(self.models_dir),
+            "COMFYUI_PYTHON": self.comfyui_python,
+            "COMFYUI_LISTEN": self.listen,
+            "COMFYUI_EXTRA_MODEL_PATHS": str(self.extra_model_paths),
+            "PROVISION_STATUS": str(self.state_dir / "status.json"),
+        }
