@@ -140,6 +140,9 @@ class Worker:
         self.supervisor = supervisor
         self.startup_error = startup_error
         self.provisioning = diagnostics.provisioning_problems(settings.provision_status)
+        if startup_error is not None and self.provisioning and self.provisioning.get("failed"):
+            first = self.provisioning["failed"][0]
+            startup_error.message += f" Provisioning failed first: {first['kind']} {first['name']}: {first['error']}"
         self._recovery: concurrent.futures.Future[None] | None = None
         self._node_types: set[str] | None = None
         self.redact = Redactor(settings.secrets)

@@ -19,10 +19,15 @@ MODEL_FREE = {
 }
 
 
+def nothing_to_provision(root: Path) -> dict[str, str]:
+    """A volume in ``root`` and a config without nodes or models: start.sh's provisioning has nothing to do."""
+    return {"WORKER_PYTHON": sys.executable, "WORKSPACE": str(root / "volume"), "CONFIG_YML": "nodes: []\n"}
+
+
 def test_local_mode_serves_the_local_api(tmp_path: Path) -> None:
     api_port = free_port()
     env = worker_env(
-        ComfyBackend.standin(), tmp_path, free_port(), WORKER_PYTHON=sys.executable, RP_API_PORT=str(api_port)
+        ComfyBackend.standin(), tmp_path, free_port(), RP_API_PORT=str(api_port), **nothing_to_provision(tmp_path)
     )
     log = tmp_path / "start.log"
     with log.open("wb") as out:
@@ -48,7 +53,7 @@ def test_local_mode_serves_the_local_api(tmp_path: Path) -> None:
 
 
 def test_runpod_mode_takes_jobs(tmp_path: Path) -> None:
-    env = worker_env(ComfyBackend.standin(), tmp_path, free_port(), WORKER_PYTHON=sys.executable)
+    env = worker_env(ComfyBackend.standin(), tmp_path, free_port(), **nothing_to_provision(tmp_path))
     with RunpodPlatform() as platform:
         worker = platform.spawn([str(REPO / "start.sh")], extra_env=env, cwd=tmp_path, log_path=tmp_path / "w.log")
         job = platform.submit({"workflow": MODEL_FREE})

@@ -43,6 +43,16 @@ WORKER_ENV_PREFIXES = (
     "LOG_LEVEL",
     "WORKER_PYTHON",
     "RP_API_",
+    "WORKSPACE",
+    "MODELS_DIR",
+    "CONFIG_YML",
+    "BAKED_CONFIG",
+    "PROVISION_",
+    "NODE_INSTALL_",
+    "JUPYTER_",
+    "HF_",
+    "CIVITAI_",
+    "DOWNLOAD_",
 )
 
 

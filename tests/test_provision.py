@@ -1,0 +1,327 @@
+"""start.sh end to end on a temporary volume: ComfyUI and custom nodes from local git repositories.
+
+ComfyUI is the stand-in server made into a tagged repository (a real ComfyUI checkout when COMFYUI_DIR is
+set); node requirements are wheels made here, so nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from comfy_worker.workspace import Workspace
+
+from .conftest import REPO
+from .git_repos import Repo, make_wheel, node_repo, standin_comfyui_repo
+from .worker_process import WORKER_ENV_PREFIXES, free_port, stop
+
+MODEL_FREE = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "provisioned"}},
+}
+
+
+class Volume:
+    """A volume, the repositories it installs from, and start.sh runs against them."""
+
+    def __init__(self, root: Path, comfyui: Repo, python: str = sys.executable) -> None:
+        self.root = root
+        self.path = root / "volume"
+        self.comfyui = comfyui
+        self.python = python
+        self.baked = root / "baked.yml"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(WORKER_ENV_PREFIXES)}
+        return env | {
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+            "RUNPOD_SKIP_GPU_CHECK": "true",
+            "WORKER_PYTHON": sys.executable,
+            "COMFYUI_PYTHON": self.python,
+            "WORKSPACE": str(self.path),
+            "COMFYUI_REPO": self.comfyui.url,
+            "BAKED_CONFIG": str(self.baked),
+            **extra,
+        }
+
+    def provision(self, config: str | None = None, **extra: str) -> subprocess.CompletedProcess[str]:
+        if config is not None:
+            self.baked.write_text(config)
+        return subprocess.run(
+            [str(REPO / "start.sh"), "provision"],
+            env=self.env(**extra),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    @property
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.path / ".comfy-worker" / "state.json").read_text())
+        return data
+
+    @property
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.path / ".comfy-worker" / "status.json").read_text())
+        return data
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Volume:
+    return Volume(tmp_path, standin_comfyui_repo(tmp_path / "src"))
+
+
+def config_with(*node_urls: str, comfyui: str = "latest") -> str:
+    lines = [f"comfyui:\n  version: {comfyui}\nnodes:"]
+    lines += [f"  - url: {url}" for url in node_urls] or ["  []"]
+    return "\n".join(lines).replace("nodes:\n  []", "nodes: []") + "\n"
+
+
+def test_first_start_provisions_and_the_second_skips(volume: Volume, tmp_path: Path) -> None:
+    node = node_repo(tmp_path / "src", "my-node")
+    first = volume.provision(config_with(node.url))
+    assert first.returncode == 0, first.stderr
+    assert "ComfyUI: latest = tag v0.3.64" in first.stderr and "node my-node: latest = tag v1.0.0" in first.stderr
+    assert (volume.path / "ComfyUI" / "main.py").is_file()
+    assert (volume.path / "ComfyUI" / "custom_nodes" / "my-node" / "__init__.py").is_file()
+    assert volume.state["provisioned_sha256"] == volume.status["config_sha256"]
+    assert volume.status["ok"] is True and volume.status["config_source"] == str(volume.baked)
+    assert (volume.path / ".comfy-worker" / "config.yml").read_text() == volume.baked.read_text()
+
+    # Nothing may even be asked of the repositories when the config did not change.
+    shutil.move(node.path, tmp_path / "moved-node")
+    shutil.move(volume.comfyui.path, tmp_path / "moved-comfyui")
+    second = volume.provision()
+    assert second.returncode == 0, second.stderr
+    assert "config.yml unchanged" in second.stderr and "Provisioning" not in second.stderr
+
+
+def test_an_edited_config_redoes_only_what_changed(volume: Volume, tmp_path: Path) -> None:
+    first_node, second_node = node_repo(tmp_path / "src", "first"), node_repo(tmp_path / "src", "second")
+    assert volume.provision(config_with(first_node.url)).returncode == 0
+    shutil.move(volume.comfyui.path, tmp_path / "moved-comfyui")  # ComfyUI unchanged: never consulted
+    shutil.move(first_node.path, tmp_path / "moved-first")  # the first node unchanged: never consulted
+    edited = volume.provision(config_with(str(tmp_path / "src" / "first"), second_node.url))
+    assert edited.returncode == 0, edited.stderr
+    assert "because the config changed" in edited.stderr
+    assert "node second: latest = tag v1.0.0" in edited.stderr
+    assert "ComfyUI:" not in edited.stderr and "node first" not in edited.stderr
+    assert sorted(volume.state["nodes"]) == ["first", "second"]
+
+    removed = volume.provision(config_with(str(tmp_path / "src" / "first")))
+    assert removed.returncode == 0, removed.stderr
+    assert "node second: disabled" in removed.stderr
+    assert (volume.path / "ComfyUI" / "custom_nodes" / "second.disabled").is_dir()
+
+
+def test_config_yml_env_plain_and_base64_win_over_the_volume_and_the_image(volume: Volume, tmp_path: Path) -> None:
+    node = node_repo(tmp_path / "src", "from-env")
+    volume.baked.write_text(config_with())
+    volume.path.mkdir()
+    (volume.path / "config.yml").write_text("comfyui: {version: does-not-exist}\n")
+    plain = config_with(node.url)
+    done = volume.provision(CONFIG_YML=plain)
+    assert done.returncode == 0, done.stderr
+    assert "Provisioning from CONFIG_YML" in done.stderr and "node from-env" in done.stderr
+    assert (volume.path / ".comfy-worker" / "config.yml").read_text() == plain
+
+    encoded = base64.b64encode(config_with(comfyui="v0.3.64").encode()).decode()
+    done = volume.provision(CONFIG_YML=encoded)
+    assert done.returncode == 0, done.stderr
+    assert "node from-env: disabled" in done.stderr  # the decoded config has no nodes
+    assert volume.status["config_source"] == "CONFIG_YML"
+
+    volume_config = volume.provision()  # without CONFIG_YML: the volume's config.yml, with its bad version
+    assert volume_config.returncode == 1
+    assert "'does-not-exist' is not a tag, branch or commit" in volume.status["failed"][0]["error"]
+
+
+def test_a_failing_required_item_leaves_the_sha_unwritten_and_is_retried(volume: Volume, tmp_path: Path) -> None:
+    good = node_repo(tmp_path / "src", "good")
+    missing = tmp_path / "src" / "late"
+    failed = volume.provision(config_with(good.url, str(missing)))
+    assert failed.returncode == 1
+    assert volume.state["provisioned_sha256"] is None
+    assert volume.status["ok"] is False
+    assert [(f["kind"], f["name"]) for f in volume.status["failed"]] == [("node", "late")]
+    assert "good" in volume.state["nodes"], "what succeeded is recorded, so the retry skips it"
+
+    node_repo(tmp_path / "src", "late")  # the repository appears: the next start retries only that node
+    retried = volume.provision()
+    assert retried.returncode == 0, retried.stderr
+    assert "node late: latest" in retried.stderr and "node good" not in retried.stderr
+    assert volume.state["provisioned_sha256"] == volume.status["config_sha256"]
+
+
+def test_an_invalid_config_is_reported_and_nothing_is_installed(volume: Volume) -> None:
+    done = volume.provision("models:\n  - {url: 'https://example.invalid/a.bin', destination: chekpoints}\n")
+    assert done.returncode == 1
+    assert "models[0].destination: 'chekpoints' is not a ComfyUI model folder" in done.stderr
+    assert volume.status["failed"][0]["kind"] == "config"
+    assert not (volume.path / "ComfyUI").exists()
+
+
+def test_a_new_python_environment_gets_the_requirements_again(volume: Volume, tmp_path: Path) -> None:
+    """A new image on an old volume: the SHA matches, but the image's environment lacks the node's deps."""
+    wheel = make_wheel(tmp_path / "wheels", "tinydep_env")
+    node = node_repo(tmp_path / "src", "needs-dep", extra={"requirements.txt": f"{wheel}\n"})
+    pythons = []
+    for name in ("old-image", "new-image"):
+        venv = tmp_path / name
+        subprocess.run(["uv", "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+        pythons.append(str(venv / "bin" / "python"))
+    volume.python = pythons[0]
+    assert volume.provision(config_with(node.url)).returncode == 0
+    volume.python = pythons[1]
+    again = volume.provision()
+    assert again.returncode == 0, again.stderr
+    assert "this Python environment lacks 2 requirement set(s)" in again.stderr
+    assert "node needs-dep" not in again.stderr, "the checkout on the volume was fine; only the deps were missing"
+    check = subprocess.run([pythons[1], "-c", "import tinydep_env"], capture_output=True, check=False)
+    assert check.returncode == 0, "the node's requirement was not installed into the new environment"
+
+
+def test_a_comfyui_already_there_is_used_as_it_is(volume: Volume, tmp_path: Path) -> None:
+    mine = tmp_path / "my-comfyui"
+    shutil.copytree(volume.comfyui.path, mine, ignore=shutil.ignore_patterns(".git"))
+    done = volume.provision(config_with(comfyui="nightly"), COMFYUI_DIR=str(mine))
+    assert done.returncode == 0, done.stderr
+    assert f"Using the ComfyUI already at {mine}" in done.stderr
+    assert not (mine / ".git").exists()
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(volume: Volume, tmp_path: Path) -> None:
+    node = node_repo(tmp_path / "src", "planned")
+    volume.baked.write_text(config_with(node.url))
+    done = subprocess.run(
+        [sys.executable, "-m", "comfy_worker.provision", "--dry-run"],
+        env=volume.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "gate: nothing was provisioned on this volume yet" in done.stdout
+    assert "ComfyUI " in done.stdout and "latest = tag v0.3.64" in done.stdout
+    assert "node planned: latest = tag v1.0.0" in done.stdout and ": clone ->" in done.stdout
+    assert not (volume.path / "ComfyUI").exists()
+
+
+def wait_for_job(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, log.read_text()
+        try:
+            body: dict[str, Any] = requests.post(
+                f"{url}/runsync", json={"input": {"workflow": MODEL_FREE}}, timeout=60
+            ).json()
+            return body
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+
+def run_start_sh(volume: Volume, log: Path, **extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    api_port, comfy_port = free_port(), free_port()
+    env = volume.env(RP_API_PORT=str(api_port), COMFY_API_URL=f"http://127.0.0.1:{comfy_port}", **extra)
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(REPO / "start.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{api_port}"
+
+
+def test_start_sh_provisions_then_serves_jobs_on_the_installed_comfyui(volume: Volume, tmp_path: Path) -> None:
+    volume.baked.write_text(config_with(node_repo(tmp_path / "src", "served-node").url))
+    log = tmp_path / "start.log"
+    process, url = run_start_sh(volume, log)
+    try:
+        body = wait_for_job(url, process, log)
+        assert body["status"] == "COMPLETED", body
+        text = log.read_text()
+        assert f"--extra-model-paths-config {volume.path}/.comfy-worker/extra_model_paths.yaml" in text
+        assert f"{volume.path}/ComfyUI/main.py --listen 0.0.0.0" in text, "local mode: ComfyUI's UI reachable"
+    finally:
+        stop(process)
+
+
+def test_a_failed_provisioning_explains_itself_in_every_job(volume: Volume, tmp_path: Path) -> None:
+    volume.baked.write_text(config_with(comfyui="v9.9.9"))
+    log = tmp_path / "start.log"
+    process, url = run_start_sh(volume, log, RUNPOD_WEBHOOK_GET_JOB="")
+    try:
+        body = wait_for_job(url, process, log)
+        assert body["status"] == "FAILED", body
+        error = json.loads(body["error"])
+        assert error["error_type"] == "comfyui_unavailable"
+        failed = error["diagnostics"]["provisioning"]["failed"]
+        assert failed[0]["kind"] == "comfyui" and "'v9.9.9' is not a tag, branch or commit" in failed[0]["error"]
+        assert "Provisioning failed first: comfyui" in error["message"]
+        assert "provisioning failed: the worker starts anyway" in log.read_text()
+    finally:
+        stop(process)
+
+
+def test_jupyter_starts_only_with_a_password_and_never_on_serverless(volume: Volume, tmp_path: Path) -> None:
+    fake = tmp_path / "fake-jupyter"
+    fake.mkdir()
+    record = tmp_path / "jupyter-argv.json"
+    (fake / "jupyter.py").write_text(
+        "import json, sys, time\n"
+        "if '--version' in sys.argv: print('4.4'); sys.exit(0)\n"
+        f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+        "time.sleep(60)\n"
+    )
+    volume.baked.write_text(config_with())
+    for extra, expect_started in (
+        ({}, False),
+        ({"JUPYTER_PASSWORD": "s3cret", "JUPYTER_PORT": "8999"}, True),
+    ):
+        log = tmp_path / "start.log"
+        process, url = run_start_sh(volume, log, PYTHONPATH=str(fake), **extra)
+        try:
+            assert wait_for_job(url, process, log)["status"] == "COMPLETED"
+            deadline = time.monotonic() + 10
+            while expect_started and not record.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert record.exists() == expect_started, log.read_text()
+        finally:
+            stop(process)
+    argv = json.loads(record.read_text())
+    assert argv[:1] == ["lab"] and "--ServerApp.token=s3cret" in argv and "8999" in argv
+
+
+def test_workspace_detection() -> None:
+    def only(*dirs: str) -> Any:
+        return lambda path: str(path) in dirs
+
+    serverless = Workspace.from_env({"RUNPOD_WEBHOOK_GET_JOB": "x", "RUNPOD_POD_ID": "p"}, only("/runpod-volume"))
+    assert (serverless.mode, serverless.root, serverless.listen) == ("serverless", Path("/runpod-volume"), "127.0.0.1")
+    assert serverless.comfyui_dir == Path("/runpod-volume/ComfyUI")
+    assert serverless.models_dir == Path("/runpod-volume/models")
+    pod = Workspace.from_env({"RUNPOD_POD_ID": "p"}, only("/workspace"))
+    assert (pod.mode, pod.root, pod.listen) == ("pod", Path("/workspace"), "0.0.0.0")
+    local = Workspace.from_env({}, only())
+    assert (local.mode, local.root) == ("local", REPO / "workspace")
+    assert Workspace.from_env({}, only("/workspace")).root == REPO / "workspace", "/workspace only on a pod"
+    custom = Workspace.from_env(
+        {"WORKSPACE": "/data", "MODELS_DIR": "/models", "COMFYUI_DIR": "/opt/ComfyUI", "COMFYUI_LISTEN": "::"},
+        only("/runpod-volume"),
+    )
+    assert (custom.root, custom.models_dir, custom.comfyui_dir, custom.listen) == (
+        Path("/data"),
+        Path("/models"),
+        Path("/opt/ComfyUI"),
+        "::",
+    )
+    assert custom.state_dir == Path("/data/.comfy-worker")
