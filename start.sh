@@ -84,6 +84,7 @@ run_worker() {
   "$python" "${args[@]}" &
   worker="$!"
   CHILD_PIDS+=("$worker")
+  printf '%s\n' "$worker" >"${WORKER_PID_FILE:-/tmp/comfy-worker.pid}" # apply_config.sh signals it
   trap 'stop_children TERM' TERM
   trap 'stop_children INT' INT
   wait "$worker" || status=$?

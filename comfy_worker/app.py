@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -119,6 +120,7 @@ def main() -> None:
         warm_up(worker, settings.warmup_workflow)
     import runpod
 
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: worker.request_restart())
     try:
         runpod.serverless.start({"handler": make_handler(worker)})
     finally:

@@ -145,6 +145,8 @@ class Worker:
             startup_error.message += f" Provisioning failed first: {first['kind']} {first['name']}: {first['error']}"
         self._recovery: concurrent.futures.Future[None] | None = None
         self._node_types: set[str] | None = None
+        self._active_jobs = 0
+        self._restart_pending = False
         self.redact = Redactor(settings.secrets)
         self.storage = S3Storage(settings.s3) if settings.s3 is not None else None
         self.fetcher = Fetcher(
@@ -166,6 +168,7 @@ class Worker:
     async def run(self, job_id: str, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
         attempt = _Attempt(job_id, started=time.monotonic(), folder=cleanup.job_folder(str(uuid.uuid4())))
+        self._active_jobs += 1
         try:
             result = await self._execute(attempt, raw_input, progress)
             return result | await asyncio.to_thread(self._after_job)
@@ -184,10 +187,31 @@ class Worker:
             )
             return await self._error_result(error, attempt)
         finally:
+            self._active_jobs -= 1
+            if self._restart_pending and not self._active_jobs:
+                self._restart_now()
             if self.settings.cleanup_job_files:
                 await asyncio.to_thread(
                     cleanup.remove_job_files, self.folders, attempt.folder, attempt.uploaded, attempt.temp_files
                 )
+
+    def request_restart(self) -> None:
+        """Restart ComfyUI so it loads changed custom nodes (apply_config.sh); a running job finishes first.
+
+        Called from the SIGHUP handler, which runs on the same (main) thread as the job loop.
+        """
+        if self._active_jobs:
+            log.info("ComfyUI restart requested: it happens once the running job is done")
+            self._restart_pending = True
+        else:
+            self._restart_now()
+
+    def _restart_now(self) -> None:
+        self._restart_pending = False
+        if self._recover_in_background():
+            log.info("Restarting ComfyUI to load the changed custom nodes")
+        else:
+            log.warning("ComfyUI restart requested, but this worker did not start ComfyUI: restart it yourself")
 
     async def _error_result(self, error: WorkerError, attempt: _Attempt) -> dict[str, Any]:
         """The failed job's result: the error as JSON text with diagnostics, secrets masked."""

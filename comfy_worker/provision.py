@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comfy_worker.provision")
 LOCK_LOG_INTERVAL_S = 15.0
+DEFAULT_PID_FILE = "/tmp/comfy-worker.pid"  # noqa: S108 - per container, where apply_config.sh runs too
 
 
 @dataclass
@@ -123,6 +125,14 @@ class Report:
     def ok(self) -> bool:
         return not self.failed
 
+    @property
+    def comfyui_changed(self) -> bool:
+        """ComfyUI, a custom node or their requirements changed: a running ComfyUI must restart to see it.
+
+        New models need no restart: ComfyUI re-lists model folders when they change.
+        """
+        return any(not item.startswith("model ") for item in self.done)
+
     def fail(self, kind: str, name: str, error: str, optional: bool = False) -> None:
         log.error("%s %s failed: %s", kind, name, error)
         (self.optional_failed if optional else self.failed).append({"kind": kind, "name": name, "error": error})
@@ -136,6 +146,7 @@ class Report:
             "failed": self.failed,
             "optional_failed": self.optional_failed,
             "done": self.done,
+            "comfyui_changed": self.comfyui_changed,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -268,8 +279,11 @@ def write_status(workspace: Workspace, status: dict[str, Any]) -> None:
     path.write_text(json.dumps(status, indent=1), encoding="utf-8")
 
 
-def provision(env: Mapping[str, str]) -> int:
-    """Gate, then provision when needed; status.json always says how it went. Exit status 0 = ready."""
+def provision(env: Mapping[str, str]) -> tuple[int, Report | None]:
+    """Gate, then provision when needed; status.json says how it went. Exit status 0 = ready.
+
+    The report is None when nothing was done (the gate passed, or the config could not be read).
+    """
     workspace = Workspace.from_env(env)
     force = env.get("PROVISION_FORCE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
@@ -277,11 +291,11 @@ def provision(env: Mapping[str, str]) -> int:
     except (ConfigError, OSError) as exc:
         log.error("%s", exc)
         write_status(workspace, {"ok": False, "failed": [{"kind": "config", "name": "config.yml", "error": str(exc)}]})
-        return 1
+        return 1, None
     reason = gate(workspace, resolved, State.load(state_path(workspace)), force)
     if reason is None:
         log.info("config.yml unchanged (%s, sha256 %s): nothing to install", resolved.source, resolved.sha256[:12])
-        return 0
+        return 0, None
     log.info("Provisioning from %s (sha256 %s) because %s", resolved.source, resolved.sha256[:12], reason)
     started = time.monotonic()
     try:
@@ -289,20 +303,20 @@ def provision(env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         write_status(workspace, {"ok": False, "failed": [{"kind": "config", "name": "config.yml", "error": str(exc)}]})
-        return 1
+        return 1, None
     except Exception as exc:  # unexpected: still explain it to every job instead of dying silently
         log.exception("Provisioning failed")
         error = f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=3).splitlines()[-2].strip()})"
         write_status(workspace, {"ok": False, "failed": [{"kind": "provisioning", "name": "", "error": error}]})
-        return 1
+        return 1, None
     (workspace.state_dir / "config.yml").write_text(resolved.text, encoding="utf-8")
     write_status(workspace, report.to_json())
     seconds = time.monotonic() - started
     if report.ok:
         log.info("Provisioned in %.1fs: %s", seconds, "; ".join(report.done) or "everything was in place")
-        return 0
+        return 0, report
     log.error("Provisioning failed after %.1fs: %d required item(s) failed", seconds, len(report.failed))
-    return 1
+    return 1, report
 
 
 def dry_run(env: Mapping[str, str]) -> int:
@@ -328,11 +342,31 @@ def dry_run(env: Mapping[str, str]) -> int:
     return 0
 
 
+def ask_worker_to_restart(env: Mapping[str, str], report: Report | None) -> None:
+    """SIGHUP the running worker when ComfyUI must restart to load changed nodes; it waits for its job."""
+    if report is None or not report.comfyui_changed:
+        log.info("No custom node changed: ComfyUI keeps running (new models are picked up without a restart)")
+        return
+    pid_file = Path(env.get("WORKER_PID_FILE", "").strip() or DEFAULT_PID_FILE)
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        log.error("Could not ask the worker to restart ComfyUI (%s: %s): restart the worker", pid_file, exc)
+        return
+    log.info("Asked the worker (pid %d) to restart ComfyUI; it does so once its running job is done", pid)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Install config.yml's ComfyUI, custom nodes and models (SHA-gated).")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     parser.add_argument(
         "--print-env", action="store_true", help="print the worker's paths as KEY=VALUE lines (start.sh reads them)"
+    )
+    parser.add_argument(
+        "--apply",
+        action="store_true",
+        help="then ask the running worker (WORKER_PID_FILE) to restart ComfyUI if nodes changed (apply_config.sh)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -343,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(os.environ)
     try:
-        return provision(os.environ)
+        status, report = provision(os.environ)
+        if args.apply:
+            ask_worker_to_restart(os.environ, report)
+        return status
     finally:
         if args.print_env:
             paths = Workspace.from_env(os.environ).worker_env()

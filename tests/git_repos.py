@@ -94,3 +94,52 @@ def make_wheel(folder: Path, name: str, version: str = "1.0") -> Path:
             wheel.writestr(file, text)
         wheel.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
     return path
+
+
+def real_comfyui_repo(root: Path, checkout: Path) -> Repo:
+    """A real ComfyUI checkout's files as a tagged repository, without its models, outputs or nodes.
+
+    Copied from the working tree rather than cloned: a checkout may lack blobs (a fetched snapshot leaves its
+    largest files out) and would fail to clone. ``torchaudio`` is dropped from its requirements: the test
+    environment's CPU torch has no matching torchaudio on the package index, and the image ships all three.
+    """
+    repo = Repo(root / "ComfyUI")
+    top_level = {".git", "models", "output", "input", "temp", "user", "custom_nodes"}
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        dropped = {name for name in names if name == "__pycache__" or name.endswith(".pyc")}
+        return dropped | (top_level & set(names) if Path(folder) == checkout else set())
+
+    shutil.copytree(checkout, repo.path, dirs_exist_ok=True, ignore=skip)
+    (repo.path / "custom_nodes").mkdir()
+    (repo.path / "custom_nodes" / "README.md").write_text("custom nodes go here\n")
+    (repo.path / "models" / "checkpoints").mkdir(parents=True)
+    (repo.path / "models" / "checkpoints" / "put_checkpoints_here").write_text("")
+    requirements = repo.path / "requirements.txt"
+    kept = [line for line in requirements.read_text().splitlines() if not line.startswith("torchaudio")]
+    requirements.write_text("\n".join(kept) + "\n")
+    repo.commit({}, "ComfyUI")
+    repo.tag("v0.3.64")
+    return repo
+
+
+def output_node_repo(root: Path, class_name: str) -> Repo:
+    """A custom node with one output node, ``class_name``, that returns ``<class_name>=<value>`` as text."""
+    source = f'''
+class {class_name}:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"value": ("INT", {{"default": 1}})}}}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "tests"
+
+    def run(self, value):
+        return {{"ui": {{"text": ["{class_name}=" + str(value)]}}}}
+
+
+NODE_CLASS_MAPPINGS = {{"{class_name}": {class_name}}}
+'''
+    return node_repo(root, class_name.lower(), extra={"__init__.py": source})

@@ -22,8 +22,8 @@ import requests
 from comfy_worker.workspace import Workspace
 
 from .conftest import REPO
-from .git_repos import Repo, make_wheel, node_repo, standin_comfyui_repo
-from .worker_process import WORKER_ENV_PREFIXES, free_port, stop
+from .git_repos import Repo, make_wheel, node_repo, output_node_repo, real_comfyui_repo, standin_comfyui_repo
+from .worker_process import WORKER_ENV_PREFIXES, ComfyBackend, backend_params, free_port, stop
 
 MODEL_FREE = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -325,3 +325,64 @@ def test_workspace_detection() -> None:
         "::",
     )
     assert custom.state_dir == Path("/data/.comfy-worker")
+
+
+def comfyui_repo_for(backend: ComfyBackend, root: Path) -> Repo:
+    return standin_comfyui_repo(root) if backend.name == "standin" else real_comfyui_repo(root, backend.comfyui_dir)
+
+
+def run_job(url: str, workflow: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = requests.post(f"{url}/runsync", json={"input": {"workflow": workflow}}, timeout=120).json()
+    return body
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_apply_config_restarts_comfyui_only_when_nodes_changed(backend: ComfyBackend, tmp_path: Path) -> None:
+    """Provisioned nodes load in ComfyUI; apply_config.sh adds one to the running worker, which restarts ComfyUI.
+
+    The stand-in does not load custom nodes, so with it the restart itself is what is checked.
+    """
+    volume = Volume(tmp_path, comfyui_repo_for(backend, tmp_path / "src"), backend.python)
+    first, second = (
+        output_node_repo(tmp_path / "src", "ProvisionedA"),
+        output_node_repo(tmp_path / "src", "ProvisionedB"),
+    )
+    volume.baked.write_text(config_with(first.url))
+    pid_file = tmp_path / "worker.pid"
+    extra = {"WORKER_PID_FILE": str(pid_file), "COMFY_STARTUP_TIMEOUT": str(backend.boot_timeout_s)}
+    log = tmp_path / "start.log"
+    process, url = run_start_sh(volume, log, **extra)
+    real = backend.name == "real"
+    uses = {"1": {"class_type": "ProvisionedA", "inputs": {"value": 5}}} if real else MODEL_FREE
+    try:
+        body = wait_for_job(url, process, log, timeout_s=backend.boot_timeout_s + 120)
+        assert body["status"] == "COMPLETED", body
+        if real:
+            body = run_job(url, uses)
+            assert body["output"]["text"] == [{"node_id": "1", "text": "ProvisionedA=5"}], body
+
+        volume.baked.write_text(config_with(first.url) + "# a comment changes the SHA, not what is installed\n")
+        unchanged = subprocess.run(
+            [str(REPO / "apply_config.sh")], env=volume.env(**extra), capture_output=True, text=True, check=False
+        )
+        assert unchanged.returncode == 0, unchanged.stderr
+        assert "No custom node changed: ComfyUI keeps running" in unchanged.stderr
+
+        volume.baked.write_text(config_with(first.url, second.url))
+        applied = subprocess.run(
+            [str(REPO / "apply_config.sh")], env=volume.env(**extra), capture_output=True, text=True, check=False
+        )
+        assert applied.returncode == 0, applied.stderr
+        assert f"Asked the worker (pid {pid_file.read_text().strip()}) to restart ComfyUI" in applied.stderr
+        deadline = time.monotonic() + backend.boot_timeout_s + 30
+        while "ComfyUI restarted and ready" not in log.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert log.read_text().count("Restarting ComfyUI to load the changed custom nodes") == 1
+        if real:
+            body = run_job(url, {"1": {"class_type": "ProvisionedB", "inputs": {"value": 7}}})
+            assert body["output"]["text"] == [{"node_id": "1", "text": "ProvisionedB=7"}], body
+        else:
+            assert run_job(url, MODEL_FREE)["status"] == "COMPLETED"
+    finally:
+        stop(process)
