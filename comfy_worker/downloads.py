@@ -41,7 +41,7 @@ import requests
 from filelock import BaseFileLock, FileLock, SoftFileLock, Timeout
 from huggingface_hub import get_hf_file_metadata, hf_hub_url, parse_hf_uri
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # lazily exported
 from tqdm import tqdm
 
 from .config import ModelConfig
