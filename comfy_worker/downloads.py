@@ -495,6 +495,7 @@ def _check_space(folder: Path, part: Path, size: int | None, name: str) -> None:
 
 def _verify(part: Path, remote: Remote, expected: str | None) -> str | None:
     """Check the finished part's size and sha256; a mismatch deletes it (a retry starts clean)."""
+    part.with_name(part.name + ".json").unlink(missing_ok=True)  # complete: nothing left to resume
     size = part.stat().st_size
     if remote.size is not None and size != remote.size:
         part.unlink(missing_ok=True)
@@ -580,7 +581,6 @@ class _Downloader:
             fetched = progress.done - progress.baseline
         digest = _verify(part, remote, expected)
         os.replace(part, target)
-        part.with_name(part.name + ".json").unlink(missing_ok=True)
         elapsed = time.monotonic() - started
         log.info(
             "%s: done, %s in %.1f s (%.1f MB/s)%s",
