@@ -319,7 +319,7 @@ def _check_status(response: requests.Response, remote: Remote, ranged: bool) -> 
         raise HttpStatusError(status, f"HTTP {status} {response.reason or ''}".strip())
 
 
-def _chunks(response: requests.Response) -> Iterator[bytes]:
+def _chunks(response: requests.Response) -> Iterator[bytes | bytearray]:
     """Large writes without waiting for a slow server: gather reads up to WRITE_SIZE or FLUSH_AFTER_S."""
     raw = response.raw
     buffer = bytearray()
@@ -335,14 +335,14 @@ def _chunks(response: requests.Response) -> Iterator[bytes]:
             buffer += data
         now = time.monotonic()
         if buffer and (not data or len(buffer) >= WRITE_SIZE or now - flushed >= FLUSH_AFTER_S):
-            yield bytes(buffer)
-            buffer.clear()
+            yield bytes(buffer) if len(buffer) < WRITE_SIZE else buffer  # big ones: no copy, a new buffer after
+            buffer = bytearray()
             flushed = now
         if not data:
             return
 
 
-def _write(fd: int, data: bytes, offset: int, remote: Remote) -> None:
+def _write(fd: int, data: bytes | bytearray, offset: int, remote: Remote) -> None:
     view = memoryview(data)
     try:
         while view:
