@@ -1,0 +1,61 @@
+"""Download config.yml's models onto the volume: ``python download_models.py [--dry-run] [--only-required]``.
+
+The work is in ``comfy_worker.downloads``; this file is the command line (the worker's start-up runs it, and
+users run it to pre-fill a network volume). Exit status 1 when a required model failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from comfy_worker.config import ConfigError, parse
+from comfy_worker.downloads import (
+    DownloadOptions,
+    download_models,
+    failed_required,
+    format_plan,
+    format_results,
+    plan,
+)
+from comfy_worker.redact import RedactingFilter, Redactor, secrets_from_env
+from comfy_worker.settings import SettingsError
+
+
+def _setup_logging(secrets: tuple[str, ...]) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter(Redactor(sorted(set(secrets), key=len, reverse=True))))
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), handlers=[handler])
+    logging.captureWarnings(True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Download the models listed in config.yml.")
+    parser.add_argument("--config", type=Path, default=Path("config.yml"), help="config file (default ./config.yml)")
+    parser.add_argument("--models-dir", type=Path, help="default: $MODELS_DIR or ./workspace/models")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; download nothing")
+    parser.add_argument("--only-required", action="store_true", help="skip models marked optional")
+    args = parser.parse_args(argv)
+    try:
+        options = DownloadOptions.from_env(os.environ)
+        config = parse(args.config.read_text(encoding="utf-8"), str(args.config))
+    except (OSError, ConfigError, SettingsError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    _setup_logging(options.secrets + secrets_from_env(os.environ))
+    models = [m for m in config.models if not (args.only_required and m.optional)]
+    models_dir = args.models_dir or Path(os.environ.get("MODELS_DIR") or "workspace/models")
+    if args.dry_run:
+        sys.stdout.write(format_plan(plan(models, models_dir, options)))
+        return 0
+    results = download_models(models, models_dir, options)
+    sys.stdout.write(format_results(results))
+    return 1 if failed_required(results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
