@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from comfy_worker.config import ConfigError, parse
+from comfy_worker.config import parse
+from comfy_worker.config_source import ConfigError
 from comfy_worker.downloads import (
     DownloadOptions,
     download_models,
@@ -23,6 +24,7 @@ from comfy_worker.downloads import (
 )
 from comfy_worker.redact import RedactingFilter, Redactor, secrets_from_env
 from comfy_worker.settings import SettingsError
+from comfy_worker.workspace import Workspace
 
 
 def _setup_logging(secrets: tuple[str, ...]) -> None:
@@ -35,20 +37,21 @@ def _setup_logging(secrets: tuple[str, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download the models listed in config.yml.")
-    parser.add_argument("--config", type=Path, default=Path("config.yml"), help="config file (default ./config.yml)")
-    parser.add_argument("--models-dir", type=Path, help="default: $MODELS_DIR or ./workspace/models")
+    parser.add_argument("--config", type=Path, help="config file (default: the one start.sh uses, see the README)")
+    parser.add_argument("--models-dir", type=Path, help="default: MODELS_DIR, else the workspace's models/")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; download nothing")
     parser.add_argument("--only-required", action="store_true", help="skip models marked optional")
     args = parser.parse_args(argv)
     try:
         options = DownloadOptions.from_env(os.environ)
-        config = parse(args.config.read_text(encoding="utf-8"), str(args.config))
+        workspace = Workspace.from_env(os.environ)
+        config = parse(*workspace.config_text(os.environ, args.config))
     except (OSError, ConfigError, SettingsError) as exc:
         sys.stderr.write(f"{exc}\n")
         return 2
     _setup_logging(options.secrets + secrets_from_env(os.environ))
     models = [m for m in config.models if not (args.only_required and m.optional)]
-    models_dir = args.models_dir or Path(os.environ.get("MODELS_DIR") or "workspace/models")
+    models_dir = args.models_dir or workspace.models_dir
     if args.dry_run:
         sys.stdout.write(format_plan(plan(models, models_dir, options)))
         return 0

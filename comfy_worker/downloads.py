@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .redact import Redactor
-from .settings import SettingsError, _float, _int
+from .settings import SettingsError, env_float, env_int
 from .transfer import HttpStatusError, Remote, RetryableError, TransferError, TransferTuning, fetch
 
 log = logging.getLogger(__name__)
@@ -88,14 +88,14 @@ class DownloadOptions:
         if lock not in ("auto", "flock", "soft"):
             raise SettingsError(f"DOWNLOAD_LOCK={lock!r} is not one of auto, flock, soft")
         return cls(
-            concurrency=_int(env, "DOWNLOAD_CONCURRENCY", cls.concurrency, minimum=1),
-            connections=_int(env, "DOWNLOAD_CONNECTIONS", cls.connections, minimum=1),
-            progress_interval_s=_float(env, "DOWNLOAD_PROGRESS_INTERVAL", cls.progress_interval_s, minimum=0.1),
+            concurrency=env_int(env, "DOWNLOAD_CONCURRENCY", cls.concurrency, minimum=1),
+            connections=env_int(env, "DOWNLOAD_CONNECTIONS", cls.connections, minimum=1),
+            progress_interval_s=env_float(env, "DOWNLOAD_PROGRESS_INTERVAL", cls.progress_interval_s, minimum=0.1),
             hf_token=env.get("HF_TOKEN", "").strip() or None,
             host_tokens=hosts,
             hf_endpoint=(env.get("HF_ENDPOINT", "").strip() or cls.hf_endpoint).rstrip("/"),
-            segment_threshold=int(_float(env, "DOWNLOAD_SEGMENT_MIN_MB", 64.0, minimum=1.0) * MIB),
-            retries=_int(env, "DOWNLOAD_RETRIES", cls.retries),
+            segment_threshold=int(env_float(env, "DOWNLOAD_SEGMENT_MIN_MB", 64.0, minimum=1.0) * MIB),
+            retries=env_int(env, "DOWNLOAD_RETRIES", cls.retries),
             lock=lock,  # type: ignore[arg-type]
         )
 

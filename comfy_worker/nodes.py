@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -195,25 +196,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``install_nodes.py``: install config.yml's custom nodes into a ComfyUI checkout."""
     from .config import parse
     from .config_source import ConfigError
+    from .workspace import Workspace
 
     parser = argparse.ArgumentParser(description="Install config.yml's custom nodes into ComfyUI's custom_nodes.")
-    parser.add_argument("--config", type=Path, default=Path("config.yml"), help="config file (default ./config.yml)")
-    parser.add_argument("--comfyui-dir", type=Path, required=True, help="the ComfyUI checkout")
-    parser.add_argument("--python", default=sys.executable, help="the Python that runs ComfyUI (default: this one)")
+    parser.add_argument("--config", type=Path, help="config file (default: the one start.sh uses, see the README)")
+    parser.add_argument(
+        "--comfyui-dir", type=Path, help="the ComfyUI checkout (default: COMFYUI_DIR or the workspace's)"
+    )
+    parser.add_argument("--python", help="the Python that runs ComfyUI (default: COMFYUI_PYTHON, else this one)")
     parser.add_argument("--concurrency", type=int, default=4, help="nodes checked out at once (default 4)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    workspace = Workspace.from_env(os.environ)
     try:
-        config = parse(args.config.read_text(encoding="utf-8"), str(args.config))
+        config = parse(*workspace.config_text(os.environ, args.config))
     except (OSError, ConfigError) as exc:
         log.error("%s", exc)
         return 2
-    custom_nodes_dir = args.comfyui_dir / "custom_nodes"
+    custom_nodes_dir = (args.comfyui_dir or workspace.comfyui_dir) / "custom_nodes"
     if args.dry_run:
         sys.stdout.write("".join(line + "\n" for line in plan(config.nodes, custom_nodes_dir)))
         return 0
-    results = install_nodes(config.nodes, custom_nodes_dir, args.python, concurrency=args.concurrency)
+    python = args.python or workspace.comfyui_python
+    results = install_nodes(config.nodes, custom_nodes_dir, python, concurrency=args.concurrency)
     for result in results:
         detail = result.error if result.status == "failed" else f"{result.description} {result.commit or ''}"
         sys.stdout.write(f"{result.name}: {result.status}: {detail}\n")

@@ -337,7 +337,7 @@ def dry_run(env: Mapping[str, str]) -> int:
         out.append(f"ComfyUI: FAILS: {exc}")
     out += [f"node {line}" for line in nodes.plan(config.nodes, workspace.custom_nodes_dir)]
     options = downloads.DownloadOptions.from_env(env)
-    out += [f"model {item}" for item in downloads.plan(config.models, workspace.models_dir, options)]
+    out.append(downloads.format_plan(downloads.plan(config.models, workspace.models_dir, options)).rstrip("\n"))
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 

@@ -73,11 +73,11 @@ def _number(env: Mapping[str, str], name: str, default: N, minimum: N, parse: Ca
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     return _number(env, name, default, minimum, float)
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     return _number(env, name, default, minimum, int)
 
 
@@ -153,8 +153,8 @@ class Settings:
         free_after_job = env.get("COMFY_FREE_AFTER_JOB", cls.free_after_job).strip().lower() or cls.free_after_job
         if free_after_job not in FREE_MODES:
             raise SettingsError(f"COMFY_FREE_AFTER_JOB={free_after_job!r} is not one of {', '.join(FREE_MODES)}")
-        job_timeout = _float(env, "JOB_TIMEOUT", cls.job_timeout_s, minimum=1.0)
-        job_timeout_max = _float(env, "JOB_TIMEOUT_MAX", cls.job_timeout_max_s, minimum=1.0)
+        job_timeout = env_float(env, "JOB_TIMEOUT", cls.job_timeout_s, minimum=1.0)
+        job_timeout_max = env_float(env, "JOB_TIMEOUT_MAX", cls.job_timeout_max_s, minimum=1.0)
         if job_timeout > job_timeout_max:
             raise SettingsError(f"JOB_TIMEOUT={job_timeout:g} is above JOB_TIMEOUT_MAX={job_timeout_max:g}")
         level = env.get("LOG_LEVEL", cls.log_level).strip().upper() or cls.log_level
@@ -171,24 +171,24 @@ class Settings:
             comfyui_listen=env.get("COMFYUI_LISTEN", "").strip() or None,
             extra_model_paths=_path(env, "COMFYUI_EXTRA_MODEL_PATHS", None),
             provision_status=_path(env, "PROVISION_STATUS", None),
-            startup_timeout_s=_float(env, "COMFY_STARTUP_TIMEOUT", cls.startup_timeout_s, minimum=1.0),
+            startup_timeout_s=env_float(env, "COMFY_STARTUP_TIMEOUT", cls.startup_timeout_s, minimum=1.0),
             job_timeout_s=job_timeout,
             job_timeout_max_s=job_timeout_max,
-            interrupt_grace_s=_float(env, "INTERRUPT_GRACE", cls.interrupt_grace_s),
-            restart_attempts=_int(env, "COMFY_RESTART_ATTEMPTS", cls.restart_attempts, minimum=1),
-            progress_interval_s=_float(env, "PROGRESS_INTERVAL", cls.progress_interval_s),
-            log_tail_lines=_int(env, "COMFY_LOG_TAIL_LINES", cls.log_tail_lines, minimum=1),
+            interrupt_grace_s=env_float(env, "INTERRUPT_GRACE", cls.interrupt_grace_s),
+            restart_attempts=env_int(env, "COMFY_RESTART_ATTEMPTS", cls.restart_attempts, minimum=1),
+            progress_interval_s=env_float(env, "PROGRESS_INTERVAL", cls.progress_interval_s),
+            log_tail_lines=env_int(env, "COMFY_LOG_TAIL_LINES", cls.log_tail_lines, minimum=1),
             log_level=level,
             warmup_workflow=_path(env, "WARMUP_WORKFLOW", None),
             free_after_job=free_after_job,
             cleanup_job_files=_bool(env, "CLEANUP_JOB_FILES", cls.cleanup_job_files),
-            max_result_mb=_float(env, "MAX_RESULT_MB", cls.max_result_mb, minimum=0.1),
+            max_result_mb=env_float(env, "MAX_RESULT_MB", cls.max_result_mb, minimum=0.1),
             input_url_allowlist=_networks(env, "INPUT_URL_ALLOWLIST"),
-            input_url_max_mb=_float(env, "INPUT_URL_MAX_MB", cls.input_url_max_mb, minimum=0.001),
-            input_url_timeout_s=_float(env, "INPUT_URL_TIMEOUT", cls.input_url_timeout_s, minimum=1.0),
+            input_url_max_mb=env_float(env, "INPUT_URL_MAX_MB", cls.input_url_max_mb, minimum=0.001),
+            input_url_timeout_s=env_float(env, "INPUT_URL_TIMEOUT", cls.input_url_timeout_s, minimum=1.0),
             s3=s3_from_env(env),
-            refresh_min_free_ram_gb=_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
-            refresh_min_free_vram_gb=_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),
+            refresh_min_free_ram_gb=env_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
+            refresh_min_free_vram_gb=env_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),
             secrets=secrets_from_env(env),
         )
 
@@ -246,7 +246,7 @@ def s3_from_env(env: Mapping[str, str]) -> S3Settings | None:
     except (KeyError, IndexError, ValueError) as exc:
         known = ", ".join("{" + name + "}" for name in KEY_FIELDS)
         raise SettingsError(f"S3_KEY_TEMPLATE={template!r} uses an unknown field {exc}; known: {known}") from None
-    expiry = _int(env, "S3_URL_EXPIRY", S3Settings.presign_expiry_s, minimum=1)
+    expiry = env_int(env, "S3_URL_EXPIRY", S3Settings.presign_expiry_s, minimum=1)
     if expiry > MAX_PRESIGN_EXPIRY_S:
         raise SettingsError(f"S3_URL_EXPIRY={expiry} is over {MAX_PRESIGN_EXPIRY_S} s (7 days), S3's own limit")
     return S3Settings(

@@ -85,6 +85,15 @@ class Workspace:
     def extra_model_paths(self) -> Path:
         return self.state_dir / "extra_model_paths.yaml"
 
+    def config_text(self, env: Mapping[str, str], path: Path | None = None) -> tuple[str, str]:
+        """The config a command works on: ``path`` when given, else the one start.sh would use."""
+        from .config_source import resolve
+
+        if path is not None:
+            return path.read_text(encoding="utf-8"), str(path)
+        resolved = resolve(env, self.volume_config, self.baked_config)
+        return resolved.text, resolved.source
+
     def worker_env(self) -> dict[str, str]:
         """What start.sh exports for the worker, so it starts this ComfyUI with these folders."""
         return {

@@ -7,12 +7,14 @@ set); node requirements are wheels made here, so nothing leaves the machine.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import requests
 from comfy_worker.workspace import Workspace
 
 from .conftest import REPO
+from .file_server import FileServer, make_data
 from .git_repos import Repo, make_wheel, node_repo, output_node_repo, real_comfyui_repo, standin_comfyui_repo
 from .worker_process import WORKER_ENV_PREFIXES, ComfyBackend, backend_params, free_port, stop
 
@@ -82,10 +85,18 @@ def volume(tmp_path: Path) -> Volume:
     return Volume(tmp_path, standin_comfyui_repo(tmp_path / "src"))
 
 
-def config_with(*node_urls: str, comfyui: str = "latest") -> str:
+def config_with(*node_urls: str, comfyui: str = "latest", models: list[dict[str, Any]] | None = None) -> str:
     lines = [f"comfyui:\n  version: {comfyui}\nnodes:"]
     lines += [f"  - url: {url}" for url in node_urls] or ["  []"]
+    lines += [f"models: {json.dumps(models)}"] if models else []  # JSON is YAML
     return "\n".join(lines).replace("nodes:\n  []", "nodes: []") + "\n"
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[FileServer]:
+    server = FileServer(tmp_path / "served")
+    yield server
+    server.close()
 
 
 def test_first_start_provisions_and_the_second_skips(volume: Volume, tmp_path: Path) -> None:
@@ -219,6 +230,10 @@ def test_dry_run_prints_the_plan_and_changes_nothing(volume: Volume, tmp_path: P
     assert not (volume.path / "ComfyUI").exists()
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def wait_for_job(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -234,25 +249,96 @@ def wait_for_job(url: str, process: subprocess.Popen[bytes], log: Path, timeout_
 
 
 def run_start_sh(volume: Volume, log: Path, **extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    api_port, comfy_port = free_port(), free_port()
-    env = volume.env(RP_API_PORT=str(api_port), COMFY_API_URL=f"http://127.0.0.1:{comfy_port}", **extra)
+    api_port = free_port()
+    env = volume.env(**({"RP_API_PORT": str(api_port), "COMFY_API_URL": f"http://127.0.0.1:{free_port()}"} | extra))
     with log.open("wb") as out:
         process = subprocess.Popen([str(REPO / "start.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{api_port}"
 
 
-def test_start_sh_provisions_then_serves_jobs_on_the_installed_comfyui(volume: Volume, tmp_path: Path) -> None:
-    volume.baked.write_text(config_with(node_repo(tmp_path / "src", "served-node").url))
+def test_start_sh_provisions_then_serves_jobs_on_the_installed_comfyui(
+    volume: Volume, files: FileServer, tmp_path: Path
+) -> None:
+    files.add("/weights.safetensors", make_data(64 * 1024))
+    models = [
+        {"url": files.url("/weights.safetensors"), "destination": "checkpoints/sd15"},
+        {"url": files.url("/gone.safetensors"), "destination": "loras", "optional": True},
+    ]
+    volume.baked.write_text(config_with(node_repo(tmp_path / "src", "served-node").url, models=models))
     log = tmp_path / "start.log"
-    process, url = run_start_sh(volume, log)
+    comfy_port = free_port()
+    process, url = run_start_sh(volume, log, COMFY_API_URL=f"http://127.0.0.1:{comfy_port}")
     try:
         body = wait_for_job(url, process, log)
         assert body["status"] == "COMPLETED", body
+        assert any("Provisioning: model loras/" in w and "404" in w for w in body["output"]["warnings"]), body
         text = log.read_text()
         assert f"--extra-model-paths-config {volume.path}/.comfy-worker/extra_model_paths.yaml" in text
         assert f"{volume.path}/ComfyUI/main.py --listen 0.0.0.0" in text, "local mode: ComfyUI's UI reachable"
+        seen = requests.get(f"http://127.0.0.1:{comfy_port}/models/checkpoints", timeout=10).json()
+        assert "sd15/weights.safetensors" in seen, "ComfyUI does not see the model on the volume"
     finally:
         stop(process)
+
+
+def test_a_failing_required_model_leaves_the_sha_unwritten(volume: Volume, files: FileServer) -> None:
+    data = make_data(256 * 1024, seed=3)
+    models = [{"url": files.url("/late.safetensors"), "destination": "vae"}]
+    failed = volume.provision(config_with(models=models))
+    assert failed.returncode == 1
+    assert volume.state["provisioned_sha256"] is None
+    assert volume.status["failed"][0]["kind"] == "model" and "404" in volume.status["failed"][0]["error"]
+    files.add("/late.safetensors", data)
+    retried = volume.provision()
+    assert retried.returncode == 0, retried.stderr
+    assert (volume.path / "models" / "vae" / "late.safetensors").read_bytes() == data
+    assert volume.state["provisioned_sha256"] == volume.status["config_sha256"]
+    assert "ComfyUI:" not in retried.stderr, "only the failed model is retried"
+
+
+def test_an_edited_config_downloads_only_the_new_model(volume: Volume, files: FileServer) -> None:
+    files.add("/a.safetensors", make_data(128 * 1024, seed=1))
+    files.add("/b.safetensors", make_data(128 * 1024, seed=2))
+    first = [{"url": files.url("/a.safetensors"), "destination": "loras"}]
+    assert volume.provision(config_with(models=first)).returncode == 0
+    both = [*first, {"url": files.url("/b.safetensors"), "destination": "loras"}]
+    assert volume.provision(config_with(models=both)).returncode == 0
+    assert len(files.gets("/a.safetensors")) == 2, "a.safetensors was fetched again"  # probe + download, once
+    assert len(files.gets("/b.safetensors")) == 2
+
+
+def test_four_workers_starting_together_install_everything_once(
+    volume: Volume, files: FileServer, tmp_path: Path
+) -> None:
+    models = []
+    for i in range(3):
+        data = make_data(2 * 1024 * 1024, seed=i)
+        files.add(f"/m{i}.safetensors", data, rate=4 * 1024 * 1024)  # slow enough for the starts to overlap
+        models.append({"url": files.url(f"/m{i}.safetensors"), "destination": "checkpoints", "sha256": sha256(data)})
+    volume.baked.write_text(config_with(node_repo(tmp_path / "src", "shared-node").url, models=models))
+    starts = [
+        subprocess.Popen(
+            [str(REPO / "start.sh"), "provision"],
+            env=volume.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [start.communicate(timeout=300) for start in starts]
+    assert [start.returncode for start in starts] == [0, 0, 0, 0], outputs
+    logs = "".join(err for _, err in outputs)
+    assert logs.count("comfy_worker.provision: ComfyUI: latest = tag v0.3.64") == 1, logs  # one clone
+    assert logs.count("comfy_worker.nodes: shared-node: latest") == 1, logs
+    for i in range(3):
+        assert files.bytes_sent[f"/m{i}.safetensors"] == 2 * 1024 * 1024 + 1, "downloaded more than once"
+    assert sorted(p.name for p in (volume.path / "models" / "checkpoints").iterdir()) == [
+        "m0.safetensors",
+        "m1.safetensors",
+        "m2.safetensors",
+    ], "a partial or temporary file was left in the model folder"
+    assert volume.state["provisioned_sha256"] == volume.status["config_sha256"]
 
 
 def test_a_failed_provisioning_explains_itself_in_every_job(volume: Volume, tmp_path: Path) -> None:
