@@ -12,9 +12,11 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
 ARG BAKE=none
 
-FROM ${UV_IMAGE} AS uv
+# RunPod runs linux/amd64 only: both stages pin it, so a plain `docker build` on an arm64 laptop still makes an
+# image (with an amd64 uv binary in it) that runs there.
+# hadolint ignore=DL3029
+FROM --platform=linux/amd64 ${UV_IMAGE} AS uv
 
-# RunPod runs linux/amd64 only: pin it so a build on an arm64 laptop still makes an image that runs there.
 # hadolint ignore=DL3029
 FROM --platform=linux/amd64 ${CUDA_IMAGE} AS worker
 
