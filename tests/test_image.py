@@ -245,6 +245,30 @@ def test_the_image_sets_the_environment_start_sh_reads() -> None:
     assert not re.search(r"^(ARG|ENV)\s+\S*(TOKEN|SECRET)", dockerfile, flags=re.MULTILINE)
 
 
+def unpinned_images(dockerfile: str) -> list[str]:
+    """FROM lines that pull an image (not an earlier stage) without --platform=linux/amd64."""
+    stages: set[str] = set()
+    unpinned = []
+    for keyword, args in dockerfile_instructions(dockerfile):
+        if keyword != "FROM":
+            continue
+        words = args.split()
+        image = next(word for word in words if not word.startswith("--"))
+        if not image.startswith("bake-") and image not in stages and "--platform=linux/amd64" not in words:
+            unpinned.append(args)
+        if len(words) >= 2 and words[-2].upper() == "AS":
+            stages.add(words[-1])
+    return unpinned
+
+
+def test_every_image_the_dockerfile_pulls_is_amd64() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert unpinned_images(dockerfile) == []
+    assert unpinned_images(dockerfile.replace("FROM --platform=linux/amd64 ${UV_IMAGE}", "FROM ${UV_IMAGE}")) == [
+        "${UV_IMAGE} AS uv"
+    ]
+
+
 # --- bake.sh: build-time provisioning, with a start.sh that records what it was asked ----------------------
 
 
