@@ -108,13 +108,15 @@ RUN --mount=type=secret,id=HF_TOKEN \
     --mount=type=cache,target=/root/.cache/uv \
     /opt/comfy-worker/bake.sh "$BAKE"
 
+# BAKE=nodes: the models are downloaded at run time, onto the network volume where there is one.
 FROM baked AS bake-nodes
+ENV MODELS_DIR=/runpod-volume/models
 FROM baked AS bake-models
 
 # hadolint ignore=DL3006
 FROM bake-${BAKE}
 WORKDIR /opt/comfy-worker
-COPY s3_upload.py test_input.json ./
+COPY apply_config.sh install_nodes.py download_models.py s3_upload.py test_input.json ./
 COPY examples/ examples/
 # 8000: the runpod local API (local mode); 8188: ComfyUI; 8888: JupyterLab (only with JUPYTER_PASSWORD).
 EXPOSE 8000 8188 8888

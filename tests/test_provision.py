@@ -472,3 +472,24 @@ def test_apply_config_restarts_comfyui_only_when_nodes_changed(backend: ComfyBac
             assert run_job(url, MODEL_FREE)["status"] == "COMPLETED"
     finally:
         stop(process)
+
+
+def test_a_nodes_baked_image_downloads_only_the_models_at_run_time(
+    volume: Volume, files: FileServer, tmp_path: Path
+) -> None:
+    """bake.sh nodes at build time (the real start.sh provision), then the first start of that image."""
+    files.add("/late.safetensors", make_data(64 * 1024, seed=9))
+    models = [{"url": files.url("/late.safetensors"), "destination": "checkpoints"}]
+    volume.baked.write_text(config_with(node_repo(tmp_path / "src", "baked-node").url, models=models))
+    baked = subprocess.run(
+        [str(REPO / "bake.sh"), "nodes"], env=volume.env(), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert baked.returncode == 0, baked.stderr
+    assert (volume.path / "ComfyUI" / "custom_nodes" / "baked-node").is_dir()
+    assert not files.gets("/late.safetensors"), "models must wait for run time"
+
+    volume_models = tmp_path / "network-volume" / "models"
+    first_start = volume.provision(MODELS_DIR=str(volume_models))
+    assert first_start.returncode == 0, first_start.stderr
+    assert "ComfyUI:" not in first_start.stderr and "baked-node" not in first_start.stderr, "re-did the bake"
+    assert (volume_models / "checkpoints" / "late.safetensors").is_file()
