@@ -244,6 +244,7 @@ def test_worker_log_shows_comfyui_output(worker: WorkerProcess) -> None:
 
 
 def test_example_client_saves_outputs(worker: WorkerProcess, tmp_path: Path) -> None:
+    """examples/test_local.py, now a forwarder to ``python -m comfy_worker.client`` (tests/test_client.py)."""
     source = tmp_path / "in.png"
     Image.new("RGB", (8, 8), (0, 0, 0)).save(source)
     graph = save_chain(("LoadImage", {"image": "client/in.png"}), ("ImageInvert", {"image": ["1", 0]}), prefix="cli")
@@ -257,7 +258,7 @@ def test_example_client_saves_outputs(worker: WorkerProcess, tmp_path: Path) -> 
         "--url",
         worker.api_url,
         "--image",
-        f"{source}:client/in.png",
+        f"client/in.png={source}",
         "--set",
         "3.inputs.filename_prefix=cli_set",
         "--out",
@@ -271,7 +272,7 @@ def test_example_client_saves_outputs(worker: WorkerProcess, tmp_path: Path) -> 
     missing = [*command[:3], "--url", worker.api_url, "--set", "1.inputs.image=client/missing.png", "--out", str(out)]
     failing = subprocess.run(missing, capture_output=True, text=True, timeout=120, check=False)
     assert failing.returncode == 1
-    assert '"error_type": "workflow_validation"' in failing.stderr
+    assert "FAILED: workflow_validation" in failing.stderr
     assert "missing.png" in failing.stderr
 
 
