@@ -2,7 +2,11 @@
 
 One module per responsibility:
 
-- ``config``: the config.yml schema (what to install), its JSON Schema export and resolution order.
+- ``config``: the config.yml schema (what to install) and its JSON Schema export; ``config_source``: which
+  config.yml is used (CONFIG_YML, the volume's, the image's) and its SHA-256.
+- ``workspace``: where the volume is and what lives where; ``provision``: the SHA gate and the installation
+  of what changed, from ``gitrepo`` (versions, checkouts), ``nodes`` (custom nodes), ``pyenv`` (requirements
+  in ComfyUI's Python) and ``downloads``/``transfer`` (resumable, segmented model downloads).
 - ``settings``: every environment variable the worker reads, parsed once into a frozen object.
 - ``errors``: the one error tree; each error knows its ``error_type`` and turns into the job's result.
 - ``schema``: the job input (``event["input"]``), validated with pydantic.
@@ -17,4 +21,5 @@ One module per responsibility:
 - ``cleanup``: each job's uploads and outputs removed once its result is built.
 - ``diagnostics``: what a failed job reports about the worker; ``redact``: secrets kept out of it.
 - ``job``: one job from input to result; ``app``: the entry point that wires it to the runpod SDK.
+- ``client`` and ``model_sync``: the user's side (send workflows to an endpoint; upload models to a volume).
 """

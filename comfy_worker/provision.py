@@ -248,10 +248,11 @@ def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
 def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], reason: str, force: bool) -> Report:
     """Provision what changed; the config's SHA-256 is stored only when every required item succeeded."""
     from .config import parse
+    from .settings import env_int
 
     report = Report(resolved.sha256, resolved.source, reason)
     config = parse(resolved.text, resolved.source)
-    concurrency = int(env.get("NODE_INSTALL_CONCURRENCY", "") or 4)
+    concurrency = env_int(env, "NODE_INSTALL_CONCURRENCY", 4, minimum=1)
     with volume_lock(workspace.state_dir / "provision.lock"):
         state = State.load(state_path(workspace))
         if gate(workspace, resolved, state, force) is None:

@@ -37,8 +37,6 @@ COMPOSE = next(
 APP = "/opt/comfy-worker"  # where the Dockerfile puts the repo's files
 # Every script the Dockerfile runs, and the test file that runs it for real.
 SCRIPT_TESTS = {"start.sh": "tests/test_start_sh.py", "bake.sh": "tests/test_image.py"}
-# Read by provisioning (start.sh), which the README does not document yet.
-PROVISIONING_TOKENS = ("HF_TOKEN", "CIVITAI_TOKEN")
 HUB_INPUT_TYPES = {"string": str, "number": (int, float), "boolean": bool}
 
 
@@ -630,7 +628,7 @@ def hub_problems(hub: dict[str, Any]) -> list[str]:
             problems.append(f"{key}: input needs name, type and description")
         elif not isinstance(spec.get("default", ""), HUB_INPUT_TYPES.get(spec["type"], ())):
             problems.append(f"{key}: default does not match type {spec['type']}")
-        if f"`{key}`" not in known and key not in PROVISIONING_TOKENS:
+        if f"`{key}`" not in known:
             problems.append(f"{key}: the worker reads no such variable")
     return problems
 
