@@ -104,6 +104,10 @@ def make_handler(worker: Worker) -> Any:
     return handler
 
 
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main() -> None:
     """``python handler.py [runpod SDK flags]``: run the worker (see the README)."""
     try:
@@ -121,6 +125,9 @@ def main() -> None:
     import runpod
 
     signal.signal(signal.SIGHUP, lambda _signum, _frame: worker.request_restart())
+    # uvicorn (the local API) shuts down on SIGTERM, then re-raises it to the handler found before it: exit
+    # through the finally below, so the ComfyUI we started goes too. The serverless loop has its own handler.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         runpod.serverless.start({"handler": make_handler(worker)})
     finally:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from .conftest import REPO
@@ -60,3 +63,33 @@ def test_runpod_mode_takes_jobs(tmp_path: Path) -> None:
         assert platform.wait_result(job, timeout=60)["output"]["status"] == "success"
         assert "local mode" not in worker.log()
         assert worker.terminate() == 0
+
+
+def test_sigterm_stops_the_worker_and_the_comfyui_it_started(tmp_path: Path) -> None:
+    """Docker stops a container with SIGTERM to start.sh (PID 1): every child must go, ComfyUI included."""
+    api_port, comfy_port = free_port(), free_port()
+    env = worker_env(
+        ComfyBackend.standin(), tmp_path, comfy_port, RP_API_PORT=str(api_port), **nothing_to_provision(tmp_path)
+    )
+    log = tmp_path / "start.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(REPO / "start.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                requests.post(
+                    f"http://127.0.0.1:{api_port}/runsync", json={"input": {"workflow": MODEL_FREE}}, timeout=30
+                )
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert "start.sh: stopping (SIGTERM)" in log.read_text()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", comfy_port), timeout=1).close()
+    finally:
+        stop(process)
