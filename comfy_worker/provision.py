@@ -258,6 +258,7 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         if gate(workspace, resolved, state, force) is None:
             log.info("Another worker provisioned this config meanwhile; nothing left to do")
             return report
+        state.provisioned_sha256 = None  # the volume is between two configs until the end of this run
         install_comfyui(workspace, config, state, report)
         env_keys = []
         if report.ok:

@@ -493,3 +493,35 @@ def test_a_nodes_baked_image_downloads_only_the_models_at_run_time(
     assert first_start.returncode == 0, first_start.stderr
     assert "ComfyUI:" not in first_start.stderr and "baked-node" not in first_start.stderr, "re-did the bake"
     assert (volume_models / "checkpoints" / "late.safetensors").is_file()
+
+
+def test_a_run_killed_between_two_configs_is_not_taken_for_the_old_one(
+    volume: Volume, files: FileServer, tmp_path: Path
+) -> None:
+    """Config A, then B killed while its model downloads (B's node version already checked out), then A again:
+    the gate must not trust A's SHA, since the volume holds B's node now."""
+    node = Repo(tmp_path / "src" / "moving")
+    node.commit({"__init__.py": "VERSION = 1\n"})
+    node.tag("v1")
+    node.commit({"__init__.py": "VERSION = 2\n"})
+    node.tag("v2")
+    config_a = f"nodes:\n  - {{url: {node.url}, version: v1}}\n"
+    assert volume.provision(config_a).returncode == 0
+    files.add("/slow.safetensors", make_data(4 * 1024 * 1024), rate=256 * 1024)
+    model = json.dumps([{"url": files.url("/slow.safetensors"), "destination": "vae"}])
+    volume.baked.write_text(f"nodes:\n  - {{url: {node.url}, version: v2}}\nmodels: {model}\n")
+    with (tmp_path / "b.log").open("wb") as out:
+        run_b = subprocess.Popen([str(REPO / "start.sh"), "provision"], env=volume.env(), stderr=out)
+    deadline = time.monotonic() + 60
+    while not files.gets("/slow.safetensors"):
+        assert time.monotonic() < deadline and run_b.poll() is None, (tmp_path / "b.log").read_text()
+        time.sleep(0.05)
+    run_b.kill()
+    run_b.wait()
+    installed = volume.path / "ComfyUI" / "custom_nodes" / "moving" / "__init__.py"
+    assert installed.read_text() == "VERSION = 2\n"
+
+    back_to_a = volume.provision(config_a)
+    assert back_to_a.returncode == 0, back_to_a.stderr
+    assert "config.yml unchanged" not in back_to_a.stderr
+    assert installed.read_text() == "VERSION = 1\n"
