@@ -95,8 +95,11 @@ def checkout_all(
         return [job if isinstance(job, NodeResult) else job.result() for job in futures]
 
 
-def _dependency_files(path: Path) -> list[Path]:
-    return [path / "requirements.txt", path / "install.py"]
+def _with_key(result: NodeResult, custom_nodes_dir: Path) -> NodeResult:
+    """The result with the key of what decides its dependencies (requirements.txt, install.py)."""
+    path = custom_nodes_dir / result.name
+    key = pyenv.requirements_key("node", result.name, [path / "requirements.txt", path / "install.py"])
+    return replace(result, requirements_key=key)
 
 
 def install_dependencies(
@@ -104,13 +107,7 @@ def install_dependencies(
 ) -> list[NodeResult]:
     """Install what each checked-out node needs into ``python``'s environment, unless the marker has it."""
     installed = pyenv.read_marker(marker)
-    keyed = [
-        replace(result, requirements_key=pyenv.requirements_key("node", result.name, _dependency_files(path)))
-        if result.status != "failed"
-        else result
-        for result in results
-        for path in (custom_nodes_dir / result.name,)
-    ]
+    keyed = [result if result.status == "failed" else _with_key(result, custom_nodes_dir) for result in results]
     pending = [result for result in keyed if result.requirements_key and result.requirements_key not in installed]
     if not pending:
         return keyed
