@@ -328,14 +328,31 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _present(target: Path, sha256: str | None) -> bool:
+def _verified_record(target: Path, models_dir: Path) -> Path:
+    return models_dir / ".locks" / (target.relative_to(models_dir).as_posix().replace("/", "__") + ".sha256")
+
+
+def _remember_sha256(target: Path, models_dir: Path, sha256: str) -> None:
+    """Note that ``target`` (at this size and mtime) has ``sha256``, so the next run need not hash it again:
+    hashing a 20 GB model on a network volume takes minutes."""
+    stat = target.stat()
+    record = _verified_record(target, models_dir)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"{stat.st_size} {stat.st_mtime_ns} {sha256}\n", encoding="ascii")
+
+
+def _present(target: Path, sha256: str | None, models_dir: Path) -> bool:
     """Whether the target is already there (and has the config's sha256, when one is given)."""
     if not target.is_file():
         return False
     if sha256 is None:
         return True
+    stat = target.stat()
+    if _read(_verified_record(target, models_dir)) == f"{stat.st_size} {stat.st_mtime_ns} {sha256}":
+        return True  # hashed before, unchanged since
     actual = sha256_file(target)
     if actual == sha256:
+        _remember_sha256(target, models_dir, actual)
         return True
     log.warning("%s exists but has sha256 %s, not the config's %s: downloading it again", target, actual, sha256)
     return False
@@ -543,14 +560,14 @@ class _Downloader:
         remote = None
         if source.offline_name:
             target = folder / source.offline_name
-            if _present(target, source.model.sha256):
+            if _present(target, source.model.sha256, self.models_dir):
                 return self._present(source, target)
         else:
             remote = _resolve(source, self.options)
             target = folder / (remote.filename or urlsplit(source.model.url).path.rsplit("/", 1)[-1] or "download")
         folder.mkdir(parents=True, exist_ok=True)
         with self.locks.hold(target, self.models_dir):
-            if _present(target, source.model.sha256):
+            if _present(target, source.model.sha256, self.models_dir):
                 return self._present(source, target)  # another worker finished it while this one waited
             return self._fetch(source, target, remote or _resolve(source, self.options))
 
@@ -581,6 +598,8 @@ class _Downloader:
             fetched = progress.done - progress.baseline
         digest = _verify(part, remote, expected)
         os.replace(part, target)
+        if digest:
+            _remember_sha256(target, self.models_dir, digest)
         elapsed = time.monotonic() - started
         log.info(
             "%s: done, %s in %.1f s (%.1f MB/s)%s",

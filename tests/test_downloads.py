@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from comfy_worker import downloads
 from comfy_worker.config import ModelConfig
 from comfy_worker.downloads import (
     DownloadOptions,
@@ -176,6 +177,25 @@ def test_present_file_with_another_sha256_is_replaced(server: FileServer, tmp_pa
     assert target.read_bytes() == data
 
 
+def test_a_verified_file_is_not_hashed_again_until_it_changes(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make_data(3000)
+    server.add("/v.safetensors", data)
+    hashed: list[Path] = []
+    real_hash = downloads.sha256_file
+    monkeypatch.setattr(downloads, "sha256_file", lambda path: hashed.append(path) or real_hash(path))
+    m = model(server.url("/v.safetensors"), sha256=sha(data))
+    assert one(tmp_path / "models", m).status == "downloaded"
+    assert [path.name for path in hashed] == ["v.safetensors.part"]  # verified once, before the rename
+    assert one(tmp_path / "models", m).status == "present"
+    assert len(hashed) == 1, "a file verified at download was hashed again"
+    target = tmp_path / "models" / "checkpoints" / "v.safetensors"
+    target.write_bytes(make_data(3000, seed=5))  # same size, other bytes, a new mtime
+    assert one(tmp_path / "models", m).status == "downloaded"
+    assert hashed[1] == target and target.read_bytes() == data
+
+
 def test_content_disposition_names_the_file(server: FileServer, tmp_path: Path) -> None:
     server.add("/api/download/models/123", b"lora", disposition='attachment; filename="detail_v2.safetensors"')
     result = one(tmp_path / "models", model(server.url("/api/download/models/123?type=Model"), destination="loras"))
@@ -226,7 +246,7 @@ def test_if_range_mismatch_mid_download_restarts(server: FileServer, tmp_path: P
     served.etag = '"v1"'
 
     def swap_after_cut() -> None:  # the file changes between the cut and the retry
-        while served.cuts:
+        while server.bytes_sent["/w.bin"] < MIB:  # the first response has sent all it will before the cut
             time.sleep(0.001)
         server.replace("/w.bin", new)
 
