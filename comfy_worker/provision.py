@@ -276,17 +276,15 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
 
 
 def write_status(workspace: Workspace, status: dict[str, Any]) -> None:
-    path = Path(workspace.worker_env()["PROVISION_STATUS"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(status, indent=1), encoding="utf-8")
+    workspace.status_file.parent.mkdir(parents=True, exist_ok=True)
+    workspace.status_file.write_text(json.dumps(status, indent=1), encoding="utf-8")
 
 
-def provision(env: Mapping[str, str]) -> tuple[int, Report | None]:
+def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report | None]:
     """Gate, then provision when needed; status.json says how it went. Exit status 0 = ready.
 
     The report is None when nothing was done (the gate passed, or the config could not be read).
     """
-    workspace = Workspace.from_env(env)
     force = env.get("PROVISION_FORCE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         resolved = resolve(env, workspace.volume_config, workspace.baked_config)
@@ -321,12 +319,11 @@ def provision(env: Mapping[str, str]) -> tuple[int, Report | None]:
     return 1, report
 
 
-def dry_run(env: Mapping[str, str]) -> int:
+def dry_run(env: Mapping[str, str], workspace: Workspace) -> int:
     """Print what provisioning would do; change nothing."""
     from . import downloads, gitrepo, nodes
     from .config import parse
 
-    workspace = Workspace.from_env(env)
     resolved = resolve(env, workspace.volume_config, workspace.baked_config)
     config = parse(resolved.text, resolved.source)
     reason = gate(workspace, resolved, State.load(state_path(workspace)))
@@ -376,16 +373,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    workspace = Workspace.from_env(os.environ)
     if args.dry_run:
-        return dry_run(os.environ)
+        return dry_run(os.environ, workspace)
     try:
-        status, report = provision(os.environ)
+        status, report = provision(os.environ, workspace)
         if args.apply:
             ask_worker_to_restart(os.environ, report)
         return status
     finally:
         if args.print_env:
-            paths = Workspace.from_env(os.environ).worker_env()
+            paths = workspace.worker_env()
             sys.stdout.write("".join(f"{key}={value}\n" for key, value in paths.items()))
 
 

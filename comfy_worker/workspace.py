@@ -85,6 +85,10 @@ class Workspace:
     def extra_model_paths(self) -> Path:
         return self.state_dir / "extra_model_paths.yaml"
 
+    @property
+    def status_file(self) -> Path:
+        return self.state_dir / "status.json"
+
     def config_text(self, env: Mapping[str, str], path: Path | None = None) -> tuple[str, str]:
         """The config a command works on: ``path`` when given, else the one start.sh would use."""
         from .config_source import resolve
@@ -103,5 +107,5 @@ class Workspace:
             "COMFYUI_PYTHON": self.comfyui_python,
             "COMFYUI_LISTEN": self.listen,
             "COMFYUI_EXTRA_MODEL_PATHS": str(self.extra_model_paths),
-            "PROVISION_STATUS": str(self.state_dir / "status.json"),
+            "PROVISION_STATUS": str(self.status_file),
         }
