@@ -26,7 +26,7 @@ from comfy_worker.workspace import Workspace
 from .conftest import REPO
 from .file_server import FileServer, make_data
 from .git_repos import Repo, make_wheel, node_repo, output_node_repo, real_comfyui_repo, standin_comfyui_repo
-from .worker_process import WORKER_ENV_PREFIXES, ComfyBackend, backend_params, free_port, stop
+from .worker_process import WORKER_ENV_PREFIXES, ComfyBackend, backend_params, free_port, runsync_when_up, stop
 
 MODEL_FREE = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -235,17 +235,7 @@ def sha256(data: bytes) -> str:
 
 
 def wait_for_job(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert process.poll() is None, log.read_text()
-        try:
-            body: dict[str, Any] = requests.post(
-                f"{url}/runsync", json={"input": {"workflow": MODEL_FREE}}, timeout=60
-            ).json()
-            return body
-        except requests.ConnectionError:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+    return runsync_when_up(url, MODEL_FREE, process, log, timeout_s)
 
 
 def run_start_sh(volume: Volume, log: Path, **extra: str) -> tuple[subprocess.Popen[bytes], str]:

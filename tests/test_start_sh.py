@@ -6,15 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from .conftest import REPO
 from .runpod_platform import RunpodPlatform
-from .worker_process import ComfyBackend, free_port, stop, worker_env
+from .worker_process import ComfyBackend, free_port, runsync_when_up, stop, worker_env
 
 MODEL_FREE = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -38,17 +36,7 @@ def test_local_mode_serves_the_local_api(tmp_path: Path) -> None:
             [str(REPO / "start.sh")], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                body = requests.post(
-                    f"http://127.0.0.1:{api_port}/runsync", json={"input": {"workflow": MODEL_FREE}}, timeout=30
-                ).json()
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
+        body = runsync_when_up(f"http://127.0.0.1:{api_port}", MODEL_FREE, process, log, timeout_s=60)
         assert body["status"] == "COMPLETED", body
         assert "local mode: the runpod local API on 127.0.0.1:" in log.read_text()
     finally:
@@ -75,17 +63,7 @@ def test_sigterm_stops_the_worker_and_the_comfyui_it_started(tmp_path: Path) -> 
     with log.open("wb") as out:
         process = subprocess.Popen([str(REPO / "start.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                requests.post(
-                    f"http://127.0.0.1:{api_port}/runsync", json={"input": {"workflow": MODEL_FREE}}, timeout=30
-                )
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
+        runsync_when_up(f"http://127.0.0.1:{api_port}", MODEL_FREE, process, log, timeout_s=60)
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         assert "start.sh: stopping (SIGTERM)" in log.read_text()

@@ -162,6 +162,23 @@ def close_worker(worker: Worker) -> None:
         worker.supervisor.stop()
 
 
+def runsync_when_up(
+    url: str, workflow: dict[str, Any], process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120
+) -> dict[str, Any]:
+    """POST ``workflow`` to ``url``/runsync once the worker (started as ``process``, writing ``log``) listens."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, log.read_text()
+        try:
+            body: dict[str, Any] = requests.post(
+                f"{url}/runsync", json={"input": {"workflow": workflow}}, timeout=60
+            ).json()
+            return body
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+
 def stop(process: subprocess.Popen[bytes], grace_s: float = 15) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
