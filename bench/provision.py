@@ -8,7 +8,7 @@ Node installs: 5 custom nodes from local git repositories, each with one require
 fresh environment: ``install_nodes`` (checkouts in parallel, one installer run for all requirements) vs one
 node after another (checkout, then its own installer run), the way a simple script would do it.
 
-    python bench/provision.py [--rounds 10]
+    python -m bench.provision [--rounds 10]   # from the repository root
 
 Target (issue "provisioning"): warm start -> ComfyUI launch <= 0.3 s.
 """
@@ -16,62 +16,22 @@ Target (issue "provisioning"): warm start -> ComfyUI launch <= 0.3 s.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 from comfy_worker import gitrepo, nodes, pyenv
 from comfy_worker.config import NodeConfig
+from tests.git_repos import make_wheel, node_repo, standin_comfyui_repo
+from tests.worker_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN = REPO / "tests" / "standin_comfyui"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def git_repo(path: Path, files: dict[str, str], tag: str = "v1.0.0") -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (path / name).write_text(text)
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"], ["tag", tag]):
-        subprocess.run(
-            ["git", "-c", "user.name=b", "-c", "user.email=b@example.invalid", *command], cwd=path, check=True
-        )
-    return str(path)
-
-
-def wheel(folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path, dist = folder / f"{name}-1.0-py3-none-any.whl", f"{name}-1.0.dist-info"
-    files = {
-        f"{name}.py": "VERSION = '1.0'\n",
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: bench\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = [
-        f"{file},sha256={base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()},{len(t)}"
-        for file, t in files.items()
-    ]
-    with zipfile.ZipFile(path, "w") as archive:
-        for file, text in files.items():
-            archive.writestr(file, text)
-        archive.writestr(f"{dist}/RECORD", "\n".join([*record, f"{dist}/RECORD,,"]) + "\n")
-    return path
 
 
 def new_venv(path: Path) -> str:
@@ -86,10 +46,8 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 
 
 def warm_start(root: Path, rounds: int) -> None:
-    comfy = root / "comfy-src"
-    shutil.copytree(STANDIN, comfy, ignore=shutil.ignore_patterns("__pycache__", "user"))
-    git_repo(comfy, {"requirements.txt": "aiohttp\nPillow\n"}, tag="v0.3.64")
-    node = git_repo(root / "node-src", {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"})
+    comfy = standin_comfyui_repo(root / "src").url
+    node = node_repo(root / "src", "bench-node").url
     config = root / "config.yml"
     config.write_text(f"comfyui:\n  version: latest\nnodes:\n  - url: {node}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMFY", "RUNPOD_", "WORKSPACE", "CONFIG_YML"))}
@@ -98,7 +56,7 @@ def warm_start(root: Path, rounds: int) -> None:
         "RUNPOD_SKIP_GPU_CHECK": "true",
         "WORKER_PYTHON": sys.executable,  # ComfyUI runs with the worker's Python, as in the image
         "WORKSPACE": str(root / "volume"),
-        "COMFYUI_REPO": str(comfy),
+        "COMFYUI_REPO": comfy,
         "BAKED_CONFIG": str(config),
         "WORKER_PID_FILE": str(root / "worker.pid"),
     }
@@ -134,7 +92,7 @@ def warm_start(root: Path, rounds: int) -> None:
 def node_installs(root: Path, rounds: int) -> None:
     wheels = root / "wheels"
     repos = [
-        git_repo(root / f"src/node{i}", {"__init__.py": "", "requirements.txt": f"{wheel(wheels, f'benchdep{i}')}\n"})
+        node_repo(root / "src", f"node{i}", extra={"requirements.txt": f"{make_wheel(wheels, f'benchdep{i}')}\n"}).url
         for i in range(5)
     ]
     config = [NodeConfig(url=url) for url in repos]
