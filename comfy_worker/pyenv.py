@@ -11,6 +11,7 @@ installed: a node asking for another torch would otherwise replace the image's C
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ class InstallError(RuntimeError):
     """Installing requirements failed; the message ends with the installer's last lines."""
 
 
+@functools.cache  # asked by the gate, by the run under the lock and by each installer step
 def prefix_of(python: str) -> Path:
     """``sys.prefix`` of ``python`` (a venv's folder), without starting it when it is this interpreter."""
     if Path(python).absolute() == Path(sys.executable).absolute():
