@@ -1,6 +1,6 @@
 """Download config.yml's models onto the volume: ``python download_models.py [--dry-run] [--only-required]``.
 
-The work is in ``comfy_worker.downloads``; this file is the command line (the worker's start-up runs it, and
+The work is in ``comfy_worker.provision.downloads``; this file is the command line (the worker's start-up runs it, and
 users run it to pre-fill a network volume). Exit status 1 when a required model failed.
 """
 
@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from comfy_worker.config import parse
-from comfy_worker.config_source import ConfigError
-from comfy_worker.downloads import (
+from comfy_worker.provision.config import parse
+from comfy_worker.provision.config_source import ConfigError
+from comfy_worker.provision.downloads import (
     DownloadOptions,
     download_models,
     failed_required,
@@ -22,9 +22,9 @@ from comfy_worker.downloads import (
     format_results,
     plan,
 )
+from comfy_worker.provision.workspace import Workspace
 from comfy_worker.redact import RedactingFilter, Redactor, secrets_from_env
 from comfy_worker.settings import SettingsError
-from comfy_worker.workspace import Workspace
 
 
 def _setup_logging(secrets: tuple[str, ...]) -> None:

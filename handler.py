@@ -3,7 +3,7 @@
 Everything lives in the ``comfy_worker`` package; this file stays the name RunPod and users expect.
 """
 
-from comfy_worker.app import main
+from comfy_worker.runtime.app import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ start.sh does this (and more) through ``python -m comfy_worker.provision``; this
 
 import sys
 
-from comfy_worker.nodes import main
+from comfy_worker.provision.nodes import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@
 #                       the RunPod serverless loop when RUNPOD_WEBHOOK_GET_JOB is set, else the runpod local
 #                       API on RP_API_HOST:RP_API_PORT (default 127.0.0.1:8000).
 #   start.sh provision  provisioning only; non-zero exit when a required item failed (image builds use it).
-# The logic lives in Python (comfy_worker.provision, comfy_worker.app); see the README for every env var.
+# The logic lives in Python (comfy_worker.provision, comfy_worker.runtime.app); see the README for every env var.
 # Sourcing this file defines the functions without running anything (test.sh reuses make_venv).
 set -Eeuo pipefail
 

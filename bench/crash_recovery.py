@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from comfy_worker.app import build_worker
-from comfy_worker.job import Worker
+from comfy_worker.runtime.app import build_worker
+from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

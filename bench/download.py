@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from comfy_worker.config import ModelConfig
-from comfy_worker.downloads import DownloadOptions, download_models
+from comfy_worker.provision.config import ModelConfig
+from comfy_worker.provision.downloads import DownloadOptions, download_models
 from tests.file_server import FileServer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,8 +39,8 @@ import requests
 import websocket
 from PIL import Image
 
-from comfy_worker.app import build_worker
-from comfy_worker.job import Worker
+from comfy_worker.runtime.app import build_worker
+from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from comfy_worker import gitrepo, nodes, pyenv
-from comfy_worker.config import NodeConfig
+from comfy_worker.provision import gitrepo, nodes, pyenv
+from comfy_worker.provision.config import NodeConfig
 from tests.git_repos import make_wheel, node_repo, standin_comfyui_repo
 from tests.worker_process import free_port
 

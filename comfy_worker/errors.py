@@ -83,3 +83,11 @@ class ResultTooLargeError(WorkerError):
 
 class StorageError(WorkerError):
     error_type = "storage"
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as people write it: ``images[0].name``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text

@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
 MIN_SECRET_LENGTH = 6  # shorter values ("true", "1") would blank out ordinary words
 MASK = "***"
+# Query parameters that carry credentials: tokens, API keys, presigned URLs' signatures and credentials.
+SECRET_QUERY = re.compile(r"token|key|sig|secret|auth|credential|password|policy", re.IGNORECASE)
+URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}.,;:!?]")
 
 
 def secrets_from_env(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -47,3 +51,31 @@ class RedactingFilter(logging.Filter):
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials: userinfo (``user:token@``, ``token@``) and token-like query values masked.
+
+    The one URL redactor: config.yml's node and model URLs, COMFY_API_URL, input URLs and presigned URLs all
+    pass through it before they reach a log line, a job result or a file on the volume. A URL with nothing to
+    hide comes back unchanged (not re-encoded).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(SECRET_QUERY.search(key) for key, _ in pairs):
+        query = urlencode([(key, MASK if SECRET_QUERY.search(key) else value) for key, value in pairs], safe="*/")
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL in it passed through ``redact_url`` (git and HTTP errors quote URLs)."""
+    return URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from .redact import secrets_from_env
+from comfy_worker.redact import secrets_from_env
 
 
 @dataclass(frozen=True)

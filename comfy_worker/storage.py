@@ -20,8 +20,8 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from .errors import StorageError
-from .settings import S3Settings
+from comfy_worker.errors import StorageError
+from comfy_worker.settings import S3Settings
 
 log = logging.getLogger(__name__)
 

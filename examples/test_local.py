@@ -1,4 +1,4 @@
-"""Superseded by ``python -m comfy_worker.client`` (see docs/client.md); kept so the old command still works.
+"""Superseded by ``comfy-worker-client`` (see docs/client.md); kept so the old command still works.
 
     python examples/test_local.py examples/workflows/sd15_txt2img.json --prompt "a red fox" --seed 7
 
@@ -7,7 +7,7 @@ runs the client against the worker's local API (``--url`` defaults to http://127
 
 import sys
 
-from comfy_worker.client import main
+from comfy_worker.tools.client import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

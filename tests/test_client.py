@@ -1,4 +1,4 @@
-"""The client (``python -m comfy_worker.client``) against the real worker behind the runpod SDK's local API,
+"""The client (``comfy-worker-client``) against the real worker behind the runpod SDK's local API,
 against a loopback server that replays RunPod's job API (queue, progress, completion, cancellation), and
 with outputs delivered through S3 (s3rver).
 """
@@ -25,8 +25,8 @@ import boto3
 import pytest
 from PIL import Image
 
-from comfy_worker import client
-from comfy_worker.client import (
+from comfy_worker.tools import client
+from comfy_worker.tools.client import (
     ClientError,
     describe_progress,
     endpoint_from,
@@ -53,7 +53,7 @@ def run_client(*args: str, env: dict[str, str] | None = None, timeout: float = 1
     """The client as users run it: its own process, its exit code, its stdout and stderr."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_API_KEY")}
     return subprocess.run(
-        [sys.executable, "-m", "comfy_worker.client", *args],
+        [sys.executable, "-m", "comfy_worker.tools.client", *args],
         cwd=REPO,
         env=base | (env or {}),
         capture_output=True,
@@ -138,7 +138,7 @@ def test_default_out_folder_is_outputs_job_id(worker: WorkerProcess, tmp_path: P
     workflow = chain(("EmptyImage", {"width": 8, "height": 8, "batch_size": 2, "color": 0}), prefix="two")
     wf = write_json(tmp_path / "wf.json", workflow)
     result = subprocess.run(
-        [sys.executable, "-m", "comfy_worker.client", str(wf), "--url", worker.api_url],
+        [sys.executable, "-m", "comfy_worker.tools.client", str(wf), "--url", worker.api_url],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -409,7 +409,7 @@ def test_unsuccessful_final_states_exit_1(tmp_path: Path, final: str) -> None:
 def test_ctrl_c_cancels_the_job(tmp_path: Path) -> None:
     with fake_runpod(FakeRunPod([progress(10, 1)])) as fake:
         process = subprocess.Popen(
-            [sys.executable, "-m", "comfy_worker.client", MODEL_FREE, "--url", fake.url, "--poll", "0.05"],
+            [sys.executable, "-m", "comfy_worker.tools.client", MODEL_FREE, "--url", fake.url, "--poll", "0.05"],
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from comfy_worker.comfy_errors import (
+from comfy_worker.comfy.errors import (
     execution_error,
     interrupted_error,
     missing_node_types_error,

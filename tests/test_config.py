@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_worker.config import ConfigError, json_schema, main, parse
-from comfy_worker.config_source import resolve
+from comfy_worker.provision.config import ConfigError, json_schema, main, parse
+from comfy_worker.provision.config_source import resolve
 
 from .conftest import REPO
 
@@ -26,7 +26,7 @@ def test_shipped_configs_are_valid() -> None:
 
 def test_schema_file_is_up_to_date() -> None:
     on_disk = json.loads((REPO / "config.schema.json").read_text())
-    assert on_disk == json_schema(), "run: python -m comfy_worker.config --schema > config.schema.json"
+    assert on_disk == json_schema(), "run: comfy-worker-config --schema > config.schema.json"
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from comfy_worker.app import build_worker
-from comfy_worker.job import Worker
+from comfy_worker.runtime.app import build_worker
+from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
 from .worker_process import STANDIN_DIR, ComfyBackend, backend_params, close_worker, free_port, worker_settings

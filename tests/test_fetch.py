@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from comfy_worker.errors import InputError
-from comfy_worker.fetch import Fetcher, ForbiddenAddressError, check_address
+from comfy_worker.runtime.fetch import Fetcher, ForbiddenAddressError, check_address
 from comfy_worker.settings import Settings
 from comfy_worker.storage import S3Storage
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from comfy_worker.errors import InputError
-from comfy_worker.schema import parse_job_input
+from comfy_worker.runtime.schema import parse_job_input
 
 from .conftest import EXAMPLES, REPO
 
@@ -175,7 +175,7 @@ def test_every_copy_source_exists_and_is_in_the_build_context() -> None:
         ("COPY no_such_file.txt ./\n", "", "COPY no_such_file.txt: not in the repo"),
         ("", "start.sh\n", "start.sh is excluded"),
         ("", "**/*.py\n", "comfy_worker/__init__.py is excluded"),
-        ("", "comfy_worker\n!comfy_worker/app.py\n", "comfy_worker/job.py is excluded"),
+        ("", "comfy_worker\n!comfy_worker/runtime/app.py\n", "comfy_worker/runtime/job.py is excluded"),
     ],
 )
 def test_the_copy_check_catches_a_missing_or_excluded_source(
@@ -191,8 +191,9 @@ def test_dockerignore_keeps_local_state_out() -> None:
     dockerignore = (REPO / ".dockerignore").read_text()
     for path in (".venv/bin/python", ".tools/node_modules/x", "workspace/models/a.safetensors", ".git/HEAD"):
         assert dockerignored(path, dockerignore), path
-    assert not dockerignored("comfy_worker/job.py", dockerignore)
-    assert not dockerignored("comfy_worker/job.py", "comfy_worker\n!comfy_worker/job.py\n")  # an exception
+    assert not dockerignored("comfy_worker/runtime/job.py", dockerignore)
+    exception = "comfy_worker\n!comfy_worker/runtime/job.py\n"
+    assert not dockerignored("comfy_worker/runtime/job.py", exception)
 
 
 # --- Dockerfile: what it runs ----------------------------------------------------------------------------------
@@ -621,7 +622,7 @@ def hub_problems(hub: dict[str, Any]) -> list[str]:
     keys = [entry.get("key") for entry in config.get("env", [])]
     if len(keys) != len(set(keys)):
         problems.append("duplicate env keys")
-    known = (REPO / "README.md").read_text() + (REPO / "comfy_worker" / "config.py").read_text()
+    known = (REPO / "README.md").read_text() + (REPO / "comfy_worker" / "provision" / "config.py").read_text()
     for entry in config.get("env", []):
         key, spec = entry.get("key", ""), entry.get("input", {})
         if not all(spec.get(field) for field in ("name", "type", "description")):

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from comfy_worker.app import build_worker
-from comfy_worker.job import Worker
+from comfy_worker.runtime.app import build_worker
+from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
 from .comfy_servers import run_standin

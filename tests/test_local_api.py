@@ -244,7 +244,7 @@ def test_worker_log_shows_comfyui_output(worker: WorkerProcess) -> None:
 
 
 def test_example_client_saves_outputs(worker: WorkerProcess, tmp_path: Path) -> None:
-    """examples/test_local.py, now a forwarder to ``python -m comfy_worker.client`` (tests/test_client.py)."""
+    """examples/test_local.py, now a forwarder to ``comfy-worker-client`` (tests/test_client.py)."""
     source = tmp_path / "in.png"
     Image.new("RGB", (8, 8), (0, 0, 0)).save(source)
     graph = save_chain(("LoadImage", {"image": "client/in.png"}), ("ImageInvert", {"image": ["1", 0]}), prefix="cli")

@@ -1,4 +1,4 @@
-"""``python -m comfy_worker.model_sync`` against s3rver on loopback: the first sync uploads everything, a resync
+"""``comfy-worker-model-sync`` against s3rver on loopback: the first sync uploads everything, a resync
 sends nothing, a changed file goes up again, and an interrupted multipart upload resumes with only the parts
 the server had not acknowledged.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import boto3
 import pytest
 
-from comfy_worker import model_sync
-from comfy_worker.model_sync import MIB, Syncer, SyncError, SyncSettings, normalise_prefix
+from comfy_worker.tools import model_sync
+from comfy_worker.tools.model_sync import MIB, Syncer, SyncError, SyncSettings, normalise_prefix
 
 from .s3_server import ACCESS_KEY, SECRET_KEY, S3Server, run_s3rver
 from .worker_process import REPO
@@ -190,7 +190,7 @@ def test_cli_dry_run_then_sync(s3: S3Server, models: Path, tmp_path: Path) -> No
         "RUNPOD_S3_SECRET_KEY": SECRET_KEY,
         "RUNPOD_VOLUME_ID": s3.bucket,
     }
-    command = [sys.executable, "-m", "comfy_worker.model_sync", str(models), "--endpoint-url", s3.endpoint_url]
+    command = [sys.executable, "-m", "comfy_worker.tools.model_sync", str(models), "--endpoint-url", s3.endpoint_url]
     command += ["--part-size-mb", "5", "--state-dir", str(tmp_path / "state")]
     dry = subprocess.run([*command, "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert dry.returncode == 0, dry.stderr

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_worker import gitrepo, nodes, pyenv
-from comfy_worker.config import NodeConfig
+from comfy_worker.provision import gitrepo, nodes, pyenv
+from comfy_worker.provision.config import NodeConfig
 
 from .conftest import REPO
 from .git_repos import Repo, make_wheel, node_repo

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfy_worker.comfy_client import ComfyClient
+from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.errors import OutputError
-from comfy_worker.outputs import assemble, base64_entry, collect, convert_image, load
+from comfy_worker.runtime.outputs import assemble, base64_entry, collect, convert_image, load
 
 from .conftest import recorded_history
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from comfy_worker.workspace import Workspace
+from comfy_worker.provision.workspace import Workspace
 
 from .conftest import REPO
 from .file_server import FileServer, make_data
@@ -320,7 +320,7 @@ def test_four_workers_starting_together_install_everything_once(
     assert [start.returncode for start in starts] == [0, 0, 0, 0], outputs
     logs = "".join(err for _, err in outputs)
     assert logs.count("comfy_worker.provision: ComfyUI: latest = tag v0.3.64") == 1, logs  # one clone
-    assert logs.count("comfy_worker.nodes: shared-node: latest") == 1, logs
+    assert logs.count("comfy_worker.provision.nodes: shared-node: latest") == 1, logs
     for i in range(3):
         assert files.bytes_sent[f"/m{i}.safetensors"] == 2 * 1024 * 1024 + 1, "downloaded more than once"
     assert sorted(p.name for p in (volume.path / "models" / "checkpoints").iterdir()) == [

@@ -6,7 +6,9 @@ import json
 import logging
 from pathlib import Path
 
-from comfy_worker.redact import RedactingFilter, Redactor, secrets_from_env
+import pytest
+
+from comfy_worker.redact import RedactingFilter, Redactor, redact_url, redact_urls, secrets_from_env
 
 from .worker_process import ComfyBackend, serve_api
 
@@ -56,3 +58,26 @@ def test_secrets_printed_by_comfyui_are_masked_end_to_end(tmp_path: Path) -> Non
     assert comfy_lines and all("401 for token *** / ***" in line for line in comfy_lines), comfy_lines
     assert HF_TOKEN not in log and S3_SECRET not in log
     assert HF_TOKEN not in json.dumps(body) + json.dumps(done)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "https://u:pw@h.io/f?token=a&X-Amz-Signature=b&api_key=c&name=keep",
+            "https://***@h.io/f?token=***&X-Amz-Signature=***&api_key=***&name=keep",
+        ),
+        ("https://ghp_abcdef123456@github.com/o/node.git", "https://***@github.com/o/node.git"),
+        ("http://127.0.0.1:8188/prompt?client_id=x", "http://127.0.0.1:8188/prompt?client_id=x"),
+        ("https://h.io/a%20b?x=1&y=%2F", "https://h.io/a%20b?x=1&y=%2F"),  # nothing to hide: unchanged
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_redact_urls_in_text() -> None:
+    text = "fatal: unable to access 'https://user:tok3n@git.example/n.git/': 403; see https://x.io/?sig=abc."
+    assert (
+        redact_urls(text) == "fatal: unable to access 'https://***@git.example/n.git/': 403; see https://x.io/?sig=***."
+    )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from comfy_worker.errors import InputError
-from comfy_worker.schema import parse_job_input
+from comfy_worker.runtime.schema import parse_job_input
 
 PNG_1PX = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
 WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {}}}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from comfy_worker.comfy.supervisor import ComfySupervisor
 from comfy_worker.settings import Settings, SettingsError
-from comfy_worker.supervisor import ComfySupervisor
 
 
 def test_defaults() -> None:

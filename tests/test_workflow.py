@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from comfy_worker.errors import InputError
-from comfy_worker.schema import parse_job_input
-from comfy_worker.workflow import check_api_format, prepare
+from comfy_worker.runtime.schema import parse_job_input
+from comfy_worker.runtime.workflow import check_api_format, prepare
 
 from .conftest import EXAMPLES
 

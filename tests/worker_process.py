@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from comfy_worker.job import Worker
+from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

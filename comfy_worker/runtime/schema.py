@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic import ValidationError as PydanticValidationError
 
-from .errors import InputError
+from comfy_worker.errors import InputError, field_path
 
 MAX_RESOLUTION = 16384  # ComfyUI's own MAX_RESOLUTION for width/height inputs
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF  # KSampler's seed range
@@ -180,14 +180,6 @@ class JobInput(_Model):
             if getattr(self, id_field) is not None and getattr(self, value_field) is None:
                 raise ValueError(f"{id_field} is given but {value_field} is not")
         return self
-
-
-def field_path(loc: tuple[int | str, ...]) -> str:
-    """A pydantic error location as people write it: ``images[0].name``."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
 
 
 def parse_job_input(raw: Any, *, timeout_max: float) -> JobInput:

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 from filelock import BaseFileLock, FileLock, SoftFileLock, Timeout
@@ -44,15 +44,21 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # lazily exported
 from tqdm import tqdm
 
-from .config import ModelConfig
-from .redact import Redactor
-from .settings import SettingsError, env_float, env_int
-from .transfer import HttpStatusError, Remote, RetryableError, TransferError, TransferTuning, fetch
+from comfy_worker.provision.config import ModelConfig
+from comfy_worker.provision.transfer import (
+    HttpStatusError,
+    Remote,
+    RetryableError,
+    TransferError,
+    TransferTuning,
+    fetch,
+)
+from comfy_worker.redact import Redactor, redact_url
+from comfy_worker.settings import SettingsError, env_float, env_int
 
 log = logging.getLogger(__name__)
 
 HF_HOSTS = frozenset({"huggingface.co", "hf.co", "www.huggingface.co"})
-_SECRET_QUERY = re.compile(r"token|key|sig|secret|auth|credential|password|policy", re.IGNORECASE)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MIB = 1024 * 1024
 
@@ -145,16 +151,6 @@ class PlannedDownload:
     status: Literal["present", "download", "failed"]
     size: int | None
     error: str | None = None
-
-
-def redact_url(url: str) -> str:
-    """The URL with token-like query values and any password masked: safe for logs, errors and sidecars."""
-    parts = urlsplit(url)
-    query = [(k, "***" if _SECRET_QUERY.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    netloc = parts.netloc
-    if parts.password:
-        netloc = netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*/"), ""))
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import pyenv
-from .config_source import ConfigError, ResolvedConfig, resolve
-from .workspace import Workspace
+from comfy_worker.provision import pyenv
+from comfy_worker.provision.config_source import ConfigError, ResolvedConfig, resolve
+from comfy_worker.provision.workspace import Workspace
 
 if TYPE_CHECKING:
-    from .config import Config
+    from comfy_worker.provision.config import Config
 
 log = logging.getLogger("comfy_worker.provision")
 LOCK_LOG_INTERVAL_S = 15.0
@@ -153,7 +153,7 @@ class Report:
 
 def install_comfyui(workspace: Workspace, config: Config, state: State, report: Report) -> None:
     """Clone ComfyUI at the configured version, unless a ComfyUI this worker did not install is there."""
-    from . import gitrepo
+    from comfy_worker.provision import gitrepo
 
     path, repo, version = workspace.comfyui_dir, workspace.comfyui_repo, config.comfyui.version
     previous = state.comfyui
@@ -196,7 +196,7 @@ def install_comfyui_requirements(workspace: Workspace, report: Report) -> str | 
 def install_custom_nodes(
     workspace: Workspace, config: Config, state: State, report: Report, concurrency: int
 ) -> list[str]:
-    from . import nodes
+    from comfy_worker.provision import nodes
 
     results = nodes.install_nodes(
         config.nodes, workspace.custom_nodes_dir, workspace.comfyui_python, state.nodes, concurrency
@@ -217,7 +217,7 @@ def install_custom_nodes(
 def install_models(workspace: Workspace, config: Config, env: Mapping[str, str], report: Report) -> None:
     if not config.models:
         return
-    from . import downloads
+    from comfy_worker.provision import downloads
 
     results = downloads.download_models(config.models, workspace.models_dir, downloads.DownloadOptions.from_env(env))
     for result in results:
@@ -230,7 +230,7 @@ def install_models(workspace: Workspace, config: Config, env: Mapping[str, str],
 
 def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
     """Every model folder on the volume, for ComfyUI's --extra-model-paths-config."""
-    from .config import MODEL_FOLDERS
+    from comfy_worker.provision.config import MODEL_FOLDERS
 
     workspace.models_dir.mkdir(parents=True, exist_ok=True)
     for model in config.models:
@@ -247,8 +247,8 @@ def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
 
 def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], reason: str, force: bool) -> Report:
     """Provision what changed; the config's SHA-256 is stored only when every required item succeeded."""
-    from .config import parse
-    from .settings import env_int
+    from comfy_worker.provision.config import parse
+    from comfy_worker.settings import env_int
 
     report = Report(resolved.sha256, resolved.source, reason)
     config = parse(resolved.text, resolved.source)
@@ -321,8 +321,8 @@ def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report
 
 def dry_run(env: Mapping[str, str], workspace: Workspace) -> int:
     """Print what provisioning would do; change nothing."""
-    from . import downloads, gitrepo, nodes
-    from .config import parse
+    from comfy_worker.provision import downloads, gitrepo, nodes
+    from comfy_worker.provision.config import parse
 
     resolved = resolve(env, workspace.volume_config, workspace.baked_config)
     config = parse(resolved.text, resolved.source)

@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .comfy_client import ComfyClient
-from .errors import WorkerError
-from .supervisor import ComfySupervisor
+from comfy_worker.comfy.client import ComfyClient
+from comfy_worker.comfy.supervisor import ComfySupervisor
+from comfy_worker.errors import WorkerError
 
 LOG_LINES = 40
 FILES_PER_FOLDER = 50

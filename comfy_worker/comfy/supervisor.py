@@ -18,11 +18,11 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from .errors import ComfyUnavailableError
-from .settings import Settings
+from comfy_worker.errors import ComfyUnavailableError
+from comfy_worker.settings import Settings
 
 if TYPE_CHECKING:
-    from .comfy_client import ComfyClient
+    from comfy_worker.comfy.client import ComfyClient
 
 log = logging.getLogger(__name__)
 comfy_log = logging.getLogger("comfyui")

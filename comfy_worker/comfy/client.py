@@ -12,8 +12,8 @@ from typing import Any
 
 import requests
 
-from .comfy_errors import workflow_error
-from .errors import ComfyUnavailableError, WorkerError
+from comfy_worker.comfy.errors import workflow_error
+from comfy_worker.errors import ComfyUnavailableError, WorkerError
 
 log = logging.getLogger(__name__)
 

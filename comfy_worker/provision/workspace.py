@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 Mode = Literal["serverless", "pod", "local"]
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_COMFYUI_REPO = "https://github.com/comfyanonymous/ComfyUI"
 STATE_DIRNAME = ".comfy-worker"
 
@@ -91,7 +91,7 @@ class Workspace:
 
     def config_text(self, env: Mapping[str, str], path: Path | None = None) -> tuple[str, str]:
         """The config a command works on: ``path`` when given, else the one start.sh would use."""
-        from .config_source import resolve
+        from comfy_worker.provision.config_source import resolve
 
         if path is not None:
             return path.read_text(encoding="utf-8"), str(path)

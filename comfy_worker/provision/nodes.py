@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from . import gitrepo, pyenv
-from .config import NodeConfig
+from comfy_worker.provision import gitrepo, pyenv
+from comfy_worker.provision.config import NodeConfig
 
 log = logging.getLogger(__name__)
 DISABLED_SUFFIX = ".disabled"  # ComfyUI (and ComfyUI-Manager) skip custom_nodes/<name>.disabled
@@ -191,9 +191,9 @@ def plan(nodes: Sequence[NodeConfig], custom_nodes_dir: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``install_nodes.py``: install config.yml's custom nodes into a ComfyUI checkout."""
-    from .config import parse
-    from .config_source import ConfigError
-    from .workspace import Workspace
+    from comfy_worker.provision.config import parse
+    from comfy_worker.provision.config_source import ConfigError
+    from comfy_worker.provision.workspace import Workspace
 
     parser = argparse.ArgumentParser(description="Install config.yml's custom nodes into ComfyUI's custom_nodes.")
     parser.add_argument("--config", type=Path, help="config file (default: the one start.sh uses, see the README)")

@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cleanup, delivery, diagnostics, outputs, workflow
-from .comfy_client import ComfyClient
-from .comfy_errors import (
+from comfy_worker.comfy.client import ComfyClient
+from comfy_worker.comfy.errors import (
     execution_error,
     interrupted_error,
     missing_node_types_error,
     prompt_warnings,
     suggest_input_files,
 )
-from .errors import (
+from comfy_worker.comfy.events import DISCONNECTED, RECONNECTED, EventStream, Frame
+from comfy_worker.comfy.supervisor import ComfySupervisor
+from comfy_worker.errors import (
     ComfyCrashedError,
     ComfyUnavailableError,
     InputError,
@@ -36,13 +37,12 @@ from .errors import (
     WorkerError,
     WorkflowError,
 )
-from .events import DISCONNECTED, RECONNECTED, EventStream, Frame
-from .fetch import Fetcher
-from .redact import Redactor
-from .schema import JobInput, parse_job_input
-from .settings import FREE_MODES, Settings
-from .storage import S3Storage
-from .supervisor import ComfySupervisor
+from comfy_worker.redact import Redactor
+from comfy_worker.runtime import cleanup, delivery, diagnostics, outputs, workflow
+from comfy_worker.runtime.fetch import Fetcher
+from comfy_worker.runtime.schema import JobInput, parse_job_input
+from comfy_worker.settings import FREE_MODES, Settings
+from comfy_worker.storage import S3Storage
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import difflib
 import re
 from typing import Any
 
-from .errors import ExecutionError, PromptInterruptedError, WorkflowError
+from comfy_worker.errors import ExecutionError, PromptInterruptedError, WorkflowError
 
 TRACEBACK_FRAMES = 8  # the last frames of a node's traceback kept in the result
 MISSING_INPUT_FILE = re.compile(r"Invalid (?:image|video|audio)? ?file: (?P<name>.+)$")

@@ -1,7 +1,7 @@
 """``config.yml``: what the worker installs (ComfyUI, custom nodes, models), as one pydantic schema.
 
 The schema is the single source of truth: ``config.schema.json`` is exported from it (``python -m
-comfy_worker.config --schema``) so editors validate the file, and errors name the entry and the field
+comfy_worker.provision.config --schema``) so editors validate the file, and errors name the entry and the field
 (``models[3].destination: 'chekpoints' is not a ComfyUI model folder (did you mean 'checkpoints'?)``).
 Which file is used (``CONFIG_YML``, the volume's, the image's) is ``config_source``'s job; ``provision``
 acts on it.
@@ -22,8 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from .config_source import ConfigError
-from .schema import field_path
+from comfy_worker.errors import field_path
+from comfy_worker.provision.config_source import ConfigError
 
 # ComfyUI's model folders (folder_paths), plus the ones popular custom nodes add.
 MODEL_FOLDERS = (

@@ -19,12 +19,12 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .redact import RedactingFilter, Redactor
-from .settings import Settings, SettingsError
-from .supervisor import ComfySupervisor
+from comfy_worker.comfy.supervisor import ComfySupervisor
+from comfy_worker.redact import RedactingFilter, Redactor
+from comfy_worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # the job machinery is imported after ComfyUI was launched (see main)
-    from .job import Worker
+    from comfy_worker.runtime.job import Worker
 
 log = logging.getLogger("comfy_worker")
 
@@ -39,10 +39,10 @@ def setup_logging(level: str, redact: Redactor | None = None) -> None:
 
 def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) -> Worker:
     """Start or attach to ComfyUI and connect to it; a failure is kept and reported by every job."""
-    from .comfy_client import ComfyClient
-    from .errors import ComfyUnavailableError, WorkerError
-    from .events import EventStream
-    from .job import Worker
+    from comfy_worker.comfy.client import ComfyClient
+    from comfy_worker.comfy.events import EventStream
+    from comfy_worker.errors import ComfyUnavailableError, WorkerError
+    from comfy_worker.runtime.job import Worker
 
     client = ComfyClient(settings.comfy_api_url, client_id=f"worker-{uuid.uuid4().hex}")
     events = EventStream(settings.comfy_ws_url, client.client_id)

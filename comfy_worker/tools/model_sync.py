@@ -1,7 +1,7 @@
 """Upload a local models folder to a RunPod network volume through its S3-compatible API.
 
-    python -m comfy_worker.model_sync ~/ComfyUI/models --volume VOLUME_ID --datacenter EU-RO-1
-    python -m comfy_worker.model_sync ./models --volume VOLUME_ID --datacenter EU-RO-1 --dry-run
+    comfy-worker-model-sync ~/ComfyUI/models --volume VOLUME_ID --datacenter EU-RO-1
+    comfy-worker-model-sync ./models --volume VOLUME_ID --datacenter EU-RO-1 --dry-run
 
 Files land under ``--prefix`` (default ``models/``), the volume folder the worker's ComfyUI reads models from.
 Only what is missing or changed is sent: a different size is a change; for the same size the file's sha256
@@ -39,7 +39,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-log = logging.getLogger("comfy_worker.model_sync")
+log = logging.getLogger("comfy_worker.tools.model_sync")
 
 MIB = 1024 * 1024
 MIN_PART = 5 * MIB  # S3's smallest part (except the last)
@@ -434,7 +434,7 @@ class _Progress:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m comfy_worker.model_sync",
+        prog="comfy-worker-model-sync",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

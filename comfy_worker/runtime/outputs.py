@@ -19,8 +19,8 @@ from typing import Any
 
 from PIL import Image
 
-from .comfy_client import ComfyClient
-from .errors import OutputError, WorkerError
+from comfy_worker.comfy.client import ComfyClient
+from comfy_worker.errors import OutputError, WorkerError
 
 KINDS = ("images", "videos", "audio", "files")
 STILL_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")

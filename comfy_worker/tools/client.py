@@ -1,8 +1,8 @@
 """Send a ComfyUI workflow to the worker and save what comes back: the user's side of the job API.
 
-    python -m comfy_worker.client examples/workflows/sd15_txt2img.json --prompt "a red fox" --seed 7
-    python -m comfy_worker.client wf.json --image photo.png --image masks/m.png=mask.png --set 6.inputs.text="a cat"
-    python -m comfy_worker.client wf.json --url http://127.0.0.1:8000 --sync      # the worker's local API
+    comfy-worker-client examples/workflows/sd15_txt2img.json --prompt "a red fox" --seed 7
+    comfy-worker-client wf.json --image photo.png --image masks/m.png=mask.png --set 6.inputs.text="a cat"
+    comfy-worker-client wf.json --url http://127.0.0.1:8000 --sync      # the worker's local API
 
 Without ``--url`` the endpoint is RunPod's (``RUNPOD_ENDPOINT_ID``, ``RUNPOD_API_KEY``). By default the job
 goes to ``/run`` and ``/status/<id>`` is polled, with the worker's progress shown as it comes; ``--sync``
@@ -32,10 +32,10 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from .errors import InputError
-from .workflow import check_api_format
+from comfy_worker.api_format import check_api_format
+from comfy_worker.errors import InputError
 
-log = logging.getLogger("comfy_worker.client")
+log = logging.getLogger("comfy_worker.tools.client")
 
 RUNPOD_API_BASE = "https://api.runpod.ai/v2"
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -434,7 +434,7 @@ def _positive(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m comfy_worker.client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="comfy-worker-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("workflow", type=Path, help="an API-format workflow file (Workflow > Export (API))")
     parser.add_argument("--url", help="endpoint base URL (default: RunPod's, from RUNPOD_ENDPOINT_ID)")

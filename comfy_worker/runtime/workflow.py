@@ -10,44 +10,17 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import InputError
-from .schema import JobInput, Override
+from comfy_worker.api_format import Workflow, check_api_format
+from comfy_worker.errors import InputError
+from comfy_worker.runtime.schema import JobInput, Override
 
-Workflow = dict[str, Any]
+__all__ = ["Workflow", "check_api_format"]
 
 # Inputs that hold prompt text on the text-encode nodes people use (SD1.5/SDXL/SD3/Flux/HiDream/WAN...).
 TEXT_FIELDS = ("text", "text_g", "text_l", "clip_l", "t5xxl", "llama", "prompt")
 SEED_FIELDS = ("seed", "noise_seed")
 # Sampler and guider inputs that carry the positive conditioning; followed back to the text encoder.
 POSITIVE_INPUTS = ("positive", "conditioning")
-
-
-def check_api_format(workflow: Any) -> Workflow:
-    """Refuse what ComfyUI would refuse less clearly: a UI export, empty graphs, nodes without class_type."""
-    if not isinstance(workflow, dict):
-        raise InputError("workflow must be a JSON object of node id -> {class_type, inputs}.")
-    if isinstance(workflow.get("nodes"), list) and "links" in workflow:
-        raise InputError(
-            "workflow is in ComfyUI's UI format (it has 'nodes' and 'links'). This worker needs the API "
-            "format: in ComfyUI, use Workflow > Export (API) or 'Save (API Format)' and send that file.",
-            {"format": "ui"},
-        )
-    if not workflow:
-        raise InputError("workflow is empty: it needs at least one node and an output node such as SaveImage.")
-    problems = []
-    for node_id, node in workflow.items():
-        if not isinstance(node, dict):
-            problems.append(f"node {node_id!r} is a {type(node).__name__}, not an object")
-        elif not isinstance(node.get("class_type"), str) or not node["class_type"]:
-            problems.append(f"node {node_id!r} has no 'class_type' string")
-        elif not isinstance(node.get("inputs", {}), dict):
-            problems.append(f"node {node_id!r} ({node['class_type']}): 'inputs' must be an object")
-    if problems:
-        raise InputError(
-            "workflow is not in ComfyUI's API format: " + "; ".join(problems[:20]),
-            {"problems": problems},
-        )
-    return workflow
 
 
 def _node(workflow: Workflow, node_id: str, purpose: str) -> dict[str, Any]:

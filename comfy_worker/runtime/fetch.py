@@ -20,8 +20,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import connection as urllib3_connection
 
-from .errors import InputError
-from .storage import S3Storage
+from comfy_worker.errors import InputError
+from comfy_worker.storage import S3Storage
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 REFUSED_TYPES = ("text/html", "application/xhtml+xml")

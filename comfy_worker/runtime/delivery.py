@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .errors import ResultTooLargeError, StorageError
-from .outputs import Payload, base64_entry, entry
-from .storage import S3Storage, Upload, render_key
+from comfy_worker.errors import ResultTooLargeError, StorageError
+from comfy_worker.runtime.outputs import Payload, base64_entry, entry
+from comfy_worker.storage import S3Storage, Upload, render_key
 
 log = logging.getLogger(__name__)
 
