@@ -117,6 +117,8 @@ class _Converter:
         for definition in (workflow.get("definitions") or {}).get("subgraphs") or []:
             self.subgraphs[str(definition["id"])] = _graph(definition, definition)
         self.root = _graph(workflow, None)
+        self.group_nodes: dict[str, Any] = dict((workflow.get("extra") or {}).get("groupNodes") or {})
+        self.group_graphs: dict[int, _Graph] = {}  # id(instance node dict) -> its inner graph
         self.result = Conversion(prompt={})
         self.widget_values: dict[int, dict[str, Any]] = {}  # id(node dict) -> widget name -> value
         self.instances: dict[str, _Placed] = {}  # execution id of each subgraph instance
@@ -179,13 +181,81 @@ class _Converter:
 
     # -- walking the graph -------------------------------------------------------------------------------
 
+    def inner_graph(self, node: dict[str, Any]) -> _Graph | None:
+        """The graph inside a subgraph instance or a (legacy) group node; None for any other node."""
+        node_type = str(node.get("type"))
+        if node_type in self.subgraphs:
+            return self.subgraphs[node_type]
+        group = _group_name(node_type)
+        if group is None or group not in self.group_nodes:
+            return None
+        if id(node) not in self.group_graphs:
+            self.group_graphs[id(node)] = self.group_graph(node, self.group_nodes[group])
+        return self.group_graphs[id(node)]
+
+    def group_graph(self, instance: dict[str, Any], definition: dict[str, Any]) -> _Graph:
+        """A group node as the subgraph it amounts to: inner nodes ``<instance>:<index>``, its inputs and outputs.
+
+        Inner inputs that are not linked inside become the instance's inputs (named by the input, or
+        ``<title> <input>`` where names repeat); inner widgets not fed inside take the instance's
+        ``widgets_values`` in order; outputs not used inside (or marked external) are the instance's outputs.
+        """
+        inner_nodes = [dict(node, id=index) for index, node in enumerate(definition.get("nodes") or [])]
+        internal = {
+            (link[2], link[3]): (link[0], link[1])
+            for link in definition.get("links") or []
+            if isinstance(link, list) and len(link) >= 4 and link[0] is not None
+        }
+        used_inside = {origin for origin in internal.values()}
+        external = {(entry[0], entry[1]) for entry in definition.get("external") or [] if isinstance(entry, list)}
+        links: dict[int, _Link] = {}
+        sub_inputs: list[dict[str, Any]] = []
+        outer_values = list(instance.get("widgets_values") or [])
+        for node in inner_nodes:
+            index = node["id"]
+            slots = node.get("inputs") or []
+            rewired = []
+            for slot, entry in enumerate(slots):
+                link_id = len(links) + 1
+                if (index, slot) in internal:
+                    origin, origin_slot = internal[(index, slot)]
+                    links[link_id] = _Link(origin, int(origin_slot), index, slot)
+                else:
+                    sub_inputs.append({"name": entry.get("name"), "node": node, "linkIds": [link_id]})
+                    links[link_id] = _Link(SUBGRAPH_INPUT_NODE, len(sub_inputs) - 1, index, slot)
+                rewired.append(dict(entry, link=link_id))
+            node["inputs"] = rewired
+            if str(node.get("type")) in self.object_info:
+                fed_inside = {slots[slot].get("name") for (target, slot) in internal if target == index}
+                own = list(node.get("widgets_values") or [])
+                values = []
+                for position, (name, _sent, default) in enumerate(self.widgets(str(node["type"]))):
+                    fallback = own[position] if position < len(own) else default
+                    values.append(fallback if name in fed_inside or not outer_values else outer_values.pop(0))
+                node["widgets_values"] = values
+        names = [entry["name"] for entry in sub_inputs]
+        for entry in sub_inputs:
+            if names.count(entry["name"]) > 1:
+                node = entry["node"]
+                title = node.get("title") or self.object_info.get(str(node.get("type")), {}).get("display_name")
+                entry["name"] = f"{title} {entry['name']}"
+        position = 0
+        for node in inner_nodes:
+            count = len(self.object_info.get(str(node.get("type")), {}).get("output") or node.get("outputs") or [])
+            for slot in range(count):
+                if (node["id"], slot) not in used_inside or (node["id"], slot) in external:
+                    links[len(links) + 1] = _Link(node["id"], slot, SUBGRAPH_OUTPUT_NODE, position)
+                    position += 1
+        definition_view = {"inputs": [{"name": entry["name"]} for entry in sub_inputs], "group": True}
+        return _Graph({str(node["id"]): node for node in inner_nodes}, links, definition_view)
+
     def placed_nodes(self, graph: _Graph, path: tuple[str, ...]) -> list[_Placed]:
         """Every node of ``graph``, subgraph instances expanded in place (recursively)."""
         placed = []
         for node in graph.nodes.values():
             here = _Placed(node, graph, path)
             placed.append(here)
-            inner = self.subgraphs.get(str(node.get("type")))
+            inner = self.inner_graph(node)
             if inner is not None:
                 if len(path) > 32:
                     raise InputError("The workflow's subgraphs nest more than 32 levels deep (a subgraph in itself?).")
@@ -198,7 +268,7 @@ class _Converter:
         node_type = str(node.get("type"))
         return (
             node_type not in VIRTUAL_NODE_TYPES
-            and node_type not in self.subgraphs
+            and self.inner_graph(node) is None
             and node.get("mode", 0) not in (MUTED, BYPASSED)
         )
 
@@ -242,6 +312,8 @@ class _Converter:
         for index, outer in enumerate(outer_inputs):
             if outer.get("name") == name and outer.get("link") is not None:
                 return self.resolve_input(instance, index, seen)
+        if definition.get("group"):
+            return None  # a group node's unlinked inputs keep the inner widget's value
         widget_inputs = [entry.get("name") for entry in sub_inputs if self.feeds_widget(placed.graph, entry)]
         saved = instance.node.get("widgets_values")
         if name in widget_inputs and isinstance(saved, list) and widget_inputs.index(name) < len(saved):
@@ -270,7 +342,7 @@ class _Converter:
             index = _bypass_slot(node, slot, kind)
             self.result.rewired.append(f"bypassed node {placed.id} ({node_type})")
             return None if index < 0 else self.resolve_input(placed, index, seen)
-        inner = self.subgraphs.get(node_type)
+        inner = self.inner_graph(node)
         if inner is not None:
             return self.resolve_subgraph_output(placed, inner, slot, kind, seen)
         if node_type in VIRTUAL_NODE_TYPES:
@@ -338,7 +410,11 @@ class _Converter:
         unknown: dict[str, list[str]] = {}
         for placed in placed_nodes:
             node_type = str(placed.node.get("type"))
-            known = node_type in self.object_info or node_type in VIRTUAL_NODE_TYPES or node_type in self.subgraphs
+            known = (
+                node_type in self.object_info
+                or node_type in VIRTUAL_NODE_TYPES
+                or self.inner_graph(placed.node) is not None
+            )
             if not known and placed.node.get("mode", 0) not in (MUTED,):
                 unknown.setdefault(node_type, []).append(placed.id)
         if unknown:
@@ -390,6 +466,14 @@ def _graph(data: Mapping[str, Any], definition: dict[str, Any] | None) -> _Graph
             continue
         links[int(link_id)] = _Link(origin, int(origin_slot), target, int(target_slot))
     return _Graph(nodes, links, definition)
+
+
+def _group_name(node_type: str) -> str | None:
+    """``workflow>Name`` (``workflow/Name`` before frontend 1.4) is an instance of group node ``Name``."""
+    for prefix in ("workflow>", "workflow/"):
+        if node_type.startswith(prefix):
+            return node_type.removeprefix(prefix)
+    return None
 
 
 def _sendable(value: Any) -> Any:

@@ -73,7 +73,7 @@ def test_the_corpus_is_there() -> None:
     templates = [path for path in EXPECTED if path.name.startswith("templates__")]
     cases = [path for path in EXPECTED if path.name.startswith("cases__")]
     assert len(templates) >= 150, "tests/ui_format/expected lost its templates: run regenerate.py"
-    assert len(cases) >= 5
+    assert len(cases) >= 7
     assert len(object_info()) > 400
 
 

@@ -143,6 +143,32 @@ def convert(tools: DevTools, workflow: dict[str, Any]) -> dict[str, Any]:
     return dict(result["output"])
 
 
+# What a case builder (cases/*.js) may use: a clean graph and `add(type, pos, widgetValues)`.
+BUILDER_PRELUDE = """
+const app = window.app;
+app.graph.clear();
+const add = (type, pos, values = {}) => {
+  const node = window.LiteGraph.createNode(type);
+  node.pos = pos;
+  app.graph.add(node);
+  for (const [name, value] of Object.entries(values)) node.widgets.find((w) => w.name === name).value = value;
+  return node;
+};
+const slot = (node, name) => node.inputs.findIndex((input) => input.name === name);
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+"""
+
+
+def build_case(tools: DevTools, script: Path) -> None:
+    """Run a case builder in the frontend; what the frontend saves (``graph.serialize()``) becomes the case."""
+    body = script.read_text(encoding="utf-8")
+    workflow = tools.evaluate(
+        f"(async () => {{ {BUILDER_PRELUDE}\n{body}\nreturn JSON.stringify(app.graph.serialize()); }})()"
+    )
+    target = script.with_suffix(".json")
+    target.write_text(json.dumps(json.loads(workflow), indent=1) + "\n", encoding="utf-8")
+
+
 def copy_templates(source: Path) -> None:
     """The templates are UI workflows as ComfyUI ships them; keep the JSON files, skip the thumbnails."""
     target = HERE / "templates"
@@ -169,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     (HERE / "object_info.json").write_text(json.dumps(object_info) + "\n", encoding="utf-8")
     expected = HERE / "expected"
     expected.mkdir(exist_ok=True)
-    sources = sorted((HERE / "cases").glob("*.json")) + sorted((HERE / "templates").glob("*.json"))
     failed = 0
     with chromium() as tools:
         log.info("frontend ready: %d node types", open_frontend(tools, args.comfy_url))
-        for path in sources:
+        for script in sorted((HERE / "cases").glob("*.js")):
+            if not args.only or script.stem == args.only:
+                build_case(tools, script)
+        for path in sorted((HERE / "cases").glob("*.json")) + sorted((HERE / "templates").glob("*.json")):
             name = f"{path.parent.name}__{path.stem}"
             if args.only and path.stem != args.only:
                 continue
