@@ -57,7 +57,10 @@ def unknown_types(workflow: dict[str, Any]) -> set[str]:
     subgraphs = (workflow.get("definitions") or {}).get("subgraphs") or []
     for definition in subgraphs:
         nodes += definition["nodes"]
-    ids = {definition["id"] for definition in subgraphs}
+    groups = (workflow.get("extra") or {}).get("groupNodes") or {}
+    for group in groups.values():
+        nodes += group["nodes"]
+    ids = {definition["id"] for definition in subgraphs} | {f"workflow>{name}" for name in groups}
     virtual = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
     return {
         node["type"]
