@@ -12,8 +12,8 @@ import pytest
 from .worker_process import WORKER_ENV_PREFIXES
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TRANSCRIPTS = SHARED / "comfyui" / "transcripts"
+# Recordings of a real ComfyUI 0.3.64 (see the README there): the stand-in's contract and its node list.
+TRANSCRIPTS = REPO / "tests" / "comfyui_transcripts"
 EXAMPLES = REPO / "examples"
 
 
@@ -28,10 +28,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def load_transcript(name: str) -> dict[str, Any]:
-    path = TRANSCRIPTS / name
-    if not path.is_file():
-        pytest.skip(f"recorded transcript {path} is missing (the shared/ folder must sit beside the checkout)")
-    data: dict[str, Any] = json.loads(path.read_text())
+    """A recorded transcript; a missing one fails the test (the recordings are part of the repository)."""
+    data: dict[str, Any] = json.loads((TRANSCRIPTS / name).read_text())
     return data
 
 

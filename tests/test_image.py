@@ -622,7 +622,9 @@ def hub_problems(hub: dict[str, Any]) -> list[str]:
     keys = [entry.get("key") for entry in config.get("env", [])]
     if len(keys) != len(set(keys)):
         problems.append("duplicate env keys")
-    known = (REPO / "README.md").read_text() + (REPO / "comfy_worker" / "provision" / "config.py").read_text()
+    known = (REPO / "docs" / "environment.md").read_text() + (
+        REPO / "comfy_worker" / "provision" / "config.py"
+    ).read_text()
     for entry in config.get("env", []):
         key, spec = entry.get("key", ""), entry.get("input", {})
         if not all(spec.get(field) for field in ("name", "type", "description")):

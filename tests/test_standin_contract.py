@@ -1,4 +1,4 @@
-"""Contract test: the stand-in ComfyUI must behave like the real ComfyUI 0.3.64 recorded in shared/comfyui.
+"""Contract test: the stand-in ComfyUI must behave like the real ComfyUI 0.3.64 recorded in tests/comfyui_transcripts.
 
 Every scenario replays the requests of one recorded transcript against a live server and compares what comes
 back with the recording: HTTP status codes, content types and JSON bodies, the type sequence and the content
@@ -41,11 +41,11 @@ import websocket
 from PIL import Image
 
 from tests.comfy_servers import ComfyServer, run_real_comfyui, run_standin
+from tests.conftest import TRANSCRIPTS
 
 # Read at import time: the shared conftest clears these variables for every test.
 REAL_COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 REAL_COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
-TRANSCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "comfyui" / "transcripts"
 
 JOB_TIMEOUT = 120.0
 TEMP_NAME = re.compile(r"ComfyUI_temp_[a-z]{5}_")
@@ -101,10 +101,7 @@ class Transcript:
     """One recorded session: ``{name, client_id, notes, events}``."""
 
     def __init__(self, name: str) -> None:
-        path = TRANSCRIPTS / name
-        if not path.is_file():
-            pytest.skip(f"recorded transcript {path} is missing (shared/ must sit beside the checkout)")
-        data = json.loads(path.read_text())
+        data = json.loads((TRANSCRIPTS / name).read_text())  # a missing recording fails the test
         self.name: str = data["name"]
         self.client_id: str = data["client_id"]
         self.notes: dict[str, Any] = data["notes"]

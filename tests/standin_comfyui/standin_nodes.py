@@ -852,20 +852,20 @@ class NodeRegistry:
         return {name: self.node_info(name) for name in self.classes}
 
 
+# The recording in the repository (tests/comfyui_transcripts); a copy of this folder elsewhere (the provisioning
+# tests install the stand-in from a temporary git repository) has no such neighbour and serves the small list.
+RECORDED_OBJECT_INFO = Path(__file__).resolve().parent.parent / "comfyui_transcripts" / "object_info_full.json"
+
+
 def find_object_info(explicit: str | None) -> Path | None:
-    """The recorded object_info: ``--object-info``, ``STANDIN_COMFYUI_OBJECT_INFO``, or ``shared/`` beside
-    the repository (searched upwards from this file)."""
+    """The recorded object_info: ``--object-info``, ``STANDIN_COMFYUI_OBJECT_INFO``, or the repository's
+    recording when this folder sits in the repository's ``tests/``."""
     if explicit:
         return Path(explicit)
     env = os.environ.get("STANDIN_COMFYUI_OBJECT_INFO")
     if env:
         return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "shared" / "comfyui" / "transcripts" / "object_info_full.json"
-        if candidate.is_file():
-            return candidate
-    return None
+    return RECORDED_OBJECT_INFO if RECORDED_OBJECT_INFO.is_file() else None
 
 
 FALLBACK_OBJECT_INFO = Path(__file__).resolve().parent / "object_info_min.json"
