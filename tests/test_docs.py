@@ -61,7 +61,8 @@ NOT_ENV = {
     "CANCELLED", "COMPLETED", "FAILED", "IN_PROGRESS", "TIMED_OUT",  # RunPod job states
     "GET", "POST", "HEAD",  # HTTP methods, git's HEAD
     "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL",  # log levels
-    "JPEG", "RGB", "RGBA", "WEBP", "LLM", "STRING", "UNIQUE_ID",  # Pillow, model folders, ComfyUI types
+    "JPEG", "RGB", "RGBA", "WEBP", "LLM", "UNIQUE_ID",  # Pillow, model folders, ComfyUI types
+    "STRING", "INT", "FLOAT", "BOOLEAN", "COMBO",  # ComfyUI widget types (ui_format)
     "KB", "MB", "GB",  # units
 }  # fmt: skip
 SHELL_OWN = {"BASH_SOURCE", "BASH_REMATCH", "PIPESTATUS", "FUNCNAME", "LINENO", "HOME", "PATH", "PWD", "IFS"}
