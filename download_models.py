@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Download config.yml's models onto the volume: ``python download_models.py [--dry-run] [--only-required]``.
 
 The work is in ``comfy_worker.provision.downloads``; this file is the command line (the worker's start-up runs it, and
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from comfy_worker.provision.config import parse
 from comfy_worker.provision.config_source import ConfigError
+from comfy_worker.provision.download_options import DownloadOptions
 from comfy_worker.provision.downloads import (
-    DownloadOptions,
     download_models,
     failed_required,
     format_plan,

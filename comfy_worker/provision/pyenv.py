@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from comfy_worker.fsutil import atomic_write
+
 log = logging.getLogger(__name__)
 
 MARKER_NAME = "comfy-worker-env.json"
@@ -60,9 +62,7 @@ def read_marker(path: Path) -> set[str]:
 
 def add_to_marker(path: Path, keys: Iterable[str]) -> None:
     installed = read_marker(path) | set(keys)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps({"installed": sorted(installed)}, indent=1), encoding="utf-8")
-    temporary.replace(path)
+    atomic_write(path, json.dumps({"installed": sorted(installed)}, indent=1))
 
 
 def requirements_key(kind: str, name: str, files: Sequence[Path]) -> str:

@@ -22,11 +22,12 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from comfy_worker.fsutil import LockTimeout, atomic_write, hold_lock
 from comfy_worker.provision import pyenv
 from comfy_worker.provision.config_source import ConfigError, ResolvedConfig, resolve
 from comfy_worker.provision.workspace import Workspace
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from comfy_worker.provision.config import Config
 
 log = logging.getLogger("comfy_worker.provision")
-LOCK_LOG_INTERVAL_S = 15.0
+DEFAULT_LOCK_TIMEOUT_S = 600.0
 DEFAULT_PID_FILE = "/tmp/comfy-worker.pid"  # noqa: S108 - per container, where apply_config.sh runs too
 
 
@@ -64,10 +65,7 @@ class State:
         )
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(self.__dict__, indent=1, sort_keys=True), encoding="utf-8")
-        temporary.replace(path)
+        atomic_write(path, json.dumps(self.__dict__, indent=1, sort_keys=True))
 
 
 def state_path(workspace: Workspace) -> Path:
@@ -90,24 +88,12 @@ def gate(workspace: Workspace, resolved: ResolvedConfig, state: State, force: bo
     return None
 
 
-@contextlib.contextmanager
-def volume_lock(path: Path) -> Iterator[None]:
-    """Hold ``path`` as a lock; while another worker holds it, wait and say so every few seconds."""
-    import filelock
+def volume_lock(workspace: Workspace, env: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
+    """The volume's lock for the git and pip work; a holder silent for PROVISION_LOCK_TIMEOUT is given up on."""
+    from comfy_worker.settings import env_float
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(path))
-    started = time.monotonic()
-    while True:
-        try:
-            lock.acquire(timeout=LOCK_LOG_INTERVAL_S)
-            break
-        except filelock.Timeout:
-            log.info("Waiting for another worker provisioning this volume (%.0fs so far)", time.monotonic() - started)
-    try:
-        yield
-    finally:
-        lock.release()
+    deadline_s = env_float(env, "PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S, minimum=1.0)
+    return hold_lock(workspace.state_dir / "provision.lock", what="provisioning this volume", deadline_s=deadline_s)
 
 
 @dataclass
@@ -218,8 +204,9 @@ def install_models(workspace: Workspace, config: Config, env: Mapping[str, str],
     if not config.models:
         return
     from comfy_worker.provision import downloads
+    from comfy_worker.provision.download_options import DownloadOptions
 
-    results = downloads.download_models(config.models, workspace.models_dir, downloads.DownloadOptions.from_env(env))
+    results = downloads.download_models(config.models, workspace.models_dir, DownloadOptions.from_env(env))
     for result in results:
         name = f"{result.model.destination}/{result.path.name if result.path else result.model.url}"
         if result.status == "failed":
@@ -242,7 +229,7 @@ def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
         f"  base_path: {json.dumps(str(workspace.models_dir))}",
         *(f"  {name}: {json.dumps(name)}" for name in sorted(present | set(MODEL_FOLDERS))),
     ]
-    workspace.extra_model_paths.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write(workspace.extra_model_paths, "\n".join(lines) + "\n")
 
 
 def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], reason: str, force: bool) -> Report:
@@ -253,7 +240,7 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
     report = Report(resolved.sha256, resolved.source, reason)
     config = parse(resolved.text, resolved.source)
     concurrency = env_int(env, "NODE_INSTALL_CONCURRENCY", 4, minimum=1)
-    with volume_lock(workspace.state_dir / "provision.lock"):
+    with volume_lock(workspace, env):
         state = State.load(state_path(workspace))
         if gate(workspace, resolved, state, force) is None:
             log.info("Another worker provisioned this config meanwhile; nothing left to do")
@@ -268,7 +255,7 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         state.save(state_path(workspace))
     install_models(workspace, config, env, report)
     write_extra_model_paths(workspace, config)
-    with volume_lock(workspace.state_dir / "provision.lock"):
+    with volume_lock(workspace, env):
         state = State.load(state_path(workspace))
         state.provisioned_sha256 = resolved.sha256 if report.ok else None
         state.save(state_path(workspace))
@@ -276,8 +263,8 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
 
 
 def write_status(workspace: Workspace, status: dict[str, Any]) -> None:
-    workspace.status_file.parent.mkdir(parents=True, exist_ok=True)
-    workspace.status_file.write_text(json.dumps(status, indent=1), encoding="utf-8")
+    """status.json, whole: the worker reads it while a later provisioning run may be writing it."""
+    atomic_write(workspace.status_file, json.dumps(status, indent=1))
 
 
 def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report | None]:
@@ -304,12 +291,17 @@ def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report
         log.error("%s", exc)
         write_status(workspace, {"ok": False, "failed": [{"kind": "config", "name": "config.yml", "error": str(exc)}]})
         return 1, None
+    except LockTimeout as exc:
+        log.error("%s", exc)
+        failed = {"kind": "lock", "name": "provision.lock", "error": str(exc)}
+        write_status(workspace, {"ok": False, "failed": [failed]})
+        return 1, None
     except Exception as exc:  # unexpected: still explain it to every job instead of dying silently
         log.exception("Provisioning failed")
         error = f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=3).splitlines()[-2].strip()})"
         write_status(workspace, {"ok": False, "failed": [{"kind": "provisioning", "name": "", "error": error}]})
         return 1, None
-    (workspace.state_dir / "config.yml").write_text(resolved.text, encoding="utf-8")
+    atomic_write(workspace.state_dir / "config.yml", resolved.text)
     write_status(workspace, report.to_json())
     seconds = time.monotonic() - started
     if report.ok:
@@ -323,6 +315,7 @@ def dry_run(env: Mapping[str, str], workspace: Workspace) -> int:
     """Print what provisioning would do; change nothing."""
     from comfy_worker.provision import downloads, gitrepo, nodes
     from comfy_worker.provision.config import parse
+    from comfy_worker.provision.download_options import DownloadOptions
 
     resolved = resolve(env, workspace.volume_config, workspace.baked_config)
     config = parse(resolved.text, resolved.source)
@@ -335,7 +328,7 @@ def dry_run(env: Mapping[str, str], workspace: Workspace) -> int:
     except gitrepo.GitError as exc:
         out.append(f"ComfyUI: FAILS: {exc}")
     out += [f"node {line}" for line in nodes.plan(config.nodes, workspace.custom_nodes_dir)]
-    options = downloads.DownloadOptions.from_env(env)
+    options = DownloadOptions.from_env(env)
     out.append(downloads.format_plan(downloads.plan(config.models, workspace.models_dir, options)).rstrip("\n"))
     sys.stdout.write("\n".join(out) + "\n")
     return 0
