@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from comfy_worker.fsutil import LockTimeout, atomic_write, hold_lock
 from comfy_worker.provision import pyenv
 from comfy_worker.provision.config_source import ConfigError, ResolvedConfig, resolve
+from comfy_worker.provision.logs import setup_logging
 from comfy_worker.provision.workspace import Workspace
+from comfy_worker.redact import redact_url, redact_urls
 
 if TYPE_CHECKING:
     from comfy_worker.provision.config import Config
@@ -77,6 +79,8 @@ def gate(workspace: Workspace, resolved: ResolvedConfig, state: State, force: bo
     if force:
         return "PROVISION_FORCE is set"
     if state.provisioned_sha256 is None:
+        if state.comfyui or state.nodes or workspace.status_file.exists():
+            return f"the last provisioning run did not complete (failed or interrupted; see {workspace.status_file})"
         return "nothing was provisioned on this volume yet"
     if state.provisioned_sha256 != resolved.sha256:
         return f"the config changed ({state.provisioned_sha256[:12]} -> {resolved.sha256[:12]})"
@@ -120,6 +124,8 @@ class Report:
         return any(not item.startswith("model ") for item in self.done)
 
     def fail(self, kind: str, name: str, error: str, optional: bool = False) -> None:
+        """Record a failure; URLs in it lose their credentials (status.json reaches every job)."""
+        name, error = redact_urls(name), redact_urls(error)
         log.error("%s %s failed: %s", kind, name, error)
         (self.optional_failed if optional else self.failed).append({"kind": kind, "name": name, "error": error})
 
@@ -146,7 +152,7 @@ def install_comfyui(workspace: Workspace, config: Config, state: State, report: 
     if (path / "main.py").is_file() and not previous:
         log.info("Using the ComfyUI already at %s (not installed by the worker: its version is left alone)", path)
         return
-    unchanged = previous.get("repo") == repo and previous.get("version") == version
+    unchanged = previous.get("repo") == redact_url(repo) and previous.get("version") == version
     if unchanged and gitrepo.head_commit(path) == previous.get("commit"):
         return
     try:
@@ -155,13 +161,18 @@ def install_comfyui(workspace: Workspace, config: Config, state: State, report: 
     except gitrepo.GitError as exc:
         report.fail("comfyui", repo, str(exc))
         return
-    state.comfyui = {"repo": repo, "version": version, "commit": commit}
+    state.comfyui = {"repo": redact_url(repo), "version": version, "commit": commit}
     report.done.append(f"ComfyUI: {resolved.description} ({commit[:10]})")
     log.info("ComfyUI: %s (%s) in %s", resolved.description, commit[:10], path)
 
 
-def install_comfyui_requirements(workspace: Workspace, report: Report) -> str | None:
-    """ComfyUI's own requirements in the environment that runs it; the requirement set's key."""
+def install_comfyui_requirements(workspace: Workspace, state: State, report: Report) -> str | None:
+    """ComfyUI's own requirements in the environment that runs it; the requirement set's key.
+
+    A ComfyUI the worker did not install (an existing checkout) runs in the user's own Python: what goes in
+    is said in the log, and torch, torchvision and torchaudio are left out entirely, since PyPI's builds
+    (for another CUDA) would sit beside, or replace, the torch the user chose.
+    """
     requirements = workspace.comfyui_dir / "requirements.txt"
     if not requirements.is_file():
         return None
@@ -169,14 +180,32 @@ def install_comfyui_requirements(workspace: Workspace, report: Report) -> str | 
     marker = pyenv.marker_path(workspace.comfyui_python)
     if key in pyenv.read_marker(marker):
         return key
+    leave_out: tuple[str, ...] = ()
+    if not state.comfyui:
+        leave_out = pyenv.PROTECTED
+        log.warning(
+            "Installing the requirements of the existing ComfyUI checkout (%s) into its Python %s, "
+            "leaving out %s (install those yourself)",
+            requirements,
+            workspace.comfyui_python,
+            ", ".join(leave_out),
+        )
     try:
-        pyenv.pip_install(workspace.comfyui_python, [requirements])
+        pyenv.pip_install(workspace.comfyui_python, [requirements], leave_out=leave_out)
     except pyenv.InstallError as exc:
         report.fail("comfyui", "requirements.txt", str(exc))
         return None
     pyenv.add_to_marker(marker, [key])
     report.done.append("ComfyUI requirements")
     return key
+
+
+def check_node_versions(config: Config, report: Report) -> None:
+    """ComfyUI failed, so no node is installed this run; still report the nodes whose version is wrong."""
+    from comfy_worker.provision import nodes
+
+    for result in nodes.check_versions(config.nodes):
+        report.fail("node", result.name, result.error or "failed")
 
 
 def install_custom_nodes(
@@ -249,8 +278,10 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         install_comfyui(workspace, config, state, report)
         env_keys = []
         if report.ok:
-            env_keys.append(install_comfyui_requirements(workspace, report))
+            env_keys.append(install_comfyui_requirements(workspace, state, report))
             env_keys += install_custom_nodes(workspace, config, state, report, concurrency)
+        else:
+            check_node_versions(config, report)
         state.env_keys = sorted(key for key in env_keys if key)
         state.save(state_path(workspace))
     install_models(workspace, config, env, report)
@@ -316,19 +347,25 @@ def dry_run(env: Mapping[str, str], workspace: Workspace) -> int:
     from comfy_worker.provision import downloads, gitrepo, nodes
     from comfy_worker.provision.config import parse
     from comfy_worker.provision.download_options import DownloadOptions
+    from comfy_worker.settings import SettingsError
 
-    resolved = resolve(env, workspace.volume_config, workspace.baked_config)
-    config = parse(resolved.text, resolved.source)
+    try:
+        resolved = resolve(env, workspace.volume_config, workspace.baked_config)
+        config = parse(resolved.text, resolved.source)
+        options = DownloadOptions.from_env(env)
+    except (ConfigError, SettingsError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
     reason = gate(workspace, resolved, State.load(state_path(workspace)))
     out = [f"workspace: {workspace.root} ({workspace.mode}); config: {resolved.source} (sha256 {resolved.sha256[:12]})"]
+    repo = redact_url(workspace.comfyui_repo)
     out.append(f"gate: {reason or 'unchanged, nothing would be done'}")
     try:
         comfy = gitrepo.resolve_version(workspace.comfyui_repo, config.comfyui.version)
-        out.append(f"ComfyUI {workspace.comfyui_repo}: {comfy.description} -> {workspace.comfyui_dir}")
+        out.append(f"ComfyUI {repo}: {comfy.description} -> {workspace.comfyui_dir}")
     except gitrepo.GitError as exc:
         out.append(f"ComfyUI: FAILS: {exc}")
     out += [f"node {line}" for line in nodes.plan(config.nodes, workspace.custom_nodes_dir)]
-    options = DownloadOptions.from_env(env)
     out.append(downloads.format_plan(downloads.plan(config.models, workspace.models_dir, options)).rstrip("\n"))
     sys.stdout.write("\n".join(out) + "\n")
     return 0
@@ -361,11 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="then ask the running worker (WORKER_PID_FILE) to restart ComfyUI if nodes changed (apply_config.sh)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(os.environ)
     workspace = Workspace.from_env(os.environ)
     if args.dry_run:
         return dry_run(os.environ, workspace)
