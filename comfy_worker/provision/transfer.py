@@ -231,6 +231,7 @@ def _fetch_segments(
             if failures:
                 restarts = [e for e in failures if isinstance(e, _Restart)]
                 raise (restarts or failures)[0]
+        os.fsync(fd)  # on the disk before it is renamed onto its name: a crash leaves the old state or the file
     finally:
         sidecar.save()
         os.close(fd)
