@@ -30,6 +30,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LOCK_LOG_INTERVAL_S = 15.0
+DEFAULT_LOCK_DEADLINE_S = 600.0  # PROVISION_LOCK_TIMEOUT's default: ten minutes without a sign of life
 
 
 class LockTimeout(Exception):

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from comfy_worker.fsutil import DEFAULT_LOCK_DEADLINE_S
 from comfy_worker.provision.transfer import TransferTuning
 from comfy_worker.settings import SettingsError, env_float, env_int
 
 MIB = 1024 * 1024
-DEFAULT_LOCK_TIMEOUT_S = 600.0
 
 
 class DownloadError(Exception):
@@ -32,7 +32,7 @@ class DownloadOptions:
     retries: int = 5
     retry_backoff_s: float = 1.0
     lock: Literal["auto", "flock", "soft"] = "auto"
-    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S  # a lock holder silent this long is given up on
+    lock_timeout_s: float = DEFAULT_LOCK_DEADLINE_S  # a lock holder silent this long is given up on
     progress_bar: bool | None = None  # None: a tqdm bar when stderr is a TTY, log lines otherwise
 
     @classmethod
@@ -55,7 +55,7 @@ class DownloadOptions:
             segment_threshold=int(env_float(env, "DOWNLOAD_SEGMENT_MIN_MB", 64.0, minimum=1.0) * MIB),
             retries=env_int(env, "DOWNLOAD_RETRIES", cls.retries),
             lock=lock,  # type: ignore[arg-type]
-            lock_timeout_s=env_float(env, "PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S, minimum=1.0),
+            lock_timeout_s=env_float(env, "PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_DEADLINE_S, minimum=1.0),
         )
 
     @property

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from comfy_worker.provision.download_options import DownloadOptions
 
-log = logging.getLogger("comfy_worker.provision.downloads")
+log = logging.getLogger(__name__)
 
 
 class FileProgress:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from comfy_worker.fsutil import LockTimeout, atomic_write, hold_lock
+from comfy_worker.fsutil import DEFAULT_LOCK_DEADLINE_S, LockTimeout, atomic_write, hold_lock
 from comfy_worker.provision import pyenv
 from comfy_worker.provision.config_source import ConfigError, ResolvedConfig, resolve
 from comfy_worker.provision.logs import setup_logging
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from comfy_worker.provision.config import Config
 
 log = logging.getLogger("comfy_worker.provision")
-DEFAULT_LOCK_TIMEOUT_S = 600.0
 DEFAULT_PID_FILE = "/tmp/comfy-worker.pid"  # noqa: S108 - per container, where apply_config.sh runs too
 
 
@@ -96,7 +95,7 @@ def volume_lock(workspace: Workspace, env: Mapping[str, str]) -> contextlib.Abst
     """The volume's lock for the git and pip work; a holder silent for PROVISION_LOCK_TIMEOUT is given up on."""
     from comfy_worker.settings import env_float
 
-    deadline_s = env_float(env, "PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S, minimum=1.0)
+    deadline_s = env_float(env, "PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_DEADLINE_S, minimum=1.0)
     return hold_lock(workspace.state_dir / "provision.lock", what="provisioning this volume", deadline_s=deadline_s)
 
 

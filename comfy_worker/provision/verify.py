@@ -16,7 +16,7 @@ from comfy_worker.provision.download_options import MIB, DownloadError
 from comfy_worker.provision.progress import mb
 from comfy_worker.provision.transfer import Remote
 
-log = logging.getLogger("comfy_worker.provision.downloads")
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path) -> str:
