@@ -293,8 +293,9 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
 
 
 def write_status(workspace: Workspace, status: dict[str, Any]) -> None:
-    """status.json, whole: the worker reads it while a later provisioning run may be writing it."""
-    atomic_write(workspace.status_file, json.dumps(status, indent=1))
+    """status.json, whole (the worker reads it while a later run may be writing it), and without credentials:
+    every job reports it, and an error may quote a URL from config.yml."""
+    atomic_write(workspace.status_file, redact_urls(json.dumps(status, indent=1)))
 
 
 def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report | None]:
