@@ -374,8 +374,10 @@ def test_options_from_env() -> None:
         "CIVITAI_TOKEN": "civ",
         "DOWNLOAD_TOKENS": "Example.com=a, cdn.io=b",
         "HF_ENDPOINT": "http://127.0.0.1:1234/",
+        "PROVISION_LOCK_TIMEOUT": "30",
     }
     opts = DownloadOptions.from_env(env)
+    assert opts.lock_timeout_s == 30.0 and DownloadOptions.from_env({}).lock_timeout_s == 600.0
     assert (opts.concurrency, opts.connections, opts.progress_interval_s) == (2, 3, 5.0)
     assert opts.host_tokens == {"example.com": "a", "cdn.io": "b", "civitai.com": "civ"}
     assert opts.token_for("www.civitai.com") == "civ" and opts.token_for("evilcivitai.com") is None
