@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Download config.yml's models onto the volume: ``python download_models.py [--dry-run] [--only-required]``.
 
 The work is in ``comfy_worker.provision.downloads``; this file is the command line (the worker's start-up runs it, and
@@ -7,32 +8,23 @@ users run it to pre-fill a network volume). Exit status 1 when a required model 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from comfy_worker.provision.config import parse
 from comfy_worker.provision.config_source import ConfigError
+from comfy_worker.provision.download_options import DownloadOptions
 from comfy_worker.provision.downloads import (
-    DownloadOptions,
     download_models,
     failed_required,
     format_plan,
     format_results,
     plan,
 )
+from comfy_worker.provision.logs import setup_logging
 from comfy_worker.provision.workspace import Workspace
-from comfy_worker.redact import RedactingFilter, Redactor, secrets_from_env
 from comfy_worker.settings import SettingsError
-
-
-def _setup_logging(secrets: tuple[str, ...]) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter(Redactor(sorted(set(secrets), key=len, reverse=True))))
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), handlers=[handler])
-    logging.captureWarnings(True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ConfigError, SettingsError) as exc:
         sys.stderr.write(f"{exc}\n")
         return 2
-    _setup_logging(options.secrets + secrets_from_env(os.environ))
+    setup_logging(os.environ, options.secrets)
     models = [m for m in config.models if not (args.only_required and m.optional)]
     models_dir = args.models_dir or workspace.models_dir
     if args.dry_run:

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from comfy_worker.provision.config import ModelConfig
-from comfy_worker.provision.downloads import DownloadOptions, download_models
+from comfy_worker.provision.download_options import DownloadOptions
+from comfy_worker.provision.downloads import download_models
 from tests.file_server import FileServer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,9 @@ few shared leaves they all may use:
 - ``tools``: the user's side, on a laptop (``comfy-worker-client``, ``comfy-worker-model-sync``); never
   imports the runtime, provisioning or ``comfy``.
 - Shared leaves: ``settings`` (every env var, parsed once), ``errors`` (the one error tree), ``redact``
-  (secrets out of logs and results), ``storage`` (S3-compatible buckets), ``api_format`` (what an
-  API-format workflow looks like). They import no sub-package.
+  (secrets out of logs and results), ``storage`` (S3-compatible buckets, the one boto3 client), ``api_format``
+  (what an API-format workflow looks like), ``fsutil`` (the one atomic write and the one lock with a
+  deadline). They import no sub-package.
 
 ``tests/test_layout.py`` checks these rules.
 """

@@ -49,23 +49,47 @@ def render_key(template: str, prefix: str | None, **fields: str) -> str:
     return f"{clean}/{key}" if clean else key
 
 
+def s3_client(
+    *,
+    endpoint_url: str | None,
+    region: str,
+    access_key_id: str | None,
+    secret_access_key: str | None,
+    parallel: int = 10,
+    read_timeout_s: float = 60,
+) -> Any:
+    """The one boto3 S3 client, for the worker's output bucket and for model sync to a network volume.
+
+    Both want the same things: SigV4 (R2, MinIO and RunPod's S3 API require it), botocore's standard retries
+    with backoff, path-style addressing for custom endpoints (they do not serve bucket subdomains) and a
+    connection timeout. What differs is a parameter: how many connections run in parallel (model sync sends
+    parts in parallel) and how long one read may take (a 64 MB part on a slow uplink).
+    """
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        region_name=region,
+        config=botocore.config.Config(
+            signature_version="s3v4",
+            retries={"mode": "standard", "max_attempts": 5},
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            connect_timeout=10,
+            read_timeout=read_timeout_s,
+            max_pool_connections=parallel,
+        ),
+    )
+
+
 class S3Storage:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
-        addressing = "path" if settings.endpoint_url else "auto"  # custom endpoints (R2, MinIO...) want paths
-        self.client: Any = boto3.client(
-            "s3",
+        self.client: Any = s3_client(
             endpoint_url=settings.endpoint_url,
-            aws_access_key_id=settings.access_key_id,
-            aws_secret_access_key=settings.secret_access_key,
-            region_name=settings.region,
-            config=botocore.config.Config(
-                signature_version="s3v4",
-                retries={"mode": "standard", "max_attempts": 5},
-                s3={"addressing_style": addressing},
-                connect_timeout=10,
-                read_timeout=60,
-            ),
+            region=settings.region,
+            access_key_id=settings.access_key_id,
+            secret_access_key=settings.secret_access_key,
         )
         self._transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD

@@ -37,6 +37,7 @@ class Served:
     status: int | None = None  # always answer this status
     token: str | None = None  # require "Authorization: Bearer <token>"
     disposition: str | None = None
+    fail_range_at: int | None = None  # a Range request that starts at this offset is answered 404
     headers: dict[str, str] = field(default_factory=dict)
     last_modified: str = field(default_factory=lambda: formatdate(usegmt=True))
 
@@ -179,6 +180,9 @@ class _Handler(BaseHTTPRequestHandler):
         if served.ranges and wanted.startswith("bytes=") and fresh:
             first, _, last = wanted[6:].partition("-")
             start = int(first)
+            if start == served.fail_range_at:
+                self._empty(404)
+                return
             end = min(int(last) + 1, size) if last else size
             if start >= size:
                 self._empty(416, {"Content-Range": f"bytes */{size}"})

@@ -90,6 +90,26 @@ def test_settings_and_messages() -> None:
     assert remote.describe_progress(update) == ("RunPod: IN_PROGRESS KSampler step 3/20", 40.0)
 
 
+def test_outputs_from_a_hostile_endpoint_stay_outputs(tmp_path: Path) -> None:
+    """A compromised endpoint must not make the bridge copy a local file into ComfyUI's output folder, nor
+    write outside it, nor crash on a name the filesystem refuses."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("local file")
+    with pytest.raises(remote.RemoteError, match="refusing to fetch a file: URL"):
+        remote.output_bytes({"filename": "x.png", "type": "s3_url", "data": secret.as_uri()})
+    data = base64.b64encode(b"img").decode()
+    output = {
+        "images": [
+            {"filename": "../../escape\x00.png", "type": "base64", "data": data, "node_id": "3"},
+            {"filename": "n" * 300 + ".png", "type": "base64", "data": data, "node_id": "3"},
+        ]
+    }
+    ui = bridge.RunPodBridge._save(output, tmp_path / "output")
+    names = [item["filename"] for item in ui["images"]]
+    assert names[0] == "escape.png" and len(names[1].encode()) <= 200
+    assert sorted(p.name for p in (tmp_path / "output").iterdir()) == sorted(names)
+
+
 # --- inside a real ComfyUI -------------------------------------------------------------------------------------
 
 
@@ -97,6 +117,22 @@ def test_settings_and_messages() -> None:
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     with serve_api(ComfyBackend.standin(), tmp_path_factory.mktemp("bridge-worker")) as worker:
         yield worker
+
+
+def test_remote_jobs_run_on_the_workers_local_api(endpoint: WorkerProcess) -> None:
+    """The bridge's endpoint side without ComfyUI: submit, poll (the local API answers /status to POST only),
+    the output's bytes; and a failing job as the UI's message."""
+    settings = remote.BridgeSettings.from_env({"RUNPOD_BRIDGE_URL": endpoint.api_url, "RUNPOD_BRIDGE_POLL": "0.1"})
+    updates: list[dict[str, Any]] = []
+    graph = {k: v for k, v in GRAPH.items() if k in ("4", "5")}
+    output = remote.RemoteJobs(settings).run({"workflow": graph}, updates.append, lambda: False)
+    [image] = output["images"]
+    assert remote.output_bytes(image).startswith(b"\x89PNG")
+    assert updates and updates[-1]["status"] == "COMPLETED"
+    bad = {"1": {"class_type": "EmptyImage", "inputs": {"width": 99999, "height": 8, "batch_size": 1, "color": 0}}}
+    bad["2"] = {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bad"}}
+    with pytest.raises(remote.RemoteError, match="FAILED: workflow_validation"):
+        remote.RemoteJobs(settings).run({"workflow": bad}, updates.append, lambda: False)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from PIL import Image
 from comfy_worker.tools import client
 from comfy_worker.tools.client import (
     ClientError,
-    describe_progress,
     endpoint_from,
     format_error,
     parse_image,
@@ -36,6 +35,7 @@ from comfy_worker.tools.client import (
     parse_size,
     save_outputs,
 )
+from comfy_worker.tools.jobapi import describe_progress
 
 from .conftest import EXAMPLES
 from .s3_server import ACCESS_KEY, SECRET_KEY, run_s3rver
@@ -150,6 +150,7 @@ def test_default_out_folder_is_outputs_job_id(worker: WorkerProcess, tmp_path: P
     assert len(paths) == 2 and all(p.is_file() for p in paths)
     job_folder = paths[0].parent
     assert job_folder.parent == tmp_path / "outputs" and f"job {job_folder.name}" in result.stderr
+    assert "runs the whole job inside this status call, so no progress shows" in result.stderr
 
 
 def test_worker_error_is_readable_and_fails(worker: WorkerProcess, tmp_path: Path) -> None:
@@ -208,7 +209,7 @@ def test_files_that_are_not_workflows(tmp_path: Path) -> None:
 def test_endpoint_selection() -> None:
     runpod = endpoint_from(None, {"RUNPOD_ENDPOINT_ID": "abc123", "RUNPOD_API_KEY": "rpa_secret"})
     assert runpod.base_url == "https://api.runpod.ai/v2/abc123"
-    assert runpod.headers() == {"Authorization": "Bearer rpa_secret"}
+    assert runpod.api_key == "rpa_secret"
     assert endpoint_from("http://127.0.0.1:8000/", {}).base_url == "http://127.0.0.1:8000"
     with pytest.raises(ClientError, match="set RUNPOD_API_KEY"):
         endpoint_from(None, {"RUNPOD_ENDPOINT_ID": "abc123"})
@@ -252,11 +253,33 @@ def test_saved_names_stay_inside_the_folder(tmp_path: Path) -> None:
         {"filename": "escape.png", "type": "base64", "data": base64.b64encode(b"two").decode()},
         {"filename": "", "type": "base64", "data": base64.b64encode(b"three").decode()},
     ]
-    saved = save_outputs({"images": entries, "text": [{"node_id": "../7", "text": "hello"}]}, tmp_path / "o")
+    saved, failed = save_outputs({"images": entries, "text": [{"node_id": "../7", "text": "hello"}]}, tmp_path / "o")
+    assert failed == []
     assert [p.name for p in saved] == ["escape.png", "escape_2.png", "images_2", "text_node7.txt"]
     assert [p.read_bytes() for p in saved] == [b"one", b"two", b"three", b"hello"]
     assert all(p.parent == tmp_path / "o" for p in saved)
     assert not (tmp_path / "escape.png").exists()
+
+
+def test_hostile_output_names_and_urls_do_not_stop_the_other_outputs(tmp_path: Path) -> None:
+    """A NUL or 300 characters in a name used to crash the client with a traceback, losing the outputs after it;
+    a ``file://`` URL must never copy a local file into the output folder."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("local file")
+    data = base64.b64encode(b"img").decode()
+    entries = [
+        {"filename": "bad\x00name.png", "type": "base64", "data": data},
+        {"filename": "x" * 300 + ".png", "type": "base64", "data": data},
+        {"filename": "stolen.txt", "type": "s3_url", "data": secret.as_uri()},
+        {"filename": "last.png", "type": "base64", "data": data},
+    ]
+    saved, failed = save_outputs({"images": entries}, tmp_path / "o")
+    assert len(saved) == 3 and saved[0].name == "badname.png" and saved[2].name == "last.png"
+    assert len(saved[1].name.encode()) <= 200 and saved[1].name.endswith(".png")
+    assert all(p.read_bytes() == b"img" for p in saved)
+    [problem] = failed
+    assert "stolen.txt" in problem and "refusing to fetch a file: URL" in problem
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(p.name for p in saved)
 
 
 # --- against a loopback server that speaks RunPod's job API ----------------------------------------------------
@@ -439,6 +462,18 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "POST http://127.0.0.1:9/run failed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unsaved_output_fails_the_command_after_saving_the_rest(tmp_path: Path) -> None:
+    output = completed_output()
+    output["images"].insert(0, {"filename": "passwd", "type": "s3_url", "data": "file:///etc/passwd"})
+    with fake_runpod(FakeRunPod([{"status": "COMPLETED", "output": output}])) as fake:
+        result = run_client(MODEL_FREE, "--url", fake.url, "--poll", "0.05", "--out", str(tmp_path / "o"))
+    assert result.returncode == 1, result.stderr
+    assert [Path(line).name for line in result.stdout.splitlines()] == ["a.png", "v.mp4", "text_node12.txt"]
+    assert "output not saved: images[0] ('passwd')" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "passwd").exists()
 
 
 def test_http_401_names_the_api_key(tmp_path: Path) -> None:

@@ -106,11 +106,11 @@ def var_name(node: ast.AST | None) -> str | None:
 class PythonReads:
     """Every read of an environment variable in one module, with the default expression's value."""
 
-    def __init__(self, source: str, where: str) -> None:
+    def __init__(self, source: str, where: str, package: dict[str, dict[str, object]] | None = None) -> None:
         self.tree = ast.parse(source)
         self.where = where
         self.parents = {child: node for node in ast.walk(self.tree) for child in ast.iter_child_nodes(node)}
-        self.constants = self._assigned_constants(self.tree.body)
+        self.constants = self._imported_constants(package or {}) | self._assigned_constants(self.tree.body)
         self.classes = {n.name: n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)}
         # Local helpers called as helper("NAME", ...), like Settings.from_env's folder().
         self.name_helpers = {
@@ -133,6 +133,16 @@ class PythonReads:
                 found[target] = value.value
             elif isinstance(value, ast.Tuple) and not value.elts:
                 found[target] = ()
+        return found
+
+    def _imported_constants(self, package: dict[str, dict[str, object]]) -> dict[str, object]:
+        """Constants this module imports from another module of the package (``from comfy_worker.x import D``)."""
+        found: dict[str, object] = {}
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.ImportFrom) and node.module in package:
+                for alias in node.names:
+                    if alias.name in package[node.module]:
+                        found[alias.asname or alias.name] = package[node.module][alias.name]
         return found
 
     def _enclosing_class(self, node: ast.AST) -> ast.ClassDef | None:
@@ -245,7 +255,10 @@ def shell_reads(scripts: dict[str, str]) -> Iterator[Read]:
 def code_reads(python: dict[str, str], shell: dict[str, str]) -> tuple[list[Read], list[str]]:
     """Every read in the given sources (path -> text), and the constants nobody could explain."""
     reads: list[Read] = []
-    modules = [PythonReads(text, where) for where, text in python.items()]
+    package = {}
+    for path, text in python.items():
+        package[path.removesuffix(".py").replace("/", ".")] = PythonReads(text, path).constants
+    modules = [PythonReads(text, where, package) for where, text in python.items()]
     for module in modules:
         reads += module.reads()
     reads += shell_reads(shell)

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from comfy_worker.provision import downloads
+from comfy_worker.provision import verify
 from comfy_worker.provision.config import ModelConfig
+from comfy_worker.provision.download_options import DownloadOptions
 from comfy_worker.provision.downloads import (
-    DownloadOptions,
     ModelResult,
     download_models,
     plan,
@@ -182,8 +182,8 @@ def test_a_verified_file_is_not_hashed_again_until_it_changes(
     data = make_data(3000)
     server.add("/v.safetensors", data)
     hashed: list[Path] = []
-    real_hash = downloads.sha256_file
-    monkeypatch.setattr(downloads, "sha256_file", lambda path: hashed.append(path) or real_hash(path))
+    real_hash = verify.sha256_file
+    monkeypatch.setattr(verify, "sha256_file", lambda path: hashed.append(path) or real_hash(path))
     m = model(server.url("/v.safetensors"), sha256=sha(data))
     assert one(tmp_path / "models", m).status == "downloaded"
     assert [path.name for path in hashed] == ["v.safetensors.part"]  # verified once, before the rename
@@ -293,6 +293,17 @@ def test_large_file_is_fetched_in_parallel_segments(server: FileServer, tmp_path
     assert server.bytes_sent["/big.bin"] == len(data) + 1
 
 
+def test_a_failing_segment_stops_the_others(server: FileServer, tmp_path: Path) -> None:
+    """One segment's error ends the file's download: the other segments do not go on fetching for nothing."""
+    size = 16 * MIB
+    served = server.add("/big.bin", make_data(size), rate=1 * MIB, fail_range_at=12 * MIB)
+    result = one(tmp_path / "models", model(server.url("/big.bin")), connections=4, segment_threshold=MIB)
+    assert result.status == "failed" and result.error is not None and "404" in result.error
+    assert served.size == size
+    sent = server.bytes_sent["/big.bin"]
+    assert sent < size // 4, f"the other segments went on after the failure: {sent} of {size} bytes sent"
+
+
 def test_server_without_ranges_gets_one_stream(
     server: FileServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -363,8 +374,10 @@ def test_options_from_env() -> None:
         "CIVITAI_TOKEN": "civ",
         "DOWNLOAD_TOKENS": "Example.com=a, cdn.io=b",
         "HF_ENDPOINT": "http://127.0.0.1:1234/",
+        "PROVISION_LOCK_TIMEOUT": "30",
     }
     opts = DownloadOptions.from_env(env)
+    assert opts.lock_timeout_s == 30.0 and DownloadOptions.from_env({}).lock_timeout_s == 600.0
     assert (opts.concurrency, opts.connections, opts.progress_interval_s) == (2, 3, 5.0)
     assert opts.host_tokens == {"example.com": "a", "cdn.io": "b", "civitai.com": "civ"}
     assert opts.token_for("www.civitai.com") == "civ" and opts.token_for("evilcivitai.com") is None
@@ -402,6 +415,41 @@ def test_dry_run_prints_the_plan_and_writes_nothing(server: FileServer, tmp_path
     assert planned[0].status == "failed" and planned[0].error is not None and "404" in planned[0].error
 
 
+def test_dry_run_says_download_for_a_file_with_the_wrong_sha256(server: FileServer, tmp_path: Path) -> None:
+    """The real run re-downloads a file whose sha256 is not the config's; the plan must say so too."""
+    data = make_data(3000)
+    server.add("/v.safetensors", data)
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "checkpoints" / "v.safetensors").write_bytes(make_data(3000, seed=9))
+    [planned] = plan([model(server.url("/v.safetensors"), sha256=sha(data))], models, options())
+    assert planned.status == "download" and planned.error is not None and sha(data) in planned.error
+    assert not (models / ".locks").exists() or not any((models / ".locks").glob("*.sha256"))
+    (models / "checkpoints" / "v.safetensors").write_bytes(data)
+    [planned] = plan([model(server.url("/v.safetensors"), sha256=sha(data))], models, options())
+    assert planned.status == "present"
+    assert server.requests == []
+
+
+def test_a_stale_model_lock_fails_that_model_with_its_holder_named(server: FileServer, tmp_path: Path) -> None:
+    """A lock file left by a worker killed on another machine (soft locks) no longer blocks the start forever."""
+    server.add("/m.bin", b"model")
+    locks = tmp_path / "models" / ".locks"
+    locks.mkdir(parents=True)
+    (locks / "checkpoints__m.bin.lock").write_text("")
+    (locks / "checkpoints__m.bin.lock.owner").write_text("gone-host pid 77 since 00:10:00")
+    result = one(tmp_path / "models", model(server.url("/m.bin")), lock="soft", lock_timeout_s=0.5)
+    assert result.status == "failed" and result.error is not None
+    assert "gone-host pid 77" in result.error and "checkpoints__m.bin.lock" in result.error
+
+
+def test_the_command_line_scripts_are_executable() -> None:
+    for script in ("download_models.py", "install_nodes.py"):
+        path = REPO / script
+        assert os.access(path, os.X_OK), f"{script} is not executable (chmod +x)"
+        assert path.read_text().startswith("#!/usr/bin/env python3\n"), f"{script} has no python3 shebang"
+
+
 # --- several workers on one volume ---------------------------------------------------------------------------------
 
 
@@ -421,7 +469,7 @@ def test_four_processes_download_each_file_once(server: FileServer, tmp_path: Pa
     for path, data in files.items():
         assert server.bytes_sent[path] == len(data) + 1  # one probe byte, one download
         assert (models / "checkpoints" / path.lstrip("/")).read_bytes() == data
-    assert any("waiting for" in err for _, err in outputs)
+    assert any("waiting for the download of" in err.lower() for _, err in outputs)
     assert leftovers(models) == sorted(p.lstrip("/") for p in files)
 
 
@@ -430,7 +478,7 @@ def test_soft_lock_mode_works(server: FileServer, tmp_path: Path, caplog: pytest
     with caplog.at_level(logging.WARNING):
         result = one(tmp_path / "models", model(server.url("/s.bin")), lock="soft")
     assert result.status == "downloaded"
-    assert "SoftFileLock" in caplog.text
+    assert "using lock files" in caplog.text
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import boto3
 import pytest
 
 from comfy_worker.tools import model_sync
-from comfy_worker.tools.model_sync import MIB, Syncer, SyncError, SyncSettings, normalise_prefix
+from comfy_worker.tools.model_sync import MIB, Syncer, SyncError, SyncSettings, local_files, normalise_prefix
 
 from .s3_server import ACCESS_KEY, SECRET_KEY, S3Server, run_s3rver
 from .worker_process import REPO
@@ -248,3 +249,19 @@ def test_settings_are_checked(models: Path) -> None:
     assert normalise_prefix("/models") == "models/" and normalise_prefix("") == ""
     with pytest.raises(SyncError, match=r"'\.\.'"):
         normalise_prefix("models/../etc")
+
+
+def test_dangling_symlinks_and_symlink_loops_are_skipped_not_fatal(
+    models: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hugging Face cache folders hold symlinks into blobs/; a dangling one or a loop used to crash the sync."""
+    (models / "loras" / "gone.safetensors").symlink_to(models / "nowhere.safetensors")
+    (models / "loras" / "self.safetensors").symlink_to(models / "loras" / "self.safetensors")
+    (models / "loras" / "sdxl" / "up").symlink_to(models / "loras")  # a folder loop
+    (models / "linked.pt").symlink_to(models / "vae.pt")
+    with caplog.at_level(logging.WARNING):
+        files = local_files(models, "models/")
+    keys = [f.key for f in files]
+    assert sorted(keys) == sorted([*expected(models), "models/linked.pt"])
+    assert "gone.safetensors" in caplog.text and "self.safetensors" in caplog.text
+    assert "symlink loop" in caplog.text

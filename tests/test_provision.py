@@ -515,3 +515,196 @@ def test_a_run_killed_between_two_configs_is_not_taken_for_the_old_one(
     assert back_to_a.returncode == 0, back_to_a.stderr
     assert "config.yml unchanged" not in back_to_a.stderr
     assert installed.read_text() == "VERSION = 1\n"
+
+
+# --- hardening: locks, credentials, half-made clones, messages ----------------------------------------------------
+
+
+def test_a_hung_holder_of_the_volume_lock_fails_the_start_with_its_name(volume: Volume, tmp_path: Path) -> None:
+    """A worker that hangs (or, with lock files, dies on another machine) holding the volume's lock used to block
+    every start forever; now the start gives up after PROVISION_LOCK_TIMEOUT and says who holds the lock."""
+    lock = volume.path / ".comfy-worker" / "provision.lock"
+    lock.parent.mkdir(parents=True)
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "open(sys.argv[1] + '.owner', 'w').write('stuck-worker pid 4711')\n"
+            "open(sys.argv[2], 'w').close()\n"
+            "time.sleep(600)\n",
+            str(lock),
+            str(ready),
+        ],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the lock holder did not start"
+            time.sleep(0.05)
+        done = volume.provision(config_with(), PROVISION_LOCK_TIMEOUT="1")
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+    assert done.returncode == 1, done.stderr
+    [failed] = volume.status["failed"]
+    assert failed["kind"] == "lock" and "stuck-worker pid 4711" in failed["error"], failed
+    assert "stuck-worker pid 4711" in done.stderr
+
+
+class GitOverHttp:
+    """Bare copies of repositories served by ``git http-backend`` (git's smart HTTP) on loopback; the
+    credentials in the URLs are accepted and ignored, as a server that needs none would."""
+
+    def __init__(self, root: Path) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Backend(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.cgi()
+
+            def do_POST(self) -> None:
+                self.cgi()
+
+            def cgi(self) -> None:
+                path, _, query = self.path.partition("?")
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                env = {
+                    "PATH": os.environ["PATH"],
+                    "GIT_PROJECT_ROOT": str(root),
+                    "GIT_HTTP_EXPORT_ALL": "1",
+                    "PATH_INFO": path,
+                    "QUERY_STRING": query,
+                    "REQUEST_METHOD": self.command,
+                    "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+                    "CONTENT_LENGTH": str(len(body)),
+                    "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+                }
+                done = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True, check=False)
+                head, _, payload = done.stdout.partition(b"\r\n\r\n")
+                headers = [line.split(":", 1) for line in head.decode().split("\r\n") if ":" in line]
+                status = next((int(v.split()[0]) for k, v in headers if k.lower() == "status"), 200)
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() != "status":
+                        self.send_header(name, value.strip())
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.root = root
+        root.mkdir(parents=True)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def serve(self, repo: Repo, credentials: str) -> str:
+        bare = self.root / f"{repo.path.name}.git"
+        subprocess.run(["git", "clone", "--quiet", "--bare", repo.url, str(bare)], check=True)
+        subprocess.run(["git", "config", "uploadpack.allowAnySHA1InWant", "true"], cwd=bare, check=True)
+        return f"http://{credentials}@127.0.0.1:{self.server.server_address[1]}/{bare.name}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_credentials_in_urls_stay_out_of_logs_status_and_state(
+    volume: Volume, files: FileServer, tmp_path: Path
+) -> None:
+    """config.yml's private node URLs (user:token@) and model URLs (?token=) must not reach the log, status.json
+    (every job's diagnostics) or state.json, also when git or the server quotes them in an error."""
+    secret = "s3cr3t-t0ken"
+    http = GitOverHttp(tmp_path / "http")
+    try:
+        good = http.serve(node_repo(tmp_path / "src", "private-node"), f"user:{secret}")
+        bad = http.serve(node_repo(tmp_path / "src", "bad-version"), f"{secret}")
+        model = {"url": files.url("/missing.bin") + f"?token={secret}", "destination": "vae"}
+        config = f"nodes:\n  - {{url: '{good}'}}\n  - {{url: '{bad}', version: nope}}\nmodels: {json.dumps([model])}\n"
+        first = volume.provision(config)
+        second = volume.provision()
+    finally:
+        http.close()
+    assert first.returncode == 1, first.stderr
+    assert "private-node: latest = tag v1.0.0" in first.stderr
+    assert {f["name"] for f in volume.status["failed"]} >= {"bad-version"}
+    assert "'nope' is not a tag" in json.dumps(volume.status)
+    for text, where in (
+        (first.stderr + first.stdout + second.stderr + second.stdout, "the log"),
+        ((volume.path / ".comfy-worker" / "status.json").read_text(), "status.json"),
+        ((volume.path / ".comfy-worker" / "state.json").read_text(), "state.json"),
+    ):
+        assert secret not in text, f"the token leaked into {where}"
+    assert "node private-node" not in second.stderr, "the node installed from a URL with a token was redone"
+
+
+def test_a_half_made_comfyui_clone_is_replaced_when_the_url_is_fixed(volume: Volume, tmp_path: Path) -> None:
+    """A wrong COMFYUI_REPO whose fetch fails leaves workspace/ComfyUI/.git and nothing else; the corrected URL
+    must then install instead of failing with "is a clone of <old>, not of <new>" until the folder is removed."""
+    wrong = node_repo(tmp_path / "src", "not-comfyui")
+    commit = subprocess.run(
+        ["git", "rev-parse", "v0.3.64"], cwd=volume.comfyui.path, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    failed = volume.provision(config_with(comfyui=commit), COMFYUI_REPO=wrong.url)
+    assert failed.returncode == 1
+    assert volume.status["failed"][0]["kind"] == "comfyui"
+    assert [p.name for p in (volume.path / "ComfyUI").iterdir()] == [".git"]
+
+    fixed = volume.provision()
+    assert fixed.returncode == 0, fixed.stderr
+    assert "because the last provisioning run did not complete" in fixed.stderr
+    assert "nothing was provisioned" not in fixed.stderr
+    assert (volume.path / "ComfyUI" / "main.py").is_file()
+
+
+def test_a_bad_comfyui_version_still_reports_a_bad_node_version(volume: Volume, tmp_path: Path) -> None:
+    node = node_repo(tmp_path / "src", "typo-node")
+    done = volume.provision(f"comfyui: {{version: v9.9.9}}\nnodes:\n  - {{url: {node.url}, version: v1.0.O}}\n")
+    assert done.returncode == 1
+    failed = {(f["kind"], f["name"]): f["error"] for f in volume.status["failed"]}
+    assert "'v9.9.9' is not a tag" in failed["comfyui", volume.comfyui.url]
+    assert "'v1.0.O' is not a tag" in failed["node", "typo-node"]
+
+
+def test_dry_run_of_an_invalid_config_is_a_message_not_a_traceback(volume: Volume) -> None:
+    volume.baked.write_text("models:\n  - {url: 'https://example.invalid/a.bin', destination: chekpoints}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "comfy_worker.provision", "--dry-run"],
+        env=volume.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "models[0].destination: 'chekpoints' is not a ComfyUI model folder" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_existing_checkout_gets_its_requirements_without_torch_and_says_so(volume: Volume, tmp_path: Path) -> None:
+    """An existing checkout runs in the user's own Python: never install a torch there (PyPI's would be built
+    for another CUDA), and say what is installed into which Python."""
+    wheel = make_wheel(tmp_path / "wheels", "comfy_dep")
+    mine = tmp_path / "my-comfyui"
+    shutil.copytree(volume.comfyui.path, mine, ignore=shutil.ignore_patterns(".git"))
+    (mine / "requirements.txt").write_text(f"torch\ntorchaudio>=2.0  # CUDA build\nTorchVision==0.20\n{wheel}\n")
+    venv = tmp_path / "user-venv"
+    subprocess.run(["uv", "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+    volume.python = str(venv / "bin" / "python")
+    done = volume.provision(config_with(), COMFYUI_DIR=str(mine))
+    assert done.returncode == 0, done.stderr
+    assert f"into its Python {volume.python}" in done.stderr
+    assert "leaving out torch, torchvision, torchaudio" in done.stderr
+    listed = subprocess.run(
+        ["uv", "pip", "list", "--python", volume.python], capture_output=True, text=True, check=True
+    ).stdout
+    assert "comfy-dep" in listed.replace("_", "-")
+    assert "torch" not in listed

@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .jobapi import OUTPUT_KINDS, safe_output_name
 from .remote import (
-    OUTPUT_KINDS,
     BridgeSettings,
     Interrupted,
     RemoteError,
@@ -64,7 +64,7 @@ def on_prompt(json_data: dict[str, Any]) -> dict[str, Any]:
 
 def _unique_path(folder: Path, name: str) -> Path:
     """The worker's file name, with a counter when the local output folder has one already."""
-    base = Path(name).name or "output"
+    base = safe_output_name(name, "output")
     stem, suffix = Path(base).stem, Path(base).suffix
     path, counter = folder / base, 1
     while path.exists():

@@ -1,25 +1,21 @@
-"""The endpoint side of the bridge: RunPod's job API (``/run``, ``/status``, ``/cancel``) over the standard
+"""The endpoint side of the bridge: its settings, the job it sends and how it reports back, over the standard
 library only, because this package runs inside the user's ComfyUI, whose Python has neither ``requests``
-nor ``comfy_worker`` installed. Nothing here imports ComfyUI, so it is testable on its own.
+nor ``comfy_worker`` installed. The job API itself is ``jobapi`` (shared with comfy-worker-client, see its
+docstring). Nothing here imports ComfyUI, so it is testable on its own.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-RUNPOD_API_BASE = "https://api.runpod.ai/v2"
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
-OUTPUT_KINDS = ("images", "videos", "audio", "files")
+from .jobapi import RUNPOD_API_BASE, JobAPI, JobAPIError, output_chunks
+
 TRUE = frozenset({"1", "true", "yes", "on"})
 
 
@@ -67,44 +63,11 @@ class BridgeSettings:
 
 
 class RemoteJobs:
-    """One endpoint. RunPod answers ``GET /status``; the runpod SDK's local API only ``POST``."""
+    """One endpoint, through ``jobapi.JobAPI``; errors become ``RemoteError`` (what the UI shows)."""
 
     def __init__(self, settings: BridgeSettings) -> None:
         self.settings = settings
-        self._status_method = "GET"
-
-    def _request(self, method: str, route: str, body: Any = None, timeout_s: float = 30) -> dict[str, Any]:
-        url = f"{self.settings.base_url}/{route}"
-        headers = {"Content-Type": "application/json"}
-        if self.settings.api_key:
-            headers["Authorization"] = f"Bearer {self.settings.api_key}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 (http(s) only)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-                answer = json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 405 and route.startswith("status/") and self._status_method == "GET":
-                self._status_method = "POST"
-                return self._request("POST", route, body, timeout_s)
-            hint = ": check RUNPOD_API_KEY" if exc.code == 401 else ""
-            raise RemoteError(f"{method} {url} answered HTTP {exc.code}{hint}") from exc
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise RemoteError(f"{method} {url} failed: {exc}") from exc
-        if not isinstance(answer, dict):
-            raise RemoteError(f"{url} did not answer a job object")
-        return answer
-
-    def submit(self, job: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", "run", {"input": job})
-
-    def status(self, job_id: str) -> dict[str, Any]:
-        # the local API runs the whole job inside its first /status call
-        return self._request(self._status_method, f"status/{job_id}", timeout_s=self.settings.max_wait_s)
-
-    def cancel(self, job_id: str) -> None:
-        with contextlib.suppress(RemoteError):  # the local API has no /cancel; the job ends by itself there
-            self._request("POST", f"cancel/{job_id}", timeout_s=10)
+        self.api = JobAPI(settings.base_url, settings.api_key, status_timeout_s=settings.max_wait_s)
 
     def run(
         self,
@@ -112,22 +75,30 @@ class RemoteJobs:
         on_update: Callable[[dict[str, Any]], None],
         interrupted: Callable[[], bool],
     ) -> dict[str, Any]:
-        """Submit, poll until final, return the worker's output; cancel when the UI interrupts."""
-        body = self.submit(job)
-        job_id = str(body.get("id") or "")
-        if not job_id:
-            raise RemoteError(f"the endpoint did not return a job id: {body}")
-        deadline = time.monotonic() + self.settings.max_wait_s
-        while str(body.get("status")) not in FINAL_STATES:
-            on_update(body)
-            if interrupted():
-                self.cancel(job_id)
-                raise Interrupted(job_id)
-            if time.monotonic() > deadline:
-                self.cancel(job_id)
-                raise RemoteError(f"job {job_id} not finished after {self.settings.max_wait_s:g} s: cancelled")
-            time.sleep(self.settings.poll_s)
-            body = self.status(job_id)
+        """Submit, poll until final, return the worker's output; cancel when the UI interrupts or time runs out."""
+        try:
+            body = self.api.submit(job)
+            job_id = str(body.get("id") or "")
+            if not job_id:
+                raise RemoteError(f"the endpoint did not return a job id: {body}")
+            try:
+                body = self.api.wait(
+                    body,
+                    poll_s=self.settings.poll_s,
+                    max_wait_s=self.settings.max_wait_s,
+                    on_update=on_update,
+                    interrupted=interrupted,
+                )
+            except InterruptedError:
+                self.api.cancel(job_id)
+                raise Interrupted(job_id) from None
+            except TimeoutError:
+                self.api.cancel(job_id)
+                raise RemoteError(
+                    f"job {job_id} not finished after {self.settings.max_wait_s:g} s: cancelled"
+                ) from None
+        except JobAPIError as exc:
+            raise RemoteError(str(exc)) from exc
         if body.get("status") != "COMPLETED" or not isinstance(body.get("output"), dict):
             raise RemoteError(describe_failure(job_id, body))
         output: dict[str, Any] = body["output"]
@@ -170,19 +141,11 @@ def describe_progress(body: Mapping[str, Any]) -> tuple[str, float | None]:
 
 
 def output_bytes(entry: Mapping[str, Any]) -> bytes:
-    """An output's bytes: base64, or a presigned S3 URL fetched without the API key."""
-    data = str(entry.get("data") or "")
-    if entry.get("type") == "s3_url" or data.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(data, timeout=300) as response:  # noqa: S310 (the worker's own URL)
-                content: bytes = response.read()
-                return content
-        except (urllib.error.URLError, OSError) as exc:
-            raise RemoteError(f"downloading {entry.get('filename')} failed: {exc}") from exc
+    """An output's bytes: base64, or an http(s) URL fetched without the API key (never ``file://``)."""
     try:
-        return base64.b64decode(data, validate=True)
-    except ValueError as exc:
-        raise RemoteError(f"output {entry.get('filename')} is not valid base64") from exc
+        return b"".join(output_chunks(entry))
+    except JobAPIError as exc:
+        raise RemoteError(str(exc)) from exc
 
 
 def _safe_input_name(value: str) -> str | None:

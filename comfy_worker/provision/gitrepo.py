@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from comfy_worker.redact import redact_url, redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,14 @@ GIT_TIMEOUT_S = 600.0
 
 
 class GitError(RuntimeError):
-    """A git command failed; the message carries git's own last lines."""
+    """A git command failed; the message carries git's own last lines.
+
+    Credentials in URLs (``https://user:token@host/node.git``) are masked here, once for every message:
+    git's own error text and ours quote URLs, and these messages reach logs, status.json and every job.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_urls(message))
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ def resolve_version(url: str, version: str) -> Resolved:
         if releases:
             tag = releases[-1]
             return Resolved(tags[tag], f"refs/tags/{tag}", f"latest = tag {tag}")
-        log.warning("%s has no release tags; 'latest' means its default branch", url)
+        log.warning("%s has no release tags; 'latest' means its default branch", redact_url(url))
         version = "nightly"
     if version == "nightly":
         if "HEAD" not in refs:
@@ -138,16 +148,35 @@ def _fetch(path: Path, resolved: Resolved) -> None:
     git("fetch", "--quiet", *unshallow, "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*", cwd=path)
 
 
+def _same_repository(one: str, other: str) -> bool:
+    """The same repository, whatever the credentials in the URLs, a trailing slash or ``.git``."""
+    return redact_url(one).rstrip("/").removesuffix(".git") == redact_url(other).rstrip("/").removesuffix(".git")
+
+
+def _half_made(path: Path) -> bool:
+    """A clone this code began (``git init`` + remote) that never checked a commit out: only ``.git`` in the
+    folder and no HEAD commit. A failed first clone (a wrong URL, a lost connection) leaves one behind; it
+    holds nothing of anybody's, so the next run replaces it instead of refusing a corrected URL."""
+    if not (path / ".git").is_dir() or head_commit(path) is not None:
+        return False
+    return [entry.name for entry in path.iterdir()] == [".git"]
+
+
 def checkout(url: str, resolved: Resolved, path: Path) -> str:
     """Make ``path`` a checkout of ``url`` at the resolved commit; return the commit checked out.
 
     A folder that exists but is not a clone of ``url`` is left alone and reported: it may be the user's.
     """
+    if _half_made(path):
+        log.warning("%s: an earlier clone stopped before its first checkout; starting it again", path)
+        shutil.rmtree(path)
     if path.exists() and not (path / ".git").exists():
         raise GitError(f"{path} exists and is not a git checkout; move it away or remove the entry")
     if (path / ".git").exists():
         current = origin_url(path)
-        if current is not None and current.rstrip("/").removesuffix(".git") != url.rstrip("/").removesuffix(".git"):
+        if current is not None and _same_repository(current, url) and current != url:
+            git("remote", "set-url", "origin", url, cwd=path)  # new credentials (a rotated token) in the URL
+        elif current is not None and not _same_repository(current, url):
             raise GitError(f"{path} is a clone of {current}, not of {url}; move it away or fix the url")
     else:
         path.mkdir(parents=True)

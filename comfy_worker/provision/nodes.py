@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from comfy_worker.provision import gitrepo, pyenv
 from comfy_worker.provision.config import NodeConfig
+from comfy_worker.redact import redact_url, redact_urls
 
 log = logging.getLogger(__name__)
 DISABLED_SUFFIX = ".disabled"  # ComfyUI (and ComfyUI-Manager) skip custom_nodes/<name>.disabled
@@ -37,7 +38,8 @@ class NodeResult:
     requirements_key: str | None = None
 
     def state(self) -> dict[str, Any]:
-        return {"url": self.url, "version": self.version, "commit": self.commit}
+        """What state.json records; the URL without credentials (compared redacted too, see _is_unchanged)."""
+        return {"url": redact_url(self.url), "version": self.version, "commit": self.commit}
 
 
 def node_name(url: str) -> str:
@@ -47,7 +49,7 @@ def node_name(url: str) -> str:
 
 def _is_unchanged(node: NodeConfig, path: Path, previous: Mapping[str, Any] | None) -> bool:
     """Installed from this very entry, and still at the commit it was installed at: no network needed."""
-    if not previous or previous.get("url") != node.url or previous.get("version") != node.version:
+    if not previous or previous.get("url") != redact_url(node.url) or previous.get("version") != node.version:
         return False
     return previous.get("commit") is not None and gitrepo.head_commit(path) == previous["commit"]
 
@@ -168,6 +170,18 @@ def install_nodes(
     return install_dependencies(results, custom_nodes_dir, python, pyenv.marker_path(python))
 
 
+def check_versions(nodes: Sequence[NodeConfig]) -> list[NodeResult]:
+    """Each node's version resolved, without a checkout: run when ComfyUI itself failed, so a node's bad
+    version is reported in the same run instead of only after ComfyUI is fixed. Failures only."""
+    failed = []
+    for node in nodes:
+        try:
+            gitrepo.resolve_version(node.url, node.version)
+        except gitrepo.GitError as exc:
+            failed.append(NodeResult(node_name(node.url), node.url, node.version, "failed", error=str(exc)))
+    return failed
+
+
 def plan(nodes: Sequence[NodeConfig], custom_nodes_dir: Path) -> list[str]:
     """What ``install_nodes`` would do, one line per node (resolves versions; changes nothing)."""
     lines = []
@@ -193,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``install_nodes.py``: install config.yml's custom nodes into a ComfyUI checkout."""
     from comfy_worker.provision.config import parse
     from comfy_worker.provision.config_source import ConfigError
+    from comfy_worker.provision.logs import setup_logging
     from comfy_worker.provision.workspace import Workspace
 
     parser = argparse.ArgumentParser(description="Install config.yml's custom nodes into ComfyUI's custom_nodes.")
@@ -204,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="nodes checked out at once (default 4)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(os.environ)
     workspace = Workspace.from_env(os.environ)
     try:
         config = parse(*workspace.config_text(os.environ, args.config))
@@ -219,5 +234,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = install_nodes(config.nodes, custom_nodes_dir, python, concurrency=args.concurrency)
     for result in results:
         detail = result.error if result.status == "failed" else f"{result.description} {result.commit or ''}"
-        sys.stdout.write(f"{result.name}: {result.status}: {detail}\n")
+        sys.stdout.write(f"{result.name}: {result.status}: {redact_urls(detail or '')}\n")
     return 1 if any(result.status == "failed" for result in results) else 0

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,11 +24,15 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from comfy_worker.fsutil import atomic_write
+
 log = logging.getLogger(__name__)
 
 MARKER_NAME = "comfy-worker-env.json"
 PROTECTED = ("torch", "torchvision", "torchaudio")
 INSTALL_TIMEOUT_S = 3600.0
+_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_REQUIREMENT_NAME_NORMAL = re.compile(r"[-_.]+")
 
 
 class InstallError(RuntimeError):
@@ -60,9 +65,7 @@ def read_marker(path: Path) -> set[str]:
 
 def add_to_marker(path: Path, keys: Iterable[str]) -> None:
     installed = read_marker(path) | set(keys)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps({"installed": sorted(installed)}, indent=1), encoding="utf-8")
-    temporary.replace(path)
+    atomic_write(path, json.dumps({"installed": sorted(installed)}, indent=1))
 
 
 def requirements_key(kind: str, name: str, files: Sequence[Path]) -> str:
@@ -95,8 +98,34 @@ def installed_versions(python: str, names: Sequence[str]) -> dict[str, str]:
     return versions
 
 
-def pip_install(python: str, requirement_files: Sequence[Path], cwd: Path | None = None) -> None:
-    """Install requirement files into ``python``'s environment, keeping its torch where it is."""
+def _without(file: Path, leave_out: Sequence[str], folder: Path) -> Path:
+    """A copy of the requirements file in ``folder`` without the lines that name a package of ``leave_out``."""
+    names = {_REQUIREMENT_NAME_NORMAL.sub("-", name).lower() for name in leave_out}
+    kept = []
+    for line in file.read_text(encoding="utf-8").splitlines():
+        match = _REQUIREMENT_NAME.match(line)
+        if match is None or _REQUIREMENT_NAME_NORMAL.sub("-", match.group(1)).lower() not in names:
+            kept.append(line)
+    copy = folder / f"{len(list(folder.iterdir()))}-{file.name}"
+    copy.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return copy
+
+
+def pip_install(
+    python: str, requirement_files: Sequence[Path], cwd: Path | None = None, leave_out: Sequence[str] = ()
+) -> None:
+    """Install requirement files into ``python``'s environment, keeping its torch where it is.
+
+    ``leave_out``: packages whose lines are dropped from the files (an environment that is not ours).
+    """
+    with tempfile.TemporaryDirectory(prefix="comfy-worker-requirements-") as folder:
+        files = (
+            [_without(file, leave_out, Path(folder)) for file in requirement_files] if leave_out else requirement_files
+        )
+        _pip_install(python, files, cwd)
+
+
+def _pip_install(python: str, requirement_files: Sequence[Path], cwd: Path | None) -> None:
     pins = installed_versions(python, PROTECTED)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="torch-pins-", delete=False) as constraints:
         constraints.write("".join(f"{name}=={version}\n" for name, version in pins.items()))

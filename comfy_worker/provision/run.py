@@ -22,20 +22,22 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from comfy_worker.fsutil import DEFAULT_LOCK_DEADLINE_S, LockTimeout, atomic_write, hold_lock
 from comfy_worker.provision import pyenv
 from comfy_worker.provision.config_source import ConfigError, ResolvedConfig, resolve
+from comfy_worker.provision.logs import setup_logging
 from comfy_worker.provision.workspace import Workspace
+from comfy_worker.redact import redact_url, redact_urls
 
 if TYPE_CHECKING:
     from comfy_worker.provision.config import Config
 
 log = logging.getLogger("comfy_worker.provision")
-LOCK_LOG_INTERVAL_S = 15.0
 DEFAULT_PID_FILE = "/tmp/comfy-worker.pid"  # noqa: S108 - per container, where apply_config.sh runs too
 
 
@@ -64,10 +66,7 @@ class State:
         )
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(self.__dict__, indent=1, sort_keys=True), encoding="utf-8")
-        temporary.replace(path)
+        atomic_write(path, json.dumps(self.__dict__, indent=1, sort_keys=True))
 
 
 def state_path(workspace: Workspace) -> Path:
@@ -79,6 +78,8 @@ def gate(workspace: Workspace, resolved: ResolvedConfig, state: State, force: bo
     if force:
         return "PROVISION_FORCE is set"
     if state.provisioned_sha256 is None:
+        if state.comfyui or state.nodes or workspace.status_file.exists():
+            return f"the last provisioning run did not complete (failed or interrupted; see {workspace.status_file})"
         return "nothing was provisioned on this volume yet"
     if state.provisioned_sha256 != resolved.sha256:
         return f"the config changed ({state.provisioned_sha256[:12]} -> {resolved.sha256[:12]})"
@@ -90,24 +91,12 @@ def gate(workspace: Workspace, resolved: ResolvedConfig, state: State, force: bo
     return None
 
 
-@contextlib.contextmanager
-def volume_lock(path: Path) -> Iterator[None]:
-    """Hold ``path`` as a lock; while another worker holds it, wait and say so every few seconds."""
-    import filelock
+def volume_lock(workspace: Workspace, env: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
+    """The volume's lock for the git and pip work; a holder silent for PROVISION_LOCK_TIMEOUT is given up on."""
+    from comfy_worker.settings import env_float
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(path))
-    started = time.monotonic()
-    while True:
-        try:
-            lock.acquire(timeout=LOCK_LOG_INTERVAL_S)
-            break
-        except filelock.Timeout:
-            log.info("Waiting for another worker provisioning this volume (%.0fs so far)", time.monotonic() - started)
-    try:
-        yield
-    finally:
-        lock.release()
+    deadline_s = env_float(env, "PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_DEADLINE_S, minimum=1.0)
+    return hold_lock(workspace.state_dir / "provision.lock", what="provisioning this volume", deadline_s=deadline_s)
 
 
 @dataclass
@@ -134,6 +123,8 @@ class Report:
         return any(not item.startswith("model ") for item in self.done)
 
     def fail(self, kind: str, name: str, error: str, optional: bool = False) -> None:
+        """Record a failure; URLs in it lose their credentials (status.json reaches every job)."""
+        name, error = redact_urls(name), redact_urls(error)
         log.error("%s %s failed: %s", kind, name, error)
         (self.optional_failed if optional else self.failed).append({"kind": kind, "name": name, "error": error})
 
@@ -160,7 +151,7 @@ def install_comfyui(workspace: Workspace, config: Config, state: State, report: 
     if (path / "main.py").is_file() and not previous:
         log.info("Using the ComfyUI already at %s (not installed by the worker: its version is left alone)", path)
         return
-    unchanged = previous.get("repo") == repo and previous.get("version") == version
+    unchanged = previous.get("repo") == redact_url(repo) and previous.get("version") == version
     if unchanged and gitrepo.head_commit(path) == previous.get("commit"):
         return
     try:
@@ -169,13 +160,18 @@ def install_comfyui(workspace: Workspace, config: Config, state: State, report: 
     except gitrepo.GitError as exc:
         report.fail("comfyui", repo, str(exc))
         return
-    state.comfyui = {"repo": repo, "version": version, "commit": commit}
+    state.comfyui = {"repo": redact_url(repo), "version": version, "commit": commit}
     report.done.append(f"ComfyUI: {resolved.description} ({commit[:10]})")
     log.info("ComfyUI: %s (%s) in %s", resolved.description, commit[:10], path)
 
 
-def install_comfyui_requirements(workspace: Workspace, report: Report) -> str | None:
-    """ComfyUI's own requirements in the environment that runs it; the requirement set's key."""
+def install_comfyui_requirements(workspace: Workspace, state: State, report: Report) -> str | None:
+    """ComfyUI's own requirements in the environment that runs it; the requirement set's key.
+
+    A ComfyUI the worker did not install (an existing checkout) runs in the user's own Python: what goes in
+    is said in the log, and torch, torchvision and torchaudio are left out entirely, since PyPI's builds
+    (for another CUDA) would sit beside, or replace, the torch the user chose.
+    """
     requirements = workspace.comfyui_dir / "requirements.txt"
     if not requirements.is_file():
         return None
@@ -183,14 +179,32 @@ def install_comfyui_requirements(workspace: Workspace, report: Report) -> str | 
     marker = pyenv.marker_path(workspace.comfyui_python)
     if key in pyenv.read_marker(marker):
         return key
+    leave_out: tuple[str, ...] = ()
+    if not state.comfyui:
+        leave_out = pyenv.PROTECTED
+        log.warning(
+            "Installing the requirements of the existing ComfyUI checkout (%s) into its Python %s, "
+            "leaving out %s (install those yourself)",
+            requirements,
+            workspace.comfyui_python,
+            ", ".join(leave_out),
+        )
     try:
-        pyenv.pip_install(workspace.comfyui_python, [requirements])
+        pyenv.pip_install(workspace.comfyui_python, [requirements], leave_out=leave_out)
     except pyenv.InstallError as exc:
         report.fail("comfyui", "requirements.txt", str(exc))
         return None
     pyenv.add_to_marker(marker, [key])
     report.done.append("ComfyUI requirements")
     return key
+
+
+def check_node_versions(config: Config, report: Report) -> None:
+    """ComfyUI failed, so no node is installed this run; still report the nodes whose version is wrong."""
+    from comfy_worker.provision import nodes
+
+    for result in nodes.check_versions(config.nodes):
+        report.fail("node", result.name, result.error or "failed")
 
 
 def install_custom_nodes(
@@ -218,8 +232,9 @@ def install_models(workspace: Workspace, config: Config, env: Mapping[str, str],
     if not config.models:
         return
     from comfy_worker.provision import downloads
+    from comfy_worker.provision.download_options import DownloadOptions
 
-    results = downloads.download_models(config.models, workspace.models_dir, downloads.DownloadOptions.from_env(env))
+    results = downloads.download_models(config.models, workspace.models_dir, DownloadOptions.from_env(env))
     for result in results:
         name = f"{result.model.destination}/{result.path.name if result.path else result.model.url}"
         if result.status == "failed":
@@ -242,7 +257,7 @@ def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
         f"  base_path: {json.dumps(str(workspace.models_dir))}",
         *(f"  {name}: {json.dumps(name)}" for name in sorted(present | set(MODEL_FOLDERS))),
     ]
-    workspace.extra_model_paths.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write(workspace.extra_model_paths, "\n".join(lines) + "\n")
 
 
 def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], reason: str, force: bool) -> Report:
@@ -253,7 +268,7 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
     report = Report(resolved.sha256, resolved.source, reason)
     config = parse(resolved.text, resolved.source)
     concurrency = env_int(env, "NODE_INSTALL_CONCURRENCY", 4, minimum=1)
-    with volume_lock(workspace.state_dir / "provision.lock"):
+    with volume_lock(workspace, env):
         state = State.load(state_path(workspace))
         if gate(workspace, resolved, state, force) is None:
             log.info("Another worker provisioned this config meanwhile; nothing left to do")
@@ -262,13 +277,15 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         install_comfyui(workspace, config, state, report)
         env_keys = []
         if report.ok:
-            env_keys.append(install_comfyui_requirements(workspace, report))
+            env_keys.append(install_comfyui_requirements(workspace, state, report))
             env_keys += install_custom_nodes(workspace, config, state, report, concurrency)
+        else:
+            check_node_versions(config, report)
         state.env_keys = sorted(key for key in env_keys if key)
         state.save(state_path(workspace))
     install_models(workspace, config, env, report)
     write_extra_model_paths(workspace, config)
-    with volume_lock(workspace.state_dir / "provision.lock"):
+    with volume_lock(workspace, env):
         state = State.load(state_path(workspace))
         state.provisioned_sha256 = resolved.sha256 if report.ok else None
         state.save(state_path(workspace))
@@ -276,8 +293,9 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
 
 
 def write_status(workspace: Workspace, status: dict[str, Any]) -> None:
-    workspace.status_file.parent.mkdir(parents=True, exist_ok=True)
-    workspace.status_file.write_text(json.dumps(status, indent=1), encoding="utf-8")
+    """status.json, whole (the worker reads it while a later run may be writing it), and without credentials:
+    every job reports it, and an error may quote a URL from config.yml."""
+    atomic_write(workspace.status_file, redact_urls(json.dumps(status, indent=1)))
 
 
 def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report | None]:
@@ -304,12 +322,17 @@ def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report
         log.error("%s", exc)
         write_status(workspace, {"ok": False, "failed": [{"kind": "config", "name": "config.yml", "error": str(exc)}]})
         return 1, None
+    except LockTimeout as exc:
+        log.error("%s", exc)
+        failed = {"kind": "lock", "name": "provision.lock", "error": str(exc)}
+        write_status(workspace, {"ok": False, "failed": [failed]})
+        return 1, None
     except Exception as exc:  # unexpected: still explain it to every job instead of dying silently
         log.exception("Provisioning failed")
         error = f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=3).splitlines()[-2].strip()})"
         write_status(workspace, {"ok": False, "failed": [{"kind": "provisioning", "name": "", "error": error}]})
         return 1, None
-    (workspace.state_dir / "config.yml").write_text(resolved.text, encoding="utf-8")
+    atomic_write(workspace.state_dir / "config.yml", resolved.text)
     write_status(workspace, report.to_json())
     seconds = time.monotonic() - started
     if report.ok:
@@ -323,19 +346,26 @@ def dry_run(env: Mapping[str, str], workspace: Workspace) -> int:
     """Print what provisioning would do; change nothing."""
     from comfy_worker.provision import downloads, gitrepo, nodes
     from comfy_worker.provision.config import parse
+    from comfy_worker.provision.download_options import DownloadOptions
+    from comfy_worker.settings import SettingsError
 
-    resolved = resolve(env, workspace.volume_config, workspace.baked_config)
-    config = parse(resolved.text, resolved.source)
+    try:
+        resolved = resolve(env, workspace.volume_config, workspace.baked_config)
+        config = parse(resolved.text, resolved.source)
+        options = DownloadOptions.from_env(env)
+    except (ConfigError, SettingsError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
     reason = gate(workspace, resolved, State.load(state_path(workspace)))
     out = [f"workspace: {workspace.root} ({workspace.mode}); config: {resolved.source} (sha256 {resolved.sha256[:12]})"]
+    repo = redact_url(workspace.comfyui_repo)
     out.append(f"gate: {reason or 'unchanged, nothing would be done'}")
     try:
         comfy = gitrepo.resolve_version(workspace.comfyui_repo, config.comfyui.version)
-        out.append(f"ComfyUI {workspace.comfyui_repo}: {comfy.description} -> {workspace.comfyui_dir}")
+        out.append(f"ComfyUI {repo}: {comfy.description} -> {workspace.comfyui_dir}")
     except gitrepo.GitError as exc:
         out.append(f"ComfyUI: FAILS: {exc}")
     out += [f"node {line}" for line in nodes.plan(config.nodes, workspace.custom_nodes_dir)]
-    options = downloads.DownloadOptions.from_env(env)
     out.append(downloads.format_plan(downloads.plan(config.models, workspace.models_dir, options)).rstrip("\n"))
     sys.stdout.write("\n".join(out) + "\n")
     return 0
@@ -368,11 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="then ask the running worker (WORKER_PID_FILE) to restart ComfyUI if nodes changed (apply_config.sh)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(os.environ)
     workspace = Workspace.from_env(os.environ)
     if args.dry_run:
         return dry_run(os.environ, workspace)

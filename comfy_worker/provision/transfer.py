@@ -28,6 +28,8 @@ from pathlib import Path
 import requests
 import urllib3
 
+from comfy_worker.fsutil import atomic_write
+
 log = logging.getLogger(__name__)
 
 SIDECAR_VERSION = 1
@@ -51,6 +53,10 @@ class HttpStatusError(TransferError):
 
 class RetryableError(Exception):
     """A connection error or a 5xx: try again from where the segment stopped."""
+
+
+class _Stopped(Exception):
+    """Another segment of the file failed: this one stops too (its progress stays in the sidecar)."""
 
 
 class _Restart(Exception):
@@ -146,9 +152,7 @@ class Sidecar:
             "ranges": self.remote.ranges,
             "segments": [[s.start, s.end, s.done] for s in self.segments],
         }
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(data))
 
 
 def plan_segments(size: int | None, ranges: bool, tuning: TransferTuning) -> list[Segment]:
@@ -215,17 +219,19 @@ def _fetch_segments(
     fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         pending = [s for s in sidecar.segments if s.remaining != 0]
+        stop = threading.Event()  # set by the first segment that fails: the others stop at their next chunk
         if len(pending) <= 1:
             for segment in pending:
-                _run_segment(remote, fd, segment, sidecar, tuning, on_bytes)
+                _run_segment(remote, fd, segment, sidecar, tuning, on_bytes, stop)
         else:
             with ThreadPoolExecutor(len(pending), thread_name_prefix="segment") as pool:
-                futures = [pool.submit(_run_segment, remote, fd, s, sidecar, tuning, on_bytes) for s in pending]
+                futures = [pool.submit(_run_segment, remote, fd, s, sidecar, tuning, on_bytes, stop) for s in pending]
                 errors = [f.exception() for f in futures]
-            failures = [e for e in errors if e is not None]
+            failures = [e for e in errors if e is not None and not isinstance(e, _Stopped)]
             if failures:
                 restarts = [e for e in failures if isinstance(e, _Restart)]
                 raise (restarts or failures)[0]
+        os.fsync(fd)  # on the disk before it is renamed onto its name: a crash leaves the old state or the file
     finally:
         sidecar.save()
         os.close(fd)
@@ -238,14 +244,34 @@ def _run_segment(
     sidecar: Sidecar,
     tuning: TransferTuning,
     on_bytes: Callable[[int], None],
+    stop: threading.Event,
 ) -> None:
-    """Fetch one segment, retrying with backoff; every failure without progress counts against the retries."""
+    """Fetch one segment, retrying with backoff; every failure without progress counts against the retries.
+
+    Any failure sets ``stop``, so the other segments of the file end too instead of fetching for nothing.
+    """
+    try:
+        _fetch_one_segment(remote, fd, segment, sidecar, tuning, on_bytes, stop)
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _fetch_one_segment(
+    remote: Remote,
+    fd: int,
+    segment: Segment,
+    sidecar: Sidecar,
+    tuning: TransferTuning,
+    on_bytes: Callable[[int], None],
+    stop: threading.Event,
+) -> None:
     failures = 0
     with requests.Session() as session:
         while segment.remaining != 0:
             before = segment.done
             try:
-                _stream_segment(session, remote, fd, segment, sidecar, on_bytes)
+                _stream_segment(session, remote, fd, segment, sidecar, on_bytes, stop)
                 if segment.end < 0:
                     return  # unknown size: the server's EOF is the end
             except RetryableError as exc:
@@ -262,7 +288,8 @@ def _run_segment(
                     segment.start + segment.done,
                     delay,
                 )
-                time.sleep(delay)
+                if stop.wait(delay):
+                    raise _Stopped from None
     sidecar.record(segment, 0, force=True)
 
 
@@ -273,7 +300,10 @@ def _stream_segment(
     segment: Segment,
     sidecar: Sidecar,
     on_bytes: Callable[[int], None],
+    stop: threading.Event,
 ) -> None:
+    if stop.is_set():
+        raise _Stopped
     if not remote.ranges and segment.done:
         # No ranges: a retry re-reads from the first byte, so the bytes already counted are counted again.
         on_bytes(-segment.done)
@@ -296,6 +326,8 @@ def _stream_segment(
                 on_bytes(len(data))
                 if segment.remaining < 0 and segment.end >= 0:
                     raise TransferError(f"{remote.display_url}: the server sent more bytes than the range asked for")
+                if stop.is_set():
+                    raise _Stopped
     except (
         requests.ConnectionError,
         requests.Timeout,

@@ -17,38 +17,35 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import json
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
-
 from comfy_worker.api_format import check_api_format
 from comfy_worker.errors import InputError
+from comfy_worker.fsutil import atomic_write
+from comfy_worker.tools.jobapi import (
+    OUTPUT_KINDS,
+    RUNPOD_API_BASE,
+    JobAPI,
+    JobAPIError,
+    describe_progress,
+    output_chunks,
+    safe_output_name,
+)
 
 log = logging.getLogger("comfy_worker.tools.client")
 
-RUNPOD_API_BASE = "https://api.runpod.ai/v2"
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
-OUTPUT_KINDS = ("images", "videos", "audio", "files")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class ClientError(Exception):
     """Something the user can fix (a file, an argument, a credential): printed without a traceback."""
-
-
-class EndpointError(Exception):
-    """The endpoint did not answer as a RunPod job API does (network, HTTP status, not JSON)."""
 
 
 @dataclass(frozen=True)
@@ -57,10 +54,6 @@ class Endpoint:
 
     base_url: str
     api_key: str | None = None
-
-    def headers(self) -> dict[str, str]:
-        """The API key travels only to the endpoint, never to the S3 hosts outputs are downloaded from."""
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 def endpoint_from(url: str | None, env: Mapping[str, str]) -> Endpoint:
@@ -178,124 +171,20 @@ def build_job(
 # ---------------------------------------------------------------------------------------------------------
 
 
-class JobAPI:
-    """RunPod's job routes (``/run``, ``/runsync``, ``/status``, ``/cancel``) on one endpoint.
+class ProgressLines:
+    """Each new status or progress line once (``IN_PROGRESS  56.2% node 3 (KSampler) step 1/4``), to the log."""
 
-    RunPod answers ``GET /status``; the runpod SDK's local API only ``POST`` (and runs the job inside that
-    call), so a 405 switches to POST once. Only GETs are retried: a retried ``/run`` could queue a job twice.
-    """
+    def __init__(self) -> None:
+        self.shown = ""
 
-    def __init__(self, endpoint: Endpoint, *, request_timeout_s: float = 30.0, status_timeout_s: float = 3600.0):
-        self.endpoint = endpoint
-        self.request_timeout_s = request_timeout_s
-        self.status_timeout_s = status_timeout_s
-        self.session = requests.Session()
-        retry = Retry(total=4, backoff_factor=0.5, status_forcelist=(429, 502, 503, 504), allowed_methods={"GET"})
-        self.session.mount("http://", HTTPAdapter(max_retries=retry))
-        self.session.mount("https://", HTTPAdapter(max_retries=retry))
-        self._status_method = "GET"
-
-    def close(self) -> None:
-        self.session.close()
-
-    def _call(self, method: str, route: str, body: Any = None, timeout_s: float | None = None) -> requests.Response:
-        url = f"{self.endpoint.base_url}/{route}"
-        try:
-            return self.session.request(
-                method,
-                url,
-                json=body,
-                headers=self.endpoint.headers(),
-                timeout=(10, timeout_s or self.request_timeout_s),
-            )
-        except requests.RequestException as exc:
-            raise EndpointError(f"{method} {url} failed: {exc}") from exc
-
-    @staticmethod
-    def _json(response: requests.Response) -> dict[str, Any]:
-        if response.status_code == 401:
-            raise EndpointError(f"{response.url} refused the API key (HTTP 401): check RUNPOD_API_KEY")
-        if response.status_code >= 400:
-            raise EndpointError(f"{response.url} answered HTTP {response.status_code}: {response.text[:500]}")
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise EndpointError(f"{response.url} did not answer JSON: {response.text[:200]!r}") from exc
-        if not isinstance(body, dict):
-            raise EndpointError(f"{response.url} answered {type(body).__name__}, not a job object")
-        return body
-
-    def submit(self, job: dict[str, Any], sync: bool) -> dict[str, Any]:
-        route = "runsync" if sync else "run"
-        return self._json(self._call("POST", route, {"input": job}, self.status_timeout_s if sync else None))
-
-    def status(self, job_id: str) -> dict[str, Any]:
-        response = self._call(self._status_method, f"status/{job_id}", timeout_s=self.status_timeout_s)
-        if response.status_code == 405 and self._status_method == "GET":
-            self._status_method = "POST"
-            response = self._call("POST", f"status/{job_id}", timeout_s=self.status_timeout_s)
-        return self._json(response)
-
-    def cancel(self, job_id: str) -> bool:
-        """True when the endpoint took the cancellation (the local API has no ``/cancel``)."""
-        try:
-            response = self._call("POST", f"cancel/{job_id}", timeout_s=10)
-        except EndpointError as exc:
-            log.warning("could not cancel job %s: %s", job_id, exc)
-            return False
-        if response.status_code >= 400:
-            log.warning(
-                "the endpoint did not cancel job %s: HTTP %s %s", job_id, response.status_code, response.text[:200]
-            )
-            return False
-        return True
-
-
-def describe_progress(output: Any) -> str:
-    """One line for a progress update: the worker's dict, or whatever another worker posts."""
-    if not isinstance(output, dict):
-        return str(output)
-    parts = []
-    if isinstance(output.get("percent"), int | float):
-        parts.append(f"{output['percent']:5.1f}%")
-    if output.get("node_id") is not None:
-        parts.append(f"node {output['node_id']} ({output.get('class_type') or '?'})")
-    if output.get("steps"):
-        parts.append(f"step {output.get('step')}/{output['steps']}")
-    if output.get("nodes_total"):
-        parts.append(f"[{output.get('nodes_done', 0)}/{output['nodes_total']} nodes]")
-    return " ".join(parts) or json.dumps(output, default=str)
-
-
-def wait_for_job(
-    api: JobAPI,
-    first: dict[str, Any],
-    *,
-    poll_s: float = 1.0,
-    max_wait_s: float | None = None,
-    on_update: Callable[[str], None] = log.info,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, Any]:
-    """Poll ``/status`` until the job is final, reporting each new status and progress line once."""
-    body, seen = first, ""
-    deadline = None if max_wait_s is None else clock() + max_wait_s
-    while True:
+    def __call__(self, body: Mapping[str, Any]) -> None:
         status = str(body.get("status"))
         line = status
         if status == "IN_PROGRESS" and body.get("output") is not None:
             line = f"{status} {describe_progress(body['output'])}"
-        if line != seen:
-            on_update(line)
-            seen = line
-        if status in FINAL_STATES:
-            return body
-        if "id" not in body:
-            raise EndpointError(f"the endpoint answered status {status!r} without a job id: {body}")
-        if deadline is not None and clock() >= deadline:
-            raise TimeoutError(f"job {body['id']} not finished after {max_wait_s:g} s")
-        sleep(poll_s)
-        body = api.status(str(body["id"])) | {"id": body["id"]}
+        if line != self.shown:
+            log.info("%s", line)
+            self.shown = line
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,12 +241,6 @@ def format_error(body: Mapping[str, Any], verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
-def safe_filename(name: Any, fallback: str) -> str:
-    """Only the last path segment of a worker-given name: outputs never land outside ``--out``."""
-    base = Path(str(name or "")).name
-    return base if base not in {"", ".", ".."} else fallback
-
-
 def _unique(folder: Path, name: str, taken: set[str]) -> Path:
     stem, suffix = Path(name).stem, Path(name).suffix
     candidate, counter = name, 1
@@ -368,53 +251,32 @@ def _unique(folder: Path, name: str, taken: set[str]) -> Path:
     return folder / candidate
 
 
-def _write_atomic(path: Path, chunks: Any) -> None:
-    """Write to a process-unique temporary name beside ``path`` and move it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with tmp.open("wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fetch_output(entry: Mapping[str, Any], path: Path) -> None:
-    """An output's bytes into ``path``: base64 decoded, or an ``s3_url`` downloaded (without our API key)."""
-    data = entry.get("data")
-    if not isinstance(data, str):
-        raise EndpointError(f"output {entry.get('filename')!r} has no data")
-    if entry.get("type") == "s3_url" or data.startswith(("http://", "https://")):
-        try:
-            with requests.get(data, stream=True, timeout=(10, 300)) as response:
-                response.raise_for_status()
-                _write_atomic(path, response.iter_content(1 << 20))
-        except requests.RequestException as exc:
-            raise EndpointError(f"downloading {entry.get('filename')!r} failed: {exc}") from exc
-        return
-    try:
-        payload = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise EndpointError(f"output {entry.get('filename')!r} is not valid base64: {exc}") from exc
-    _write_atomic(path, [payload])
-
-
-def save_outputs(output: Mapping[str, Any], folder: Path) -> list[Path]:
-    """Every file output plus text outputs (``text_node<id>.txt``) into ``folder``; returns the paths."""
+def save_outputs(output: Mapping[str, Any], folder: Path) -> tuple[list[Path], list[str]]:
+    """Every file output plus text outputs (``text_node<id>.txt``) into ``folder``: the paths saved, and one
+    message per output that could not be (the others are still saved)."""
     folder.mkdir(parents=True, exist_ok=True)
     saved: list[Path] = []
+    failed: list[str] = []
     taken: set[str] = set()
     for kind in OUTPUT_KINDS:
         for index, entry in enumerate(output.get(kind) or []):
-            path = _unique(folder, safe_filename(entry.get("filename"), f"{kind}_{index}"), taken)
-            fetch_output(entry, path)
+            fallback = f"{kind}_{index}"
+            path = _unique(folder, safe_output_name(entry.get("filename"), fallback), taken)
+            try:
+                atomic_write(path, output_chunks(entry))
+            except (JobAPIError, OSError) as exc:
+                failed.append(f"{kind}[{index}] ({entry.get('filename')!r}): {exc}")
+                continue
             saved.append(path)
     for index, entry in enumerate(output.get("text") or []):
-        path = _unique(folder, f"text_node{safe_filename(entry.get('node_id'), str(index))}.txt", taken)
-        path.write_text(str(entry.get("text", "")), encoding="utf-8")
+        path = _unique(folder, f"text_node{safe_output_name(entry.get('node_id'), str(index))}.txt", taken)
+        try:
+            atomic_write(path, str(entry.get("text", "")))
+        except OSError as exc:
+            failed.append(f"text[{index}]: {exc}")
+            continue
         saved.append(path)
-    return saved
+    return saved, failed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -486,7 +348,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         timeout=args.timeout,
         output=output_options(args),
     )
-    api = JobAPI(endpoint)
+    api = JobAPI(endpoint.base_url, endpoint.api_key)
     job_id: str | None = None
     try:
         log.info("sending %s to %s%s", args.workflow, endpoint.base_url, "/runsync" if args.sync else "/run")
@@ -494,7 +356,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         job_id = str(first["id"]) if first.get("id") else None
         if job_id:
             log.info("job %s", job_id)
-        body = wait_for_job(api, first, poll_s=args.poll, max_wait_s=args.max_wait)
+        body = api.wait(first, poll_s=args.poll, max_wait_s=args.max_wait, on_update=ProgressLines())
     except KeyboardInterrupt:
         if job_id is None:
             log.warning("interrupted before the endpoint gave a job id: the job may still run")
@@ -506,8 +368,6 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             api.cancel(job_id)
         log.error("%s: cancelled", exc)
         return EXIT_FAILED
-    finally:
-        api.close()
     if body.get("status") != "COMPLETED":
         log.error("%s", format_error(body, verbose=args.verbose))
         return EXIT_FAILED
@@ -515,12 +375,15 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not isinstance(output, dict):
         log.error("job %s completed without an output object: %r", job_id, output)
         return EXIT_FAILED
-    for path in save_outputs(output, args.out or Path("outputs") / (job_id or "sync")):
+    saved, failed = save_outputs(output, args.out or Path("outputs") / (job_id or "sync"))
+    for path in saved:
         _emit(str(path))
     for warning in output.get("warnings") or []:
         log.warning("worker warning: %s", warning)
+    for problem in failed:
+        log.error("output not saved: %s", problem)
     log.info("done in %ss (prompt %s)", output.get("execution_time_seconds"), output.get("prompt_id"))
-    return EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -531,7 +394,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     except ClientError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    except EndpointError as exc:
+    except JobAPIError as exc:
         log.error("%s", exc)
         return EXIT_FAILED
 

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
 import botocore.exceptions
+
+from comfy_worker.fsutil import atomic_write
+from comfy_worker.storage import s3_client
 
 log = logging.getLogger("comfy_worker.tools.model_sync")
 
@@ -126,10 +127,7 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> SyncSetti
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data))
 
 
 class HashCache:
@@ -166,15 +164,32 @@ class LocalFile:
 
 
 def local_files(root: Path, prefix: str) -> list[LocalFile]:
-    """Every file under ``root`` (links followed), hidden files and folders (``.cache``, ``.DS_Store``) skipped."""
+    """Every file under ``root`` (links followed), hidden files and folders (``.cache``, ``.DS_Store``) skipped.
+
+    Hugging Face caches and hand-made model folders hold dangling symlinks and symlink loops: a link that
+    cannot be read is skipped with a warning, and a folder reached again through a link is not walked twice.
+    """
     files = []
+    seen: set[tuple[int, int]] = set()
     for folder, dirs, names in os.walk(root, followlinks=True):
+        here = os.stat(folder)
+        if (here.st_dev, here.st_ino) in seen:
+            log.warning("skipped %s: a symlink loop (the folder was listed already)", folder)
+            dirs[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             if name.startswith("."):
                 continue
             path = Path(folder) / name
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                log.warning("skipped %s: %s (a dangling symlink or a symlink loop)", path, exc.strerror or exc)
+                continue
+            if not path.is_file():
+                continue
             key = prefix + path.relative_to(root).as_posix()
             files.append(LocalFile(path, key, stat.st_size, stat.st_mtime_ns))
     return files
@@ -260,18 +275,13 @@ class Syncer:
 
     def __init__(self, settings: SyncSettings) -> None:
         self.settings = settings
-        self.client: Any = boto3.client(
-            "s3",
+        self.client: Any = s3_client(
             endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            aws_access_key_id=settings.access_key,
-            aws_secret_access_key=settings.secret_key,
-            config=botocore.config.Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": 5, "mode": "standard"},
-                max_pool_connections=max(10, settings.workers * 2),
-            ),
+            region=settings.region,
+            access_key_id=settings.access_key,
+            secret_access_key=settings.secret_key,
+            parallel=max(10, settings.workers * 2),
+            read_timeout_s=300,  # a 64 MB part on a slow uplink
         )
         self.hashes = HashCache(settings.state_dir / "hashes.json")
 
