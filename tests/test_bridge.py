@@ -76,6 +76,19 @@ def test_input_files_are_found_and_names_kept_inside(tmp_path: Path) -> None:
     assert files == [{"name": "photos/src.png", "image": base64.b64encode(b"png bytes").decode()}]
 
 
+def test_input_files_of_a_ui_format_graph_come_from_widget_values(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "b.png").write_bytes(b"b")
+    graph = {
+        "nodes": [{"id": 1, "type": "LoadImage", "widgets_values": ["a.png", "image"]}],
+        "links": [],
+        "definitions": {
+            "subgraphs": [{"id": "s", "nodes": [{"id": 2, "type": "LoadImage", "widgets_values": ["b.png"]}]}]
+        },
+    }
+    assert [entry["name"] for entry in remote.input_files(graph, tmp_path)] == ["a.png", "b.png"]
+
+
 def test_settings_and_messages() -> None:
     settings = remote.BridgeSettings.from_env({"RUNPOD_BRIDGE": "true", "RUNPOD_ENDPOINT_ID": "ep9"})
     assert settings.enabled and settings.base_url == "https://api.runpod.ai/v2/ep9"

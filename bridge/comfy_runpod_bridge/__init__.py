@@ -74,7 +74,8 @@ def _unique_path(folder: Path, name: str) -> Path:
 
 
 class RunPodBridge:
-    """Runs the API-format graph in ``workflow`` on the endpoint; ``on_prompt`` puts it in place."""
+    """Runs the graph in ``workflow`` (API format, or UI format for the worker to convert) on the endpoint;
+    ``on_prompt`` puts it in place."""
 
     CATEGORY = "RunPod"
     FUNCTION = "run"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -157,17 +157,32 @@ def _safe_input_name(value: str) -> str | None:
     return name
 
 
-def input_files(graph: Mapping[str, Any], input_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Every local input file the graph names (any string input that is a file in ComfyUI's input folder:
-    LoadImage, LoadImageMask, LoadVideo, LoadAudio...), ready for the job's ``images`` list."""
-    root = Path(input_dir)
-    found: dict[str, Path] = {}
+def _string_values(graph: Mapping[str, Any]) -> Iterator[Any]:
+    """Every input value of an API-format graph, or every widget value of a UI-format one (subgraphs too)."""
+    if isinstance(graph.get("nodes"), list):  # the UI format (the worker converts it)
+        nodes = list(graph["nodes"])
+        for definition in (graph.get("definitions") or {}).get("subgraphs") or []:
+            if isinstance(definition, dict):
+                nodes += definition.get("nodes") or []
+        for node in nodes:
+            values = node.get("widgets_values") if isinstance(node, dict) else None
+            yield from values.values() if isinstance(values, dict) else values or []
+        return
     for node in graph.values():
         inputs = node.get("inputs") if isinstance(node, dict) else None
-        for value in (inputs or {}).values():
-            name = _safe_input_name(value) if isinstance(value, str) and len(value) < 256 else None
-            if name and name not in found and (root / name).is_file():
-                found[name] = root / name
+        yield from (inputs or {}).values()
+
+
+def input_files(graph: Mapping[str, Any], input_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Every local input file the graph names (any string input that is a file in ComfyUI's input folder:
+    LoadImage, LoadImageMask, LoadVideo, LoadAudio...), ready for the job's ``images`` list. The graph may
+    be in the API format or in the UI format."""
+    root = Path(input_dir)
+    found: dict[str, Path] = {}
+    for value in _string_values(graph):
+        name = _safe_input_name(value) if isinstance(value, str) and len(value) < 256 else None
+        if name and name not in found and (root / name).is_file():
+            found[name] = root / name
     return [{"name": name, "image": base64.b64encode(path.read_bytes()).decode()} for name, path in found.items()]
 
 

@@ -38,6 +38,7 @@ from comfy_worker.tools.jobapi import (
     output_chunks,
     safe_output_name,
 )
+from comfy_worker.ui_format import is_ui_format
 
 log = logging.getLogger("comfy_worker.tools.client")
 
@@ -116,7 +117,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def load_workflow(path: Path) -> dict[str, Any]:
-    """Read an API-format workflow, refusing a UI export with the same hint the worker gives."""
+    """Read a workflow: the API format (checked here), or the UI format as *Save* writes it.
+
+    A UI-format workflow is sent as it is: the worker converts it with its own ComfyUI's node definitions,
+    which this machine does not have.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -130,6 +135,9 @@ def load_workflow(path: Path) -> dict[str, Any]:
             f'{path} is a whole request body ({{"input": ...}}), not a workflow: send it as it is with curl, '
             "or give this client the workflow alone"
         )
+    if is_ui_format(data):
+        log.info("%s is in ComfyUI's UI format: the worker converts it to the API format", path)
+        return dict(data)
     try:
         return check_api_format(data)
     except InputError as exc:
