@@ -37,6 +37,13 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     close_worker(built)
 
 
+def rebuilt(worker: Worker, settings: Settings) -> Worker:
+    """Another Worker on the same ComfyUI with other settings."""
+    return Worker(
+        settings, worker.client, worker.events, worker.supervisor, fetcher=worker.fetcher, storage=worker.storage
+    )
+
+
 def sleep_graph(seconds: float, prefix: str = "flow", steps: int = 0) -> dict[str, Any]:
     return {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
@@ -69,7 +76,7 @@ def test_progress_updates_follow_the_sampler_steps(worker: Worker) -> None:
 
 def test_progress_is_rate_limited(worker: Worker) -> None:
     limited = dataclasses.replace(worker.settings, progress_interval_s=10.0)
-    slow = Worker(limited, worker.client, worker.events, worker.supervisor)
+    slow = rebuilt(worker, limited)
     progress: list[dict[str, Any]] = []
     assert run(slow, {"workflow": sleep_graph(0.3, prefix="rate", steps=10)}, progress)["status"] == "success"
     assert len(progress) == 1, progress
@@ -173,7 +180,7 @@ def test_outputs_come_through_view_when_the_folders_are_unknown(worker: Worker) 
     remote = dataclasses.replace(
         worker.settings, comfyui_output_dir=None, comfyui_temp_dir=None, comfyui_input_dir=None
     )
-    over_http = Worker(remote, worker.client, worker.events, worker.supervisor)
+    over_http = rebuilt(worker, remote)
     assert over_http.folders == {}
     graph = sleep_graph(0, prefix="view")
     graph["1"]["inputs"]["color"] = 0xFF0000
@@ -244,7 +251,7 @@ def test_free_after_job_clears_comfyui_caches(worker: Worker) -> None:
     first = run(worker, {"workflow": graph})
     cached = run(worker, {"workflow": graph})
     assert cached["images"][0]["filename"] == first["images"][0]["filename"], "a resubmission is cached"
-    freeing = Worker(dataclasses.replace(worker.settings, free_after_job="models"), worker.client, worker.events)
+    freeing = rebuilt(worker, dataclasses.replace(worker.settings, free_after_job="models"))
     run(freeing, {"workflow": graph})  # this job's /free empties ComfyUI's cache afterwards
     after_free = run(worker, {"workflow": graph})
     assert after_free["images"][0]["filename"] != first["images"][0]["filename"], "the cache was emptied"
@@ -252,14 +259,14 @@ def test_free_after_job_clears_comfyui_caches(worker: Worker) -> None:
 
 def test_low_memory_asks_for_a_new_worker(worker: Worker) -> None:
     demanding = dataclasses.replace(worker.settings, refresh_min_free_ram_gb=1_000_000.0)
-    result = run(Worker(demanding, worker.client, worker.events), {"workflow": sleep_graph(0, prefix="lowmem")})
+    result = run(rebuilt(worker, demanding), {"workflow": sleep_graph(0, prefix="lowmem")})
     assert result["status"] == "success"
     assert result["refresh_worker"] is True
     assert "refresh_worker" not in run(worker, {"workflow": sleep_graph(0, prefix="enough")})
 
 
 def test_cleanup_removes_only_this_jobs_files(worker: Worker) -> None:
-    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
     others = [worker.folders["output"] / "someone_else_00001_.png", worker.folders["input"] / "shared" / "keep.png"]
     for path in others:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +292,7 @@ def test_cleanup_removes_only_this_jobs_files(worker: Worker) -> None:
 
 
 def test_cleanup_keeps_cached_resubmissions_working(worker: Worker) -> None:
-    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
     graph = sleep_graph(0, prefix="again")
     graph["1"]["inputs"]["color"] = 0x123456
     first, second = run(tidy, {"workflow": graph}), run(tidy, {"workflow": graph})
@@ -295,7 +302,7 @@ def test_cleanup_keeps_cached_resubmissions_working(worker: Worker) -> None:
 
 
 def test_cleanup_after_a_failed_job(worker: Worker) -> None:
-    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
     image = base64.b64encode(b"fake").decode()
     graph = {"1": {"class_type": "StandinFail", "inputs": {"message": "nope"}}}
     error = error_of(run(tidy, {"workflow": graph, "images": [{"name": "failed_job.png", "image": image}]}))

@@ -42,10 +42,19 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
     from comfy_worker.comfy.client import ComfyClient
     from comfy_worker.comfy.events import EventStream
     from comfy_worker.errors import ComfyUnavailableError, WorkerError
+    from comfy_worker.runtime.fetch import Fetcher
     from comfy_worker.runtime.job import Worker
+    from comfy_worker.storage import S3Storage
 
     client = ComfyClient(settings.comfy_api_url, client_id=f"worker-{uuid.uuid4().hex}")
     events = EventStream(settings.comfy_ws_url, client.client_id)
+    storage = S3Storage(settings.s3) if settings.s3 is not None else None
+    fetcher = Fetcher(
+        settings.input_url_allowlist,
+        int(settings.input_url_max_mb * 1024 * 1024),
+        settings.input_url_timeout_s,
+        storage,
+    )
     supervisor = supervisor or ComfySupervisor(settings)
     try:
         supervisor.start_or_attach(client)
@@ -60,8 +69,8 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
         log.error("ComfyUI is unavailable; every job will fail with this error: %s", exc.message)
         for line in exc.details.get("log_tail", []):
             log.error("  | %s", line)
-        return Worker(settings, client, events, supervisor, startup_error=exc)
-    return Worker(settings, client, events, supervisor)
+        return Worker(settings, client, events, supervisor, startup_error=exc, fetcher=fetcher, storage=storage)
+    return Worker(settings, client, events, supervisor, fetcher=fetcher, storage=storage)
 
 
 def warm_up(worker: Worker, path: Path) -> None:

@@ -8,102 +8,30 @@ goes through ``asyncio.to_thread``; ComfyUI's frames arrive on an ``asyncio.Queu
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from comfy_worker.comfy.client import ComfyClient
-from comfy_worker.comfy.errors import (
-    execution_error,
-    interrupted_error,
-    missing_node_types_error,
-    prompt_warnings,
-    suggest_input_files,
-)
-from comfy_worker.comfy.events import DISCONNECTED, RECONNECTED, EventStream, Frame
+from comfy_worker.comfy.errors import missing_node_types_error, prompt_warnings, suggest_input_files
+from comfy_worker.comfy.events import EventStream
+from comfy_worker.comfy.recovery import Recovery
 from comfy_worker.comfy.supervisor import ComfySupervisor
-from comfy_worker.errors import (
-    ComfyCrashedError,
-    ComfyUnavailableError,
-    InputError,
-    JobTimeoutError,
-    WorkerError,
-    WorkflowError,
-)
+from comfy_worker.errors import ComfyCrashedError, InputError, JobTimeoutError, WorkerError, WorkflowError
 from comfy_worker.redact import Redactor
 from comfy_worker.runtime import cleanup, delivery, diagnostics, outputs, workflow
 from comfy_worker.runtime.fetch import Fetcher
+from comfy_worker.runtime.follow import Follower, Progress, ProgressSink
 from comfy_worker.runtime.schema import JobInput, parse_job_input
 from comfy_worker.settings import FREE_MODES, Settings
 from comfy_worker.storage import S3Storage
 
 log = logging.getLogger(__name__)
-
-ProgressSink = Callable[[dict[str, Any]], None]
-
-HISTORY_POLL_S = 0.5  # how often /history is asked while the WebSocket is down
-IDLE_CHECK_S = 15.0  # with the socket up but silent this long, ask /history anyway
-
-
-@dataclass
-class _Progress:
-    """What the job has seen of its prompt, for progress updates and for error messages."""
-
-    workflow: dict[str, Any]
-    sink: ProgressSink
-    interval_s: float
-    current_node: str | None = None
-    done: set[str] = field(default_factory=set)
-    step: tuple[int, int] | None = None
-    _last_sent: float = float("-inf")
-
-    def node_label(self, node_id: str | None) -> str | None:
-        if node_id is None:
-            return None
-        return f"{node_id} ({self.workflow.get(node_id, {}).get('class_type', '?')})"
-
-    def update(self, frame: Frame) -> None:
-        kind, data = frame.get("type"), frame.get("data") or {}
-        if kind == "execution_cached":
-            self.done.update(str(n) for n in data.get("nodes") or [])
-        elif kind == "executing" and data.get("node") is not None:
-            if self.current_node is not None:
-                self.done.add(self.current_node)
-            self.current_node, self.step = str(data["node"]), None
-        elif kind == "progress":
-            self.step = (int(data.get("value", 0)), int(data.get("max", 0)))
-        else:
-            return
-        self._maybe_send()
-
-    def _maybe_send(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sent < self.interval_s:
-            return
-        self._last_sent = now
-        total = len(self.workflow)
-        message: dict[str, Any] = {
-            "node_id": self.current_node,
-            "class_type": self.workflow.get(self.current_node or "", {}).get("class_type"),
-            "nodes_done": len(self.done),
-            "nodes_total": total,
-        }
-        fraction = len(self.done) / total if total else 0.0
-        if self.step and self.step[1]:
-            message["step"], message["steps"] = self.step
-            fraction += (self.step[0] / self.step[1]) / total if total else 0.0
-        message["percent"] = round(min(fraction, 1.0) * 100, 1)
-        try:
-            self.sink(message)
-        except Exception:  # a progress post must never fail the job
-            log.exception("progress update failed")
 
 
 @dataclass
@@ -124,7 +52,11 @@ class _Attempt:
 
 
 class Worker:
-    """Runs jobs against one ComfyUI; created once per process by ``app``."""
+    """Runs jobs against one ComfyUI: each job's lifecycle, and hygiene between jobs.
+
+    Created once per process by ``app``, which builds what it depends on. Following a prompt is ``Follower``'s
+    job, restarting ComfyUI ``Recovery``'s.
+    """
 
     def __init__(
         self,
@@ -133,28 +65,25 @@ class Worker:
         events: EventStream,
         supervisor: ComfySupervisor | None = None,
         startup_error: WorkerError | None = None,
+        *,
+        fetcher: Fetcher,
+        storage: S3Storage | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.events = events
         self.supervisor = supervisor
         self.startup_error = startup_error
+        self.fetcher = fetcher
+        self.storage = storage
         self.provisioning = diagnostics.provisioning_problems(settings.provision_status)
         if startup_error is not None and self.provisioning and self.provisioning.get("failed"):
             first = self.provisioning["failed"][0]
             startup_error.message += f" Provisioning failed first: {first['kind']} {first['name']}: {first['error']}"
-        self._recovery: concurrent.futures.Future[None] | None = None
         self._node_types: set[str] | None = None
-        self._active_jobs = 0
-        self._restart_pending = False
+        self.recovery = Recovery(supervisor, client, events, settings.restart_attempts, self._forget_node_types)
+        self.follower = Follower(client, events, supervisor, settings.interrupt_grace_s)
         self.redact = Redactor(settings.secrets)
-        self.storage = S3Storage(settings.s3) if settings.s3 is not None else None
-        self.fetcher = Fetcher(
-            settings.input_url_allowlist,
-            int(settings.input_url_max_mb * 1024 * 1024),
-            settings.input_url_timeout_s,
-            self.storage,
-        )
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
             for name, folder in (
@@ -165,17 +94,20 @@ class Worker:
                 if folder is not None:
                     self.folders[name] = folder
 
+    def _forget_node_types(self) -> None:
+        self._node_types = None  # custom nodes load only at start: a restarted ComfyUI may have others
+
     async def run(self, job_id: str, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
         attempt = _Attempt(job_id, started=time.monotonic(), folder=cleanup.job_folder(str(uuid.uuid4())))
-        self._active_jobs += 1
+        self.recovery.job_started()
         try:
             result = await self._execute(attempt, raw_input, progress)
             return result | await asyncio.to_thread(self._after_job)
         except asyncio.CancelledError:
             log.warning("job %s: cancelled; stopping prompt %s", job_id, attempt.prompt_id)
             if attempt.prompt_id is not None:
-                threading.Thread(target=self._abandon, args=(attempt.prompt_id,), daemon=True).start()
+                threading.Thread(target=self.follower.abandon, args=(attempt.prompt_id,), daemon=True).start()
             raise
         except WorkerError as exc:
             log.warning("job %s: %s: %s", job_id, exc.error_type, exc.message)
@@ -187,47 +119,31 @@ class Worker:
             )
             return await self._error_result(error, attempt)
         finally:
-            self._active_jobs -= 1
-            if self._restart_pending and not self._active_jobs:
-                self._restart_now()
+            self.recovery.job_finished()
             if self.settings.cleanup_job_files:
                 await asyncio.to_thread(
                     cleanup.remove_job_files, self.folders, attempt.folder, attempt.uploaded, attempt.temp_files
                 )
 
     def request_restart(self) -> None:
-        """Restart ComfyUI so it loads changed custom nodes (apply_config.sh); a running job finishes first.
-
-        Called from the SIGHUP handler, which runs on the same (main) thread as the job loop.
-        """
-        if self._active_jobs:
-            log.info("ComfyUI restart requested: it happens once the running job is done")
-            self._restart_pending = True
-        else:
-            self._restart_now()
-
-    def _restart_now(self) -> None:
-        self._restart_pending = False
-        if self._recover_in_background():
-            log.info("Restarting ComfyUI to load the changed custom nodes")
-        else:
-            log.warning("ComfyUI restart requested, but this worker did not start ComfyUI: restart it yourself")
+        """Restart ComfyUI once the running job is done (SIGHUP from apply_config.sh)."""
+        self.recovery.request_restart()
 
     async def _error_result(self, error: WorkerError, attempt: _Attempt) -> dict[str, Any]:
         """The failed job's result: the error as JSON text with diagnostics, secrets masked."""
         if isinstance(error, ComfyCrashedError):
-            error.details["comfyui_restarting"] = self._recover_in_background()
+            error.details["comfyui_restarting"] = self.recovery.start()
         report = await asyncio.to_thread(
             diagnostics.collect,
             error,
             self.client,
             self.supervisor,
             self.folders,
-            self._recovering(),
+            self.recovery.restarting,
             self.provisioning,
         )
         result = {"error": self.redact(error.to_json(prompt_id=attempt.prompt_id, diagnostics=report))}
-        if error is self.startup_error:
+        if error is self.startup_error or error is self.recovery.failed:
             return result | {"refresh_worker": True}
         return result | await asyncio.to_thread(self._after_job)
 
@@ -238,16 +154,16 @@ class Worker:
                 "output.delivery is 's3' but this worker has no bucket: set BUCKET_NAME (or BUCKET_ENDPOINT_URL), "
                 "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY, or use delivery 'auto' or 'base64'."
             )
-        await self._comfyui_back()
+        timeout_s = job.timeout or self.settings.job_timeout_s
         if self.startup_error is not None:
-            raise self.startup_error
+            raise self.startup_error  # ComfyUI never came up: the worker waits to be replaced
+        await self.recovery.wait(attempt.started + timeout_s, timeout_s)
         await self._check_node_types(graph)
         attempt.lap("prepare_s")
         await self._upload_inputs(job, attempt)
         attempt.lap("upload_s")
         prompt_id = attempt.prompt_id = str(uuid.uuid4())
-        timeout_s = job.timeout or self.settings.job_timeout_s
-        tracker = _Progress(graph, progress, self.settings.progress_interval_s)
+        tracker = Progress(graph, progress, self.settings.progress_interval_s)
         with self.events.subscription(prompt_id) as frames:
             try:
                 queued = await asyncio.to_thread(self.client.queue_prompt, graph, prompt_id)
@@ -258,10 +174,10 @@ class Worker:
                 raise
             log.info("job %s: queued prompt %s (%d nodes)", attempt.job_id, prompt_id, len(graph))
             try:
-                await self._follow(prompt_id, frames, tracker, attempt.started + timeout_s, timeout_s)
+                await self.follower.follow(prompt_id, frames, tracker, attempt.started + timeout_s, timeout_s)
             except JobTimeoutError as exc:
-                if not await self._stop_prompt(prompt_id, frames):
-                    exc.details["comfyui_restarted"] = self._recover_in_background()
+                if not await self.follower.stop(prompt_id, frames):
+                    exc.details["comfyui_restarted"] = self.recovery.start()
                 raise
         attempt.lap("comfyui_s")
         entry = await asyncio.to_thread(self.client.history, prompt_id)
@@ -364,185 +280,3 @@ class Worker:
         if self.settings.cleanup_job_files and "output" in self.folders:
             cleanup.isolate_outputs(graph, folder)
         return job, graph
-
-    async def _follow(
-        self,
-        prompt_id: str,
-        frames: asyncio.Queue[Frame],
-        tracker: _Progress,
-        deadline: float,
-        timeout_s: float,
-    ) -> None:
-        """Wait until the prompt ends: ``executing`` with ``node: null``, an error frame, or /history says so."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise JobTimeoutError(
-                    f"The job ran past its timeout of {timeout_s:g}s"
-                    + (
-                        f" while node {tracker.node_label(tracker.current_node)} was running."
-                        if tracker.current_node
-                        else "."
-                    ),
-                    {
-                        "timeout_s": timeout_s,
-                        "node_id": tracker.current_node,
-                        "node": tracker.node_label(tracker.current_node),
-                    },
-                )
-            wait = min(remaining, IDLE_CHECK_S if self.events.connected else HISTORY_POLL_S)
-            try:
-                frame = await asyncio.wait_for(frames.get(), timeout=wait)
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    continue  # the time limit, not silence: report the timeout without asking ComfyUI
-                # nothing heard for a while: ask /history, the source of truth
-                self._raise_if_crashed(tracker)
-                if await self._finished_in_history(prompt_id):
-                    return
-                continue
-            kind, data = frame.get("type"), frame.get("data") or {}
-            if kind == "executing" and data.get("node") is None:
-                return
-            if kind == "execution_error":
-                raise execution_error(data)
-            if kind == "execution_interrupted":
-                raise interrupted_error(data)
-            if kind == DISCONNECTED:
-                self._raise_if_crashed(tracker)
-            elif kind == RECONNECTED:
-                self._raise_if_crashed(tracker)
-                if await self._finished_in_history(prompt_id):
-                    return
-            else:
-                tracker.update(frame)
-
-    def _raise_if_crashed(self, tracker: _Progress) -> None:
-        supervisor = self.supervisor
-        if supervisor is None or supervisor.alive():
-            return
-        code = supervisor.process.returncode if supervisor.process else None
-        raise ComfyCrashedError(
-            f"ComfyUI exited (code {code}) while node {tracker.node_label(tracker.current_node)} was running.",
-            {"exit_code": code, "node_id": tracker.current_node, "log_tail": supervisor.log_tail(50)},
-        )
-
-    async def _finished_in_history(self, prompt_id: str) -> bool:
-        """Whether the prompt ended, by /queue and /history; raise its error if it ended in one.
-
-        The queue is asked first: a prompt moves from the queue to the history at once, so one that is in
-        neither was lost (ComfyUI restarted behind the worker's back, or someone cleared its queue).
-        """
-        try:
-            queue = await asyncio.to_thread(self.client.queue)
-            entry = await asyncio.to_thread(self.client.history, prompt_id)
-        except ComfyUnavailableError:
-            return False  # still down: keep waiting for the socket or the deadline
-        if entry is None:
-            if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
-                return False
-            raise ComfyCrashedError(
-                f"ComfyUI no longer knows prompt {prompt_id}: it was restarted or its queue was cleared "
-                "while the job ran, and the prompt's results are lost.",
-                {"prompt_id": prompt_id},
-            )
-        status = entry.get("status") or {}
-        messages = status.get("messages") or []
-        for name, data in messages:
-            if name == "execution_error":
-                raise execution_error(data)
-            if name == "execution_interrupted":
-                raise interrupted_error(data)
-        return bool(status.get("completed")) or status.get("status_str") in ("success", "error")
-
-    async def _stop_prompt(self, prompt_id: str, frames: asyncio.Queue[Frame]) -> bool:
-        """Interrupt a timed-out prompt; whether ComfyUI let go of it within INTERRUPT_GRACE.
-
-        ComfyUI honours an interrupt only between nodes or at progress ticks: one long node can hold it for
-        minutes, and the caller then restarts ComfyUI so the next job starts on a clean one.
-        """
-        if not await asyncio.to_thread(self._abandon, prompt_id):
-            log.warning("ComfyUI does not answer; it will be restarted")
-            return False
-        deadline = time.monotonic() + self.settings.interrupt_grace_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                frame = await asyncio.wait_for(frames.get(), timeout=min(remaining, HISTORY_POLL_S))
-            except TimeoutError:
-                with contextlib.suppress(WorkerError):
-                    if await self._finished_in_history(prompt_id):
-                        return True
-                continue
-            data = frame.get("data") or {}
-            if frame.get("type") in ("execution_interrupted", "execution_error") or (
-                frame.get("type") == "executing" and data.get("node") is None
-            ):
-                return True
-        log.warning("prompt %s still runs %gs after its interrupt", prompt_id, self.settings.interrupt_grace_s)
-        return False
-
-    def _recovering(self) -> bool:
-        return self._recovery is not None and not self._recovery.done()
-
-    def _recover_in_background(self) -> bool:
-        """Restart the ComfyUI we own, without holding up the failing job's result; False if we cannot."""
-        supervisor = self.supervisor
-        if supervisor is None or not supervisor.restartable:
-            return False
-        if self._recovery is None or self._recovery.done():
-            recovery: concurrent.futures.Future[None] = concurrent.futures.Future()
-            threading.Thread(
-                target=self._recover, args=(supervisor, recovery), name="comfyui-restart", daemon=True
-            ).start()
-            self._recovery = recovery
-        return True
-
-    def _recover(self, supervisor: ComfySupervisor, recovery: concurrent.futures.Future[None]) -> None:
-        attempts = self.settings.restart_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                waited = supervisor.restart(self.client)
-            except ComfyUnavailableError as exc:
-                log.error("ComfyUI restart %d/%d failed: %s", attempt, attempts, exc.message)
-                if attempt == attempts:
-                    recovery.set_exception(exc)
-                    return
-            else:
-                log.info("ComfyUI restarted and ready in %.1fs", waited)
-                self._node_types = None
-                self.events.retry_now()
-                self.events.wait_connected(timeout_s=10)
-                recovery.set_result(None)
-                return
-
-    async def _comfyui_back(self) -> None:
-        """Before a job: restart a ComfyUI found dead, and wait for a restart under way.
-
-        A restart that failed every attempt becomes the worker's standing error, so each later job reports it
-        and asks RunPod to replace the worker (``refresh_worker``).
-        """
-        if self.startup_error is not None:
-            return  # ComfyUI never came up, or every restart failed: the worker waits to be replaced
-        if self.supervisor is not None and not self.supervisor.alive():
-            self._recover_in_background()
-        recovery = self._recovery
-        if recovery is None:
-            return
-        try:
-            await asyncio.wrap_future(recovery)
-        except ComfyUnavailableError as exc:
-            attempts = self.settings.restart_attempts
-            self.startup_error = ComfyUnavailableError(
-                f"ComfyUI stopped and could not be restarted ({attempts} attempts): {exc.message}", exc.details
-            )
-
-    def _abandon(self, prompt_id: str) -> bool:
-        """Drop the prompt from the queue and interrupt it if it runs; whether ComfyUI answered at all."""
-        answered = False
-        for action in (self.client.delete_queued, self.client.interrupt):
-            try:
-                action(prompt_id)
-                answered = True
-            except WorkerError as exc:
-                log.warning("could not stop prompt %s: %s", prompt_id, exc.message)
-        return answered
