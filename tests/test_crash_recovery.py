@@ -19,7 +19,15 @@ from comfy_worker.runtime.app import build_worker
 from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
-from .worker_process import STANDIN_DIR, ComfyBackend, backend_params, close_worker, free_port, worker_settings
+from .worker_process import (
+    STANDIN_DIR,
+    TIMEOUT_MARGIN_S,
+    ComfyBackend,
+    backend_params,
+    close_worker,
+    free_port,
+    worker_settings,
+)
 
 
 def make_worker(root: Path, backend: ComfyBackend, comfyui_dir: Path | None = None, **extra: str) -> Worker:
@@ -177,8 +185,8 @@ def test_comfyui_that_stops_answering_is_restarted(worker: Worker) -> None:
     error = error_of(result)
     assert error["error_type"] == "timeout"
     assert error["details"]["comfyui_restarted"] is True
-    # 2 s timeout + two 3 s control calls that get no answer + a 2 s diagnostics probe, then the result
-    assert time.monotonic() - started < 12
+    # 2 s timeout, then one control call that gets no answer: ComfyUI is restarted in the background
+    assert time.monotonic() - started < 2 + TIMEOUT_MARGIN_S
     after = run(worker, {"workflow": sleep_graph(0, prefix="unfrozen")})
     assert after.get("status") == "success", after
     assert worker.supervisor is not None and worker.supervisor.restarts == 1

@@ -18,7 +18,7 @@ from comfy_worker.errors import ComfyUnavailableError, WorkerError
 log = logging.getLogger(__name__)
 
 
-CONTROL_TIMEOUT_S = 3.0  # interrupt and queue edits: a ComfyUI that cannot answer these in 3 s is hung
+CONTROL_TIMEOUT_S = 2.0  # interrupt and queue edits: a ComfyUI that cannot answer these in 2 s is hung
 
 
 class ComfyClient:

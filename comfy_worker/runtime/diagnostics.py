@@ -56,6 +56,8 @@ def comfyui_state(supervisor: ComfySupervisor | None, recovering: bool, client: 
         state["state"] = "running" if supervisor.process is not None else "not started"
     if supervisor is not None:
         state["restarts"] = supervisor.restarts
+    if recovering:
+        return state  # it is being restarted: asking it would only wait for a timeout
     with contextlib.suppress(WorkerError, ValueError):
         stats = client.system_stats(timeout_s=2.0)
         state["version"] = stats.get("system", {}).get("comfyui_version")

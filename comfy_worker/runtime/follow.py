@@ -122,7 +122,7 @@ class Follower:
                     continue  # the time limit, not silence: report the timeout without asking ComfyUI
                 # nothing heard for a while: ask /history, the source of truth
                 self._raise_if_crashed(tracker)
-                if await self._finished_in_history(prompt_id):
+                if await self._finished_before(prompt_id, deadline):
                     return
                 continue
             kind, data = frame.get("type"), frame.get("data") or {}
@@ -136,7 +136,7 @@ class Follower:
                 self._raise_if_crashed(tracker)
             elif kind == RECONNECTED:
                 self._raise_if_crashed(tracker)
-                if await self._finished_in_history(prompt_id):
+                if await self._finished_before(prompt_id, deadline):
                     return
             else:
                 tracker.update(frame)
@@ -150,6 +150,13 @@ class Follower:
             f"ComfyUI exited (code {code}) while node {tracker.node_label(tracker.current_node)} was running.",
             {"exit_code": code, "node_id": tracker.current_node, "log_tail": supervisor.log_tail(50)},
         )
+
+    async def _finished_before(self, prompt_id: str, deadline: float) -> bool:
+        """``_finished_in_history``, but False at ``deadline``: a hung ComfyUI must not hold up the job's end."""
+        try:
+            return await asyncio.wait_for(self._finished_in_history(prompt_id), max(deadline - time.monotonic(), 0))
+        except TimeoutError:
+            return False
 
     async def _finished_in_history(self, prompt_id: str) -> bool:
         """Whether the prompt ended, by /queue and /history; raise its error if it ended in one.
@@ -194,7 +201,7 @@ class Follower:
                 frame = await asyncio.wait_for(frames.get(), timeout=min(remaining, HISTORY_POLL_S))
             except TimeoutError:
                 with contextlib.suppress(WorkerError):
-                    if await self._finished_in_history(prompt_id):
+                    if await self._finished_before(prompt_id, deadline):
                         return True
                 continue
             data = frame.get("data") or {}
@@ -206,12 +213,19 @@ class Follower:
         return False
 
     def abandon(self, prompt_id: str) -> bool:
-        """Drop the prompt from the queue and interrupt it if it runs; whether ComfyUI answered at all."""
+        """Drop the prompt from the queue and interrupt it if it runs; whether ComfyUI answered at all.
+
+        A ComfyUI that does not answer the first call is not asked the second: each waits CONTROL_TIMEOUT_S,
+        and a timed-out job's result must not wait for a hung server twice.
+        """
         answered = False
         for action in (self.client.delete_queued, self.client.interrupt):
             try:
                 action(prompt_id)
                 answered = True
+            except ComfyUnavailableError as exc:
+                log.warning("could not stop prompt %s: %s", prompt_id, exc.message)
+                return answered
             except WorkerError as exc:
                 log.warning("could not stop prompt %s: %s", prompt_id, exc.message)
         return answered

@@ -13,9 +13,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.comfy.errors import missing_node_types_error, prompt_warnings, suggest_input_files
@@ -32,6 +33,7 @@ from comfy_worker.settings import FREE_MODES, Settings
 from comfy_worker.storage import S3Storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,6 +44,7 @@ class _Attempt:
     job_id: str
     started: float
     folder: str  # the job's own output subfolder (see ``cleanup``)
+    timeout_s: float = float("inf")  # known once the input is parsed
     prompt_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     uploaded: list[str] = field(default_factory=list)
@@ -49,6 +52,17 @@ class _Attempt:
 
     def lap(self, name: str) -> None:
         self.timings[name] = time.monotonic() - self.started - sum(self.timings.values())
+
+    @property
+    def deadline(self) -> float:
+        """The job's timeout counts from its start: inputs, ComfyUI and outputs all fall within it."""
+        return self.started + self.timeout_s
+
+    def timed_out(self, doing: str) -> JobTimeoutError:
+        return JobTimeoutError(
+            f"The job ran past its timeout of {self.timeout_s:g}s while {doing}.",
+            {"timeout_s": self.timeout_s, "node_id": None, "node": None, "phase": doing},
+        )
 
 
 class Worker:
@@ -125,6 +139,18 @@ class Worker:
                     cleanup.remove_job_files, self.folders, attempt.folder, attempt.uploaded, attempt.temp_files
                 )
 
+    async def _in_time(self, attempt: _Attempt, doing: str, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` in a thread, given up at the job's deadline (the call's own timeouts end the thread).
+
+        A call that fails once the deadline has passed (a fetch cut off by it) is the job's timeout too.
+        """
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(call, *args), attempt.deadline - time.monotonic())
+        except (TimeoutError, WorkerError) as exc:
+            if time.monotonic() < attempt.deadline:
+                raise  # the call's own failure, not the job's time running out
+            raise attempt.timed_out(doing) from exc
+
     def request_restart(self) -> None:
         """Restart ComfyUI once the running job is done (SIGHUP from apply_config.sh)."""
         self.recovery.request_restart()
@@ -154,11 +180,11 @@ class Worker:
                 "output.delivery is 's3' but this worker has no bucket: set BUCKET_NAME (or BUCKET_ENDPOINT_URL), "
                 "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY, or use delivery 'auto' or 'base64'."
             )
-        timeout_s = job.timeout or self.settings.job_timeout_s
+        attempt.timeout_s = timeout_s = job.timeout or self.settings.job_timeout_s
         if self.startup_error is not None:
             raise self.startup_error  # ComfyUI never came up: the worker waits to be replaced
-        await self.recovery.wait(attempt.started + timeout_s, timeout_s)
-        await self._check_node_types(graph)
+        await self.recovery.wait(attempt.deadline, timeout_s)
+        await self._check_node_types(graph, attempt)
         attempt.lap("prepare_s")
         await self._upload_inputs(job, attempt)
         attempt.lap("upload_s")
@@ -166,30 +192,38 @@ class Worker:
         tracker = Progress(graph, progress, self.settings.progress_interval_s)
         with self.events.subscription(prompt_id) as frames:
             try:
-                queued = await asyncio.to_thread(self.client.queue_prompt, graph, prompt_id)
+                queued = await self._in_time(attempt, "queueing the prompt", self.client.queue_prompt, graph, prompt_id)
+                log.info("job %s: queued prompt %s (%d nodes)", attempt.job_id, prompt_id, len(graph))
+                await self.follower.follow(prompt_id, frames, tracker, attempt.deadline, timeout_s)
             except WorkflowError as exc:
                 if "input" in self.folders:
                     files = await asyncio.to_thread(diagnostics.input_files, self.folders["input"])
                     suggest_input_files(exc, files)
                 raise
-            log.info("job %s: queued prompt %s (%d nodes)", attempt.job_id, prompt_id, len(graph))
-            try:
-                await self.follower.follow(prompt_id, frames, tracker, attempt.started + timeout_s, timeout_s)
             except JobTimeoutError as exc:
                 if not await self.follower.stop(prompt_id, frames):
                     exc.details["comfyui_restarted"] = self.recovery.start()
                 raise
         attempt.lap("comfyui_s")
-        entry = await asyncio.to_thread(self.client.history, prompt_id)
+        entry = await self._in_time(attempt, "reading the prompt's history", self.client.history, prompt_id)
         if entry is None:
             raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
         collected = outputs.collect(entry, include_temp=job.output.include_temp)
         attempt.temp_files = [(f.subfolder, f.filename) for f in collected.files if f.folder_type == "temp"]
         options = job.output
-        payloads = await asyncio.to_thread(
-            outputs.load, self.client, self.folders, collected, options.format, options.quality
+        payloads = await self._in_time(
+            attempt,
+            "reading the outputs",
+            outputs.load,
+            self.client,
+            self.folders,
+            collected,
+            options.format,
+            options.quality,
         )
-        delivered, warnings = await asyncio.to_thread(
+        delivered, warnings = await self._in_time(
+            attempt,
+            "delivering the outputs",
             delivery.deliver,
             payloads,
             options.delivery,
@@ -229,11 +263,20 @@ class Worker:
         for index, image in enumerate(job.images):
             data = image.data
             if image.url is not None:
-                data = await asyncio.to_thread(self.fetcher.fetch, image.url, f"images[{index}].url")
-            await asyncio.to_thread(self.client.upload_image, image.filename, data, image.subfolder)
+                data = await self._in_time(
+                    attempt,
+                    "fetching input images",
+                    self.fetcher.fetch,
+                    image.url,
+                    f"images[{index}].url",
+                    attempt.deadline,
+                )
+            await self._in_time(
+                attempt, "uploading input images", self.client.upload_image, image.filename, data, image.subfolder
+            )
             attempt.uploaded.append(image.name)
 
-    async def _check_node_types(self, graph: dict[str, Any]) -> None:
+    async def _check_node_types(self, graph: dict[str, Any], attempt: _Attempt) -> None:
         """Refuse every unknown node type in one error, before uploading anything.
 
         ``/object_info`` is cached per ComfyUI start (custom nodes load only at start) and asked again once
@@ -241,7 +284,7 @@ class Worker:
         """
         wanted = {node["class_type"] for node in graph.values()}
         if self._node_types is None or not wanted <= self._node_types:
-            self._node_types = await asyncio.to_thread(self.client.node_types)
+            self._node_types = await self._in_time(attempt, "asking ComfyUI for its node types", self.client.node_types)
         missing = wanted - self._node_types
         if missing:
             raise missing_node_types_error(graph, missing)
@@ -253,6 +296,8 @@ class Worker:
         which beats the next job failing with out-of-memory on a worker whose memory leaked or fragmented.
         """
         s = self.settings
+        if self.recovery.restarting:
+            return {}  # a ComfyUI being restarted has nothing to free, and cannot tell its VRAM
         if FREE_MODES[s.free_after_job]:
             try:
                 self.client.free(FREE_MODES[s.free_after_job])
