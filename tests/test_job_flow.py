@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import io
 import json
 import time
 import uuid
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from comfy_worker.runtime.app import build_worker
 from comfy_worker.runtime.job import Worker
@@ -331,3 +333,79 @@ def test_a_prompt_lost_by_a_comfyui_restarted_elsewhere_fails_clearly(tmp_path: 
             assert "no longer knows prompt" in error["message"]
         finally:
             close_worker(attached)
+
+
+def solid_png(color: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def load_and_save(image_name: str, prefix: str) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def first_pixel(result: dict[str, Any]) -> tuple[int, int, int]:
+    assert result.get("status") == "success", result
+    with Image.open(io.BytesIO(base64.b64decode(result["images"][0]["data"]))) as image:
+        pixel: tuple[int, int, int] = image.convert("RGB").getpixel((0, 0))
+        return pixel
+
+
+def test_inputs_are_per_job_and_never_replace_or_remove_existing_files(worker: Worker) -> None:
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
+    existing = worker.folders["input"] / "important_mask.png"
+    existing.write_bytes(base64.b64decode(solid_png((1, 2, 3))))
+    before = existing.read_bytes()
+
+    async def two_jobs() -> list[dict[str, Any]]:
+        jobs = [
+            tidy.run(
+                f"job-{index}",
+                {
+                    "workflow": load_and_save("important_mask.png [input]" if index else "important_mask.png", "mine"),
+                    "images": [{"name": "important_mask.png", "image": solid_png(color)}],
+                },
+                lambda _m: None,
+            )
+            for index, color in enumerate([(200, 0, 0), (0, 0, 200)])
+        ]
+        return list(await asyncio.gather(*jobs))
+
+    red, blue = asyncio.run(two_jobs())
+    assert first_pixel(red) == (200, 0, 0), "each job reads its own upload"
+    assert first_pixel(blue) == (0, 0, 200), "each job reads its own upload"
+    assert existing.read_bytes() == before, "a file already in the input folder is neither replaced nor removed"
+    assert first_pixel(run(tidy, {"workflow": load_and_save("important_mask.png", "theirs")})) == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [("../../victim", "has a '.' or '..' segment"), ("a/./b", "has a '.' or '..' segment"), (7, "not a string")],
+)
+def test_output_prefixes_that_leave_the_jobs_folder_are_refused(worker: Worker, prefix: Any, message: str) -> None:
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
+    graph = sleep_graph(0, prefix="ok")
+    error = error_of(
+        run(
+            tidy,
+            {"workflow": graph, "overrides": [{"node_id": "3", "field": "inputs.filename_prefix", "value": prefix}]},
+        )
+    )
+    assert error["error_type"] == "validation", error
+    assert "node 3 (SaveImage) filename_prefix" in error["message"] and message in error["message"]
+    assert not list(worker.folders["output"].parent.rglob("victim*")), "nothing was saved outside"
+
+
+def test_an_empty_prefix_is_isolated_and_cleaned_too(worker: Worker) -> None:
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
+    before = set(worker.folders["output"].rglob("*"))
+    result = run(tidy, {"workflow": sleep_graph(0, prefix="")})
+    assert result["status"] == "success", result
+    assert result["images"][0]["subfolder"].startswith("jobs/") and result["images"][0]["filename"].startswith(
+        "ComfyUI"
+    )
+    assert set(worker.folders["output"].rglob("*")) <= before | {worker.folders["output"] / "jobs"}

@@ -120,7 +120,7 @@ class ComfyClient:
         return response.content
 
     def upload_image(self, filename: str, data: bytes, subfolder: str) -> dict[str, Any]:
-        """Upload into ComfyUI's input folder, replacing a file of the same name (overwrite=true)."""
+        """Upload into ComfyUI's input folder (the job's own subfolder: overwrite=true replaces nobody's file)."""
         response = self._request(
             "POST",
             "/upload/image",

@@ -47,7 +47,6 @@ class _Attempt:
     timeout_s: float = float("inf")  # known once the input is parsed
     prompt_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    uploaded: list[str] = field(default_factory=list)
     temp_files: list[tuple[str, str]] = field(default_factory=list)
 
     def lap(self, name: str) -> None:
@@ -135,9 +134,7 @@ class Worker:
         finally:
             self.recovery.job_finished()
             if self.settings.cleanup_job_files:
-                await asyncio.to_thread(
-                    cleanup.remove_job_files, self.folders, attempt.folder, attempt.uploaded, attempt.temp_files
-                )
+                await asyncio.to_thread(cleanup.remove_job_files, self.folders, attempt.folder, attempt.temp_files)
 
     async def _in_time(self, attempt: _Attempt, doing: str, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` in a thread, given up at the job's deadline (the call's own timeouts end the thread).
@@ -259,7 +256,7 @@ class Worker:
         return result
 
     async def _upload_inputs(self, job: JobInput, attempt: _Attempt) -> None:
-        """Upload ``images`` (fetched first when given by URL) into ComfyUI's input folder."""
+        """Upload ``images`` (fetched first when given by URL) into the job's own input folder (``cleanup``)."""
         for index, image in enumerate(job.images):
             data = image.data
             if image.url is not None:
@@ -271,10 +268,10 @@ class Worker:
                     f"images[{index}].url",
                     attempt.deadline,
                 )
+            subfolder = cleanup.input_subfolder(attempt.folder, image.subfolder)
             await self._in_time(
-                attempt, "uploading input images", self.client.upload_image, image.filename, data, image.subfolder
+                attempt, "uploading input images", self.client.upload_image, image.filename, data, subfolder
             )
-            attempt.uploaded.append(image.name)
 
     async def _check_node_types(self, graph: dict[str, Any], attempt: _Attempt) -> None:
         """Refuse every unknown node type in one error, before uploading anything.
@@ -322,6 +319,7 @@ class Worker:
     def _prepare(self, raw_input: Any, folder: str) -> tuple[JobInput, dict[str, Any]]:
         job = parse_job_input(raw_input, timeout_max=self.settings.job_timeout_max_s)
         graph = workflow.prepare(job)
+        cleanup.isolate_inputs(graph, [image.name for image in job.images], folder)
         if self.settings.cleanup_job_files and "output" in self.folders:
             cleanup.isolate_outputs(graph, folder)
         return job, graph

@@ -53,6 +53,8 @@ class InputImage(_Model):
             raise ValueError(f"is longer than {MAX_NAME_LENGTH} characters")
         if "\x00" in name:
             raise ValueError("contains a null byte")
+        if '"' in name or any(ord(char) < 32 or ord(char) == 127 for char in name):
+            raise ValueError("contains a double quote or a control character (an upload would land under another name)")
         if "\\" in name:
             raise ValueError("contains a backslash; use '/' between folders")
         if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
