@@ -14,6 +14,7 @@ import requests
 
 from comfy_worker.comfy.errors import workflow_error
 from comfy_worker.errors import ComfyUnavailableError, WorkerError
+from comfy_worker.redact import redact_url, redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class ComfyClient:
 
     def __init__(self, base_url: str, client_id: str, timeout_s: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
+        self.display_url = redact_url(self.base_url)  # COMFY_API_URL may carry credentials: never shown
         self.client_id = client_id
         self.timeout_s = timeout_s
         self._session = requests.Session()
@@ -43,8 +45,8 @@ class ComfyClient:
             return self._session.request(method, url, timeout=timeout_s or self.timeout_s, **kwargs)
         except requests.RequestException as exc:
             raise ComfyUnavailableError(
-                f"ComfyUI at {self.base_url} did not answer {method} {path}: {exc}",
-                {"url": url},
+                f"ComfyUI at {self.display_url} did not answer {method} {path}: {redact_urls(str(exc))}",
+                {"url": f"{self.display_url}{path}"},
             ) from exc
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:

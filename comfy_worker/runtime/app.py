@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_worker.comfy.supervisor import ComfySupervisor
-from comfy_worker.redact import RedactingFilter, Redactor
+from comfy_worker.redact import RedactingFilter, RedactingStream, Redactor, redact_url
 from comfy_worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # the job machinery is imported after ComfyUI was launched (see main)
@@ -61,10 +61,12 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
         import runpod  # noqa: F401  - imported while ComfyUI boots: the two overlap
 
         waited = supervisor.wait_ready(client)
-        log.info("ComfyUI is ready at %s (waited %.1fs)", settings.comfy_api_url, waited)
+        log.info("ComfyUI is ready at %s (waited %.1fs)", client.display_url, waited)
         events.start()
         if not events.wait_connected(timeout_s=10):
-            raise ComfyUnavailableError(f"ComfyUI's WebSocket at {settings.comfy_ws_url} did not accept a connection.")
+            raise ComfyUnavailableError(
+                f"ComfyUI's WebSocket at {redact_url(settings.comfy_ws_url)} did not accept a connection."
+            )
     except WorkerError as exc:
         log.error("ComfyUI is unavailable; every job will fail with this error: %s", exc.message)
         for line in exc.details.get("log_tail", []):
@@ -125,7 +127,10 @@ def main() -> None:
         setup_logging("INFO")
         log.error("Invalid configuration: %s", exc)
         raise SystemExit(2) from exc
-    setup_logging(settings.log_level, Redactor(settings.secrets))
+    redact = Redactor(settings.secrets)
+    sys.stdout = RedactingStream(sys.stdout, redact)  # the runpod SDK prints its own log lines
+    sys.stderr = RedactingStream(sys.stderr, redact)
+    setup_logging(settings.log_level, redact)
     supervisor = ComfySupervisor(settings)
     supervisor.launch_early()
     worker = build_worker(settings, supervisor)

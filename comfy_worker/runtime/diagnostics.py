@@ -45,7 +45,7 @@ def disk_free(folders: dict[str, Path]) -> dict[str, float]:
 
 
 def comfyui_state(supervisor: ComfySupervisor | None, recovering: bool, client: ComfyClient) -> dict[str, Any]:
-    state: dict[str, Any] = {"url": client.base_url}
+    state: dict[str, Any] = {"url": client.display_url}
     if supervisor is None or supervisor.attached:
         state["state"] = "attached" if supervisor else "remote"
     elif recovering:

@@ -24,6 +24,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import connection as urllib3_connection
 
 from comfy_worker.errors import InputError
+from comfy_worker.redact import redact_url, redact_urls
 from comfy_worker.storage import S3Storage
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -103,33 +104,36 @@ class Fetcher:
         if scheme == "s3":
             return self._fetch_s3(url, field)
         if scheme not in ("http", "https"):
-            raise InputError(f"{field}: only http, https and s3 URLs can be fetched, not {scheme or url!r}.")
+            raise InputError(
+                f"{field}: only http, https and s3 URLs can be fetched, not {scheme or redact_url(url)!r}."
+            )
         parts = urlsplit(url)
+        shown = redact_url(url)  # a presigned URL's signature is a credential: never in an error
         budget = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
         if budget <= 0:
-            raise self._too_slow(url, field)
+            raise self._too_slow(shown, field)
         ends = time.monotonic() + budget
         try:  # fail fast on the first address; redirects are checked as their connections open
             check_address(parts.hostname or "", parts.port or (443 if scheme == "https" else 80), self.allowlist)
             timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, budget), read=budget)
             response = self._pool.request("GET", url, preload_content=False, timeout=timeout)
         except ForbiddenAddressError as exc:
-            raise InputError(f"{field}: {url} is refused: {exc}", {"url": url}) from exc
+            raise InputError(f"{field}: {shown} is refused: {exc}", {"url": shown}) from exc
         except urllib3.exceptions.HTTPError as exc:
             forbidden = _find_forbidden(exc)
             reason = forbidden or (exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc)
             verb = "is refused" if forbidden else "could not be fetched"
             if time.monotonic() >= ends:
-                raise self._too_slow(url, field) from exc
-            raise InputError(f"{field}: {url} {verb}: {reason}", {"url": url}) from exc
+                raise self._too_slow(shown, field) from exc
+            raise InputError(f"{field}: {shown} {verb}: {redact_urls(str(reason))}", {"url": shown}) from exc
         watchdog = threading.Timer(ends - time.monotonic(), response.shutdown)
         watchdog.start()
         try:
-            return self._read(response, url, field)
+            return self._read(response, shown, field)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if time.monotonic() >= ends:
-                raise self._too_slow(url, field) from exc
-            raise InputError(f"{field}: {url} could not be fetched: {exc}", {"url": url}) from exc
+                raise self._too_slow(shown, field) from exc
+            raise InputError(f"{field}: {shown} could not be fetched: {redact_urls(str(exc))}", {"url": shown}) from exc
         finally:
             watchdog.cancel()
             response.close()  # no keep-alive: a refused body is not drained, and fetches are one-offs

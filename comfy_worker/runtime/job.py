@@ -23,7 +23,7 @@ from comfy_worker.comfy.errors import missing_node_types_error, prompt_warnings,
 from comfy_worker.comfy.events import EventStream
 from comfy_worker.comfy.recovery import Recovery
 from comfy_worker.comfy.supervisor import ComfySupervisor
-from comfy_worker.errors import ComfyCrashedError, InputError, JobTimeoutError, WorkerError, WorkflowError
+from comfy_worker.errors import ComfyCrashedError, InputError, JobTimeoutError, WorkerError, WorkflowError, json_text
 from comfy_worker.redact import Redactor
 from comfy_worker.runtime import cleanup, delivery, diagnostics, outputs, workflow
 from comfy_worker.runtime.fetch import Fetcher
@@ -165,7 +165,8 @@ class Worker:
             self.recovery.restarting,
             self.provisioning,
         )
-        result = {"error": self.redact(error.to_json(prompt_id=attempt.prompt_id, diagnostics=report))}
+        payload = self.redact.deep(error.to_dict() | {"prompt_id": attempt.prompt_id, "diagnostics": report}, urls=True)
+        result = {"error": json_text(payload)}
         if error is self.startup_error or error is self.recovery.failed:
             return result | {"refresh_worker": True}
         return result | await asyncio.to_thread(self._after_job)
@@ -230,8 +231,7 @@ class Worker:
             options.s3_prefix,
         )
         attempt.lap("outputs_s")
-        texts = [text | {"text": self.redact(text["text"])} for text in collected.texts]
-        result = outputs.assemble(delivered, texts)
+        result = outputs.assemble(delivered, collected.texts)
         warnings += prompt_warnings(queued.get("node_errors") or {})
         if collected.skipped_temp:
             warnings.append(
@@ -253,7 +253,21 @@ class Worker:
         log.info(
             "job %s: done in %.2fs, %d file(s)", attempt.job_id, result["execution_time_seconds"], len(collected.files)
         )
-        return result
+        return self._masked(result)
+
+    def _masked(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The whole success result with secrets masked (texts, warnings, file names...), but each output's
+        ``data`` as it is: base64 bytes are not text, and a presigned URL's signature is what makes it work."""
+        masked = {key: self.redact.deep(value) for key, value in result.items() if key not in outputs.KINDS}
+        masked["warnings"] = self.redact.deep(result["warnings"], urls=True)
+        for kind in outputs.KINDS:
+            masked[kind] = [self._masked_entry(entry) for entry in result[kind]]
+        return masked
+
+    def _masked_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+        fields = {key: value for key, value in entry.items() if key != "data"}
+        masked: dict[str, Any] = self.redact.deep(fields)
+        return masked | {"data": entry["data"]}
 
     async def _upload_inputs(self, job: JobInput, attempt: _Attempt) -> None:
         """Upload ``images`` (fetched first when given by URL) into the job's own input folder (``cleanup``)."""
