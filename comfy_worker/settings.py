@@ -141,6 +141,8 @@ class Settings:
     input_url_allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     input_url_max_mb: float = 100.0
     input_url_timeout_s: float = 60.0
+    input_image_max_mb: float = 100.0
+    output_convert_max_megapixels: float = 80.0  # under Pillow's own 89.5 MP warning
     s3: S3Settings | None = None
     refresh_min_free_ram_gb: float = 0.0
     refresh_min_free_vram_gb: float = 0.0
@@ -204,6 +206,10 @@ class Settings:
             input_url_allowlist=_networks(env, "INPUT_URL_ALLOWLIST"),
             input_url_max_mb=env_float(env, "INPUT_URL_MAX_MB", cls.input_url_max_mb, minimum=0.001),
             input_url_timeout_s=env_float(env, "INPUT_URL_TIMEOUT", cls.input_url_timeout_s, minimum=1.0),
+            input_image_max_mb=env_float(env, "INPUT_IMAGE_MAX_MB", cls.input_image_max_mb, minimum=0.001),
+            output_convert_max_megapixels=env_float(
+                env, "OUTPUT_CONVERT_MAX_MEGAPIXELS", cls.output_convert_max_megapixels, minimum=0.01
+            ),
             s3=s3_from_env(env),
             refresh_min_free_ram_gb=env_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
             refresh_min_free_vram_gb=env_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),

@@ -7,6 +7,7 @@ tests) or a real checkout named by ``COMFYUI_DIR`` (with ``COMFYUI_PYTHON`` as i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -129,7 +130,10 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def runsync(self, job_input: dict[str, object], timeout_s: float = 120) -> dict[str, object]:
-        response = requests.post(f"{self.api_url}/runsync", json={"input": job_input}, timeout=timeout_s)
+        # json.dumps, not requests' json=: it writes NaN and Infinity as a client's JSON library may
+        body = json.dumps({"input": job_input})
+        headers = {"Content-Type": "application/json"}
+        response = requests.post(f"{self.api_url}/runsync", data=body, headers=headers, timeout=timeout_s)
         assert response.status_code == 200, response.text
         body: dict[str, object] = response.json()
         return body

@@ -218,6 +218,7 @@ class Worker:
             collected,
             options.format,
             options.quality,
+            int(self.settings.output_convert_max_megapixels * 1_000_000),
         )
         delivered, warnings = await self._in_time(
             attempt,
@@ -331,7 +332,11 @@ class Worker:
         return {"refresh_worker": True}
 
     def _prepare(self, raw_input: Any, folder: str) -> tuple[JobInput, dict[str, Any]]:
-        job = parse_job_input(raw_input, timeout_max=self.settings.job_timeout_max_s)
+        job = parse_job_input(
+            raw_input,
+            timeout_max=self.settings.job_timeout_max_s,
+            image_max_bytes=int(self.settings.input_image_max_mb * 1024 * 1024),
+        )
         graph = workflow.prepare(job)
         cleanup.isolate_inputs(graph, [image.name for image in job.images], folder)
         if self.settings.cleanup_job_files and "output" in self.folders:
