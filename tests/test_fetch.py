@@ -156,6 +156,12 @@ def test_limits_and_types(server: str) -> None:
         "http://[fd00:ec2::254]/latest/meta-data/",
         "http://0.0.0.0:9/x.png",
         "http://100.64.0.1/x.png",
+        "http://[64:ff9b::7f00:1]/x.png",  # NAT64 of 127.0.0.1
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # NAT64 of 169.254.169.254
+        "http://[2002:7f00:1::]/x.png",  # 6to4 of 127.0.0.1
+        "http://[2002:a00:1::1]/x.png",  # 6to4 of 10.0.0.1
+        "http://[::7f00:1]/x.png",  # IPv4-compatible 127.0.0.1
+        "http://[::ffff:169.254.169.254]/x.png",  # IPv4-mapped
     ],
 )
 def test_ssrf_guard_refuses_internal_addresses(url: str) -> None:
@@ -168,6 +174,7 @@ def test_redirects_are_checked_again(server: str) -> None:
 
 def test_check_address_allows_public_and_listed() -> None:
     assert check_address("8.8.8.8", 443, ()) == "8.8.8.8"  # resolution of a literal sends nothing
+    assert check_address("64:ff9b::808:808", 443, ()) == "64:ff9b::808:808"  # NAT64 of a public address
     assert check_address("127.0.0.1", 80, LOOPBACK) == "127.0.0.1"
     with pytest.raises(ForbiddenAddressError):
         check_address("127.0.0.1", 80, ())

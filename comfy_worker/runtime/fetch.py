@@ -36,6 +36,26 @@ class ForbiddenAddressError(OSError):
     """A URL resolved to an address the worker may not reach."""
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are an IPv4 address
+
+
+def embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, which a network may route to: IPv4-mapped
+    (``::ffff:a.b.c.d``), IPv4-compatible (``::a.b.c.d``), NAT64 (``64:ff9b::a.b.c.d``), 6to4 (``2002:AABB:CCDD::``)
+    and Teredo. ``64:ff9b::7f00:1`` is "global" to ``ipaddress`` but may reach 127.0.0.1 through a NAT64 gateway."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    if address in NAT64 or int(address) >> 32 == 0:  # NAT64, or IPv4-compatible (::a.b.c.d)
+        found.append(low32)
+    return [item for item in found if item is not None]
+
+
+def _allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, allowlist: tuple[Network, ...]) -> bool:
+    return address.is_global or any(address in network for network in allowlist)
+
+
 def check_address(host: str, port: int, allowlist: tuple[Network, ...]) -> str:
     """Resolve ``host`` and return an address that is public or allow-listed; raise otherwise."""
     try:
@@ -44,7 +64,7 @@ def check_address(host: str, port: int, allowlist: tuple[Network, ...]) -> str:
         raise ForbiddenAddressError(f"cannot resolve {host}: {exc}") from exc
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not (address.is_global or any(address in network for network in allowlist)):
+        if not all(_allowed(form, allowlist) for form in (address, *embedded_ipv4(address))):
             raise ForbiddenAddressError(
                 f"{host} resolves to {address}, a private, loopback, link-local or reserved address "
                 "(refused; INPUT_URL_ALLOWLIST can allow it)"
