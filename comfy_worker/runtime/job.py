@@ -43,7 +43,7 @@ class _Attempt:
 
     job_id: str
     started: float
-    folder: str  # the job's own output subfolder (see ``cleanup``)
+    folder: str  # the job's own subfolder of ComfyUI's input and output folders (see ``cleanup``)
     timeout_s: float = float("inf")  # known once the input is parsed
     prompt_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
