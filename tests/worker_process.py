@@ -35,6 +35,8 @@ WORKER_ENV_PREFIXES = (
     "BUCKET_",
     "S3_",
     "INPUT_URL_",
+    "INPUT_IMAGE_",
+    "OUTPUT_CONVERT_",
     "MAX_RESULT",
     "CLEANUP_",
     "WARMUP_",
