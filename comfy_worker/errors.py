@@ -36,9 +36,6 @@ class WorkerError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {"error_type": self.error_type, "message": self.message, "details": self.details}
 
-    def to_json(self, **extra: Any) -> str:
-        return json_text(self.to_dict() | extra)
-
 
 class InputError(WorkerError):
     error_type = "validation"

@@ -203,6 +203,10 @@ class Worker:
                     exc.details["comfyui_restarted"] = self.recovery.start()
                 raise
         attempt.lap("comfyui_s")
+        return await self._result(job, attempt, prompt_id, queued)
+
+    async def _result(self, job: JobInput, attempt: _Attempt, prompt_id: str, queued: dict[str, Any]) -> dict[str, Any]:
+        """The finished prompt's outputs from /history, read, converted and delivered, with the warnings."""
         entry = await self._in_time(attempt, "reading the prompt's history", self.client.history, prompt_id)
         if entry is None:
             raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")

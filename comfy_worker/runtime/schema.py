@@ -94,15 +94,15 @@ class InputImage(_Model):
             raise ValueError(f"image {self.name!r}: give exactly one of 'image' (base64) and 'url'")
         if self.image is None:
             return self  # fetched later, off the event loop
+        limit = (info.context or {}).get("image_max_bytes")
+        if limit is not None and len(self.image) // 4 * 3 > limit:  # before any copy of a huge string
+            raise ValueError(
+                f"image {self.name!r}: 'image' is {len(self.image) // 4 * 3 / MB:.1f} MB, over INPUT_IMAGE_MAX_MB "
+                f"({limit / MB:g} MB); send large inputs as a url"
+            )
         payload = _WHITESPACE.sub("", _DATA_URI.sub("", self.image.strip(), count=1))
         if not payload:
             raise ValueError(f"image {self.name!r}: 'image' is empty")
-        limit = (info.context or {}).get("image_max_bytes")
-        if limit is not None and len(payload) // 4 * 3 > limit:
-            raise ValueError(
-                f"image {self.name!r}: 'image' is {len(payload) // 4 * 3 / MB:.1f} MB, over INPUT_IMAGE_MAX_MB "
-                f"({limit / MB:g} MB); send large inputs as a url"
-            )
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
