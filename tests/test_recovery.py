@@ -94,3 +94,29 @@ def test_a_restart_that_fails_with_an_os_error_answers_every_job(tmp_path: Path)
             assert result["refresh_worker"] is True
     finally:
         close_worker(worker)
+
+
+def test_a_restart_asked_for_during_a_job_waits_for_it(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path, standin_copy(tmp_path))
+    graph = quick_graph("during") | {
+        "3": {"class_type": "StandinSleep", "inputs": {"image": ["1", 0], "seconds": 1.5, "steps": 0}},
+    }
+    graph["2"]["inputs"]["images"] = ["3", 0]
+    try:
+        assert worker.supervisor is not None
+
+        async def scenario() -> dict[str, Any]:
+            task = asyncio.create_task(worker.run("running", {"workflow": graph}, lambda _m: None))
+            while not (await asyncio.to_thread(worker.client.queue))["queue_running"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            worker.request_restart()  # what SIGHUP from apply_config.sh does
+            assert not worker.recovery.restarting, "not while the job runs"
+            return await task
+
+        result = asyncio.run(scenario())
+        assert result.get("status") == "success", result  # a restart under the job would have crashed it
+        after = asyncio.run(worker.run("after", {"workflow": quick_graph("after")}, lambda _m: None))
+        assert after.get("status") == "success", after
+        assert worker.supervisor.restarts == 1, "the restart happened once the job was done"
+    finally:
+        close_worker(worker)
