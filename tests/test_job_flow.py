@@ -23,7 +23,7 @@ from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
 from .comfy_servers import run_standin
-from .worker_process import ComfyBackend, close_worker, free_port, worker_settings
+from .worker_process import TIMEOUT_MARGIN_S, ComfyBackend, close_worker, free_port, worker_settings
 
 
 def settings_for(root: Path, comfy_port: int, **extra: str) -> Settings:
@@ -92,9 +92,10 @@ def test_timeout_interrupts_the_prompt_and_names_the_node(worker: Worker) -> Non
     assert error["error_type"] == "timeout"
     assert "timeout of 1s while node 2 (StandinSleep) was running" in error["message"]
     assert error["details"]["node_id"] == "2"
-    assert elapsed < 6, f"the interrupt should stop the sleep within a tick, took {elapsed:.1f}s"
-    assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
+    assert elapsed < 1 + TIMEOUT_MARGIN_S, f"the result came {elapsed:.1f}s after the job started"
     assert run(worker, {"workflow": sleep_graph(0.1, prefix="after")})["status"] == "success"
+    assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
+    assert worker.supervisor is not None and worker.supervisor.restarts == 0, "the interrupt sufficed"
 
 
 def test_cancellation_interrupts_comfyui_and_reraises(worker: Worker) -> None:

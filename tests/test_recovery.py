@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from comfy_worker.runtime.app import build_worker
 from comfy_worker.runtime.job import Worker
 
-from .worker_process import STANDIN_DIR, ComfyBackend, close_worker, free_port, worker_settings
+from .worker_process import STANDIN_DIR, TIMEOUT_MARGIN_S, ComfyBackend, close_worker, free_port, worker_settings
 
 
 def quick_graph(prefix: str) -> dict[str, Any]:
@@ -118,5 +119,27 @@ def test_a_restart_asked_for_during_a_job_waits_for_it(tmp_path: Path) -> None:
         after = asyncio.run(worker.run("after", {"workflow": quick_graph("after")}, lambda _m: None))
         assert after.get("status") == "success", after
         assert worker.supervisor.restarts == 1, "the restart happened once the job was done"
+    finally:
+        close_worker(worker)
+
+
+def test_a_timed_out_result_does_not_wait_for_the_interrupt_grace(tmp_path: Path) -> None:
+    worker = make_worker(tmp_path, standin_copy(tmp_path), INTERRUPT_GRACE="30")
+    graph = quick_graph("held") | {
+        # one tick of 8 s: the interrupt lands only when it ends, as in a long node of a real ComfyUI
+        "3": {"class_type": "StandinSleep", "inputs": {"image": ["1", 0], "seconds": 8, "steps": 1}},
+    }
+    graph["2"]["inputs"]["images"] = ["3", 0]
+    try:
+        started = time.monotonic()
+        result = asyncio.run(worker.run("held", {"workflow": graph, "timeout": 1}, lambda _m: None))
+        elapsed = time.monotonic() - started
+        error = json.loads(result["error"])
+        assert error["error_type"] == "timeout" and error["details"]["comfyui_restarting"] is False, error
+        assert elapsed < 1 + TIMEOUT_MARGIN_S, f"the result came {elapsed:.1f}s after the start"
+        after = asyncio.run(worker.run("after", {"workflow": quick_graph("after")}, lambda _m: None))
+        assert after.get("status") == "success", after
+        assert worker.supervisor is not None and worker.supervisor.restarts == 0, "the prompt let go in time"
+        assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
     finally:
         close_worker(worker)

@@ -134,8 +134,8 @@ class ComfyClient:
         entry = entries.get(prompt_id) if isinstance(entries, dict) else None
         return entry if isinstance(entry, dict) else None
 
-    def queue(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", "/queue")
+    def queue(self, timeout_s: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/queue", timeout_s=timeout_s)
         return result
 
     def view(self, filename: str, subfolder: str, folder_type: str) -> bytes:

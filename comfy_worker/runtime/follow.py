@@ -1,4 +1,4 @@
-"""Following one queued prompt until it ends, and stopping it when its job gives up.
+"""Following one queued prompt until it ends, and dropping it when its job gives up.
 
 ComfyUI tells how a prompt goes over the WebSocket (``executing``, ``progress``, ``execution_error``...), but
 frames are lost while the socket is down, so ``/history`` (asked when the socket reconnects or stays silent)
@@ -8,14 +8,13 @@ is the source of truth. A ComfyUI process that died is noticed at once through t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfy_worker.comfy.client import ComfyClient
+from comfy_worker.comfy.client import CONTROL_TIMEOUT_S, ComfyClient
 from comfy_worker.comfy.errors import execution_error, interrupted_error
 from comfy_worker.comfy.events import DISCONNECTED, RECONNECTED, EventStream, Frame
 from comfy_worker.comfy.supervisor import ComfySupervisor
@@ -86,13 +85,10 @@ class Progress:
 class Follower:
     """Follows prompts on one ComfyUI: until they end, or until their job's deadline."""
 
-    def __init__(
-        self, client: ComfyClient, events: EventStream, supervisor: ComfySupervisor | None, interrupt_grace_s: float
-    ) -> None:
+    def __init__(self, client: ComfyClient, events: EventStream, supervisor: ComfySupervisor | None) -> None:
         self.client = client
         self.events = events
         self.supervisor = supervisor
-        self.interrupt_grace_s = interrupt_grace_s
 
     async def follow(
         self, prompt_id: str, frames: asyncio.Queue[Frame], tracker: Progress, deadline: float, timeout_s: float
@@ -186,31 +182,14 @@ class Follower:
                 raise interrupted_error(data)
         return bool(status.get("completed")) or status.get("status_str") in ("success", "error")
 
-    async def stop(self, prompt_id: str, frames: asyncio.Queue[Frame]) -> bool:
-        """Interrupt a timed-out prompt; whether ComfyUI let go of it within INTERRUPT_GRACE.
-
-        ComfyUI honours an interrupt only between nodes or at progress ticks: one long node can hold it for
-        minutes, and the caller then restarts ComfyUI so the next job starts on a clean one.
-        """
-        if not await asyncio.to_thread(self.abandon, prompt_id):
-            log.warning("ComfyUI does not answer; it will be restarted")
-            return False
-        deadline = time.monotonic() + self.interrupt_grace_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                frame = await asyncio.wait_for(frames.get(), timeout=min(remaining, HISTORY_POLL_S))
-            except TimeoutError:
-                with contextlib.suppress(WorkerError):
-                    if await self._finished_before(prompt_id, deadline):
-                        return True
-                continue
-            data = frame.get("data") or {}
-            if frame.get("type") in ("execution_interrupted", "execution_error") or (
-                frame.get("type") == "executing" and data.get("node") is None
-            ):
-                return True
-        log.warning("prompt %s still runs %gs after its interrupt", prompt_id, self.interrupt_grace_s)
-        return False
+    def still_running(self, prompt_id: str) -> bool:
+        """Whether ComfyUI still runs or queues ``prompt_id`` (after its interrupt); a silent ComfyUI counts as
+        running, so it is restarted once INTERRUPT_GRACE is over (``Recovery.settle``)."""
+        try:
+            queue = self.client.queue(timeout_s=CONTROL_TIMEOUT_S)
+        except WorkerError:
+            return True
+        return any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, []))
 
     def abandon(self, prompt_id: str) -> bool:
         """Drop the prompt from the queue and interrupt it if it runs; whether ComfyUI answered at all.

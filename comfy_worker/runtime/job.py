@@ -95,7 +95,7 @@ class Worker:
             startup_error.message += f" Provisioning failed first: {first['kind']} {first['name']}: {first['error']}"
         self._node_types: set[str] | None = None
         self.recovery = Recovery(supervisor, client, events, settings.restart_attempts, self._forget_node_types)
-        self.follower = Follower(client, events, supervisor, settings.interrupt_grace_s)
+        self.follower = Follower(client, events, supervisor)
         self.redact = Redactor(settings.secrets)
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
@@ -148,6 +148,16 @@ class Worker:
                 raise  # the call's own failure, not the job's time running out
             raise attempt.timed_out(doing) from exc
 
+    async def _drop_timed_out(self, prompt_id: str) -> bool:
+        """Interrupt a timed-out prompt and drop it from the queue, without holding up the job's result: a
+        ComfyUI that does not answer is restarted now, one that does gets INTERRUPT_GRACE to let go (an
+        interrupt lands only between nodes or at sampler steps), in the background. Whether it restarts now."""
+        if not await asyncio.to_thread(self.follower.abandon, prompt_id):
+            log.warning("ComfyUI does not answer; it will be restarted")
+            return self.recovery.start()
+        self.recovery.settle(lambda: self.follower.still_running(prompt_id), self.settings.interrupt_grace_s)
+        return False
+
     def request_restart(self) -> None:
         """Restart ComfyUI once the running job is done (SIGHUP from apply_config.sh)."""
         self.recovery.request_restart()
@@ -199,8 +209,7 @@ class Worker:
                     suggest_input_files(exc, files)
                 raise
             except JobTimeoutError as exc:
-                if not await self.follower.stop(prompt_id, frames):
-                    exc.details["comfyui_restarted"] = self.recovery.start()
+                exc.details["comfyui_restarting"] = await self._drop_timed_out(prompt_id)
                 raise
         attempt.lap("comfyui_s")
         return await self._result(job, attempt, prompt_id, queued)
