@@ -119,8 +119,10 @@ class Worker:
             return result | await asyncio.to_thread(self._after_job)
         except asyncio.CancelledError:
             log.warning("job %s: cancelled; stopping prompt %s", job_id, attempt.prompt_id)
-            if attempt.prompt_id is not None:
-                threading.Thread(target=self.follower.abandon, args=(attempt.prompt_id,), daemon=True).start()
+            prompt_id = attempt.prompt_id
+            if prompt_id is not None:  # no awaiting here: the abandon runs in a thread, the next job waits for it
+                threading.Thread(target=self.follower.abandon, args=(prompt_id,), daemon=True).start()
+                self.recovery.settle(lambda: self.follower.still_running(prompt_id), self.settings.interrupt_grace_s)
             raise
         except WorkerError as exc:
             log.warning("job %s: %s: %s", job_id, exc.error_type, exc.message)
