@@ -33,7 +33,8 @@ POLL_S = 0.05  # how often a waiting job looks at the restart
 
 
 class Recovery:
-    """Restarts of one supervised ComfyUI, and the jobs that wait for them."""
+    """The background work that gets one ComfyUI clean between jobs (restarts, letting an interrupted prompt
+    end), and the jobs that wait for it."""
 
     def __init__(
         self,
@@ -93,17 +94,21 @@ class Recovery:
         return True
 
     def settle(self, prompt_running: Callable[[], bool], grace_s: float) -> None:
-        """A timed-out prompt was interrupted: give it ``grace_s`` to end, in the background, and restart the
-        ComfyUI we own if it does not (one long node can ignore an interrupt for minutes). The next job waits."""
+        """A timed-out or cancelled prompt was interrupted: give it ``grace_s`` to end, in the background, and
+        restart the ComfyUI we own if it does not (one long node can ignore an interrupt for minutes). The next
+        job waits for this."""
         self._in_background(lambda: self._watch(prompt_running, grace_s), "comfyui-settle")
 
     def _watch(self, prompt_running: Callable[[], bool], grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
+            if self.supervisor is not None and not self.supervisor.alive():
+                break  # it died meanwhile: restart now, not at the end of the grace
             if not prompt_running():
                 return
             time.sleep(POLL_S * 5)
-        log.warning("a timed-out prompt still runs %gs after its interrupt", grace_s)
+        else:
+            log.warning("an interrupted prompt still runs %gs after its interrupt", grace_s)
         self.start()  # queued: run() does it next (False, and nothing done, for a ComfyUI we did not start)
 
     def _restart(self) -> None:
