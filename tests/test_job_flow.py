@@ -229,6 +229,8 @@ def test_temp_outputs_are_found_on_disk(worker: Worker) -> None:
 def test_errors_carry_diagnostics(worker: Worker) -> None:
     (worker.folders["input"] / "diag").mkdir(parents=True, exist_ok=True)
     (worker.folders["input"] / "diag" / "present.png").write_bytes(b"x")
+    (worker.folders["input"] / "jobs" / "another-job").mkdir(parents=True, exist_ok=True)
+    (worker.folders["input"] / "jobs" / "another-job" / "secret_plan.png").write_bytes(b"x")
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "diag/presnt.png"}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "diag"}},
@@ -242,6 +244,7 @@ def test_errors_carry_diagnostics(worker: Worker) -> None:
     assert report["system"]["ram_available_gb"] > 0 and report["system"]["output_dir_free_gb"] > 0
     assert report["comfyui_log_tail"], "ComfyUI's last log lines"
     assert "diag/present.png" in report["input_files"]
+    assert not any(name.startswith("jobs/") for name in report["input_files"]), "other jobs' inputs stay private"
     assert "Invalid image file: diag/presnt.png; closest in the input folder: diag/present.png" in error["message"]
     assert isinstance(report["model_folders"], dict)
     plain = error_of(run(worker, {"workflow": sleep_graph(0, prefix="d"), "seed": 1}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -173,3 +174,15 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(size: tuple[int
         convert_image(data, output("image/png", "big.png"), "webp", 90, PixelBudget(limit))
     assert info.value.details["node_id"] == "9" and "big.png" in info.value.message
     assert convert_image(data, output("image/png"), "png", 90, PixelBudget(limit)) is None, "png is not decoded"
+
+
+def test_conversions_at_once_share_the_pixel_budget() -> None:
+    budget = PixelBudget(100)
+    budget.acquire(60)
+    second = threading.Thread(target=budget.acquire, args=(60,), daemon=True)
+    second.start()
+    second.join(timeout=0.2)
+    assert second.is_alive(), "60 + 60 pixels would exceed the budget of 100: the second waits"
+    budget.release(60)
+    second.join(timeout=10)
+    assert not second.is_alive(), "and goes on once the first is done"

@@ -16,6 +16,7 @@ from typing import Any
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.comfy.supervisor import ComfySupervisor
 from comfy_worker.errors import WorkerError
+from comfy_worker.runtime.cleanup import JOBS_FOLDER
 
 LOG_LINES = 40
 FILES_PER_FOLDER = 50
@@ -86,9 +87,11 @@ def model_folders(client: ComfyClient) -> dict[str, list[str]]:
 
 
 def input_files(folder: Path) -> list[str]:
-    """Files in ComfyUI's input folder, as LoadImage names them (``sub/name.png``)."""
+    """Files in ComfyUI's input folder, as LoadImage names them (``sub/name.png``); not the jobs' own folders,
+    whose names are none of another job's business."""
     with contextlib.suppress(OSError):
-        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        names = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+        return sorted(str(name) for name in names if name.parts[0] != JOBS_FOLDER)
     return []
 
 
