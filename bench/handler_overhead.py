@@ -159,6 +159,8 @@ def large_job(
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench_big"}},
     }
     images = [{"name": "bench_noise.png", "image": base64.b64encode(buffer.getvalue()).decode()}]
+    # the handler's jobs upload their own copy (jobs/<id>/, removed after each); the baseline reads this one
+    (worker.folders["input"] / "bench_noise.png").write_bytes(buffer.getvalue())
     folder = worker.folders["output"]
     job_times, output_times, baseline_times = [], [], []
     for repeat in range(repeats):

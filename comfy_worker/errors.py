@@ -36,14 +36,6 @@ class WorkerError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {"error_type": self.error_type, "message": self.message, "details": self.details}
 
-    def to_json(self, **extra: Any) -> str:
-        """The job result's ``error`` string.
-
-        The runpod SDK requires ``error`` to be a string (a dict makes the local API answer HTTP 500), and
-        the platform shows only ``error`` for a FAILED job, so the structured error travels as JSON text.
-        """
-        return json.dumps(self.to_dict() | extra, ensure_ascii=False, default=str)
-
 
 class InputError(WorkerError):
     error_type = "validation"
@@ -83,6 +75,15 @@ class ResultTooLargeError(WorkerError):
 
 class StorageError(WorkerError):
     error_type = "storage"
+
+
+def json_text(payload: dict[str, Any]) -> str:
+    """The job result's ``error`` string.
+
+    The runpod SDK requires ``error`` to be a string (a dict makes the local API answer HTTP 500), and the
+    platform shows only ``error`` for a FAILED job, so the structured error travels as JSON text.
+    """
+    return json.dumps(payload, ensure_ascii=False, default=str)
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:

@@ -2,15 +2,24 @@
 
 Nobody can log in to a RunPod worker, so errors carry ComfyUI's log lines and exception messages to the
 client, and a custom node that prints its API key, or an exception that quotes a URL with a token, would
-leak it. Every value of an environment variable whose name says it is a secret is replaced by ``***`` in
-the worker's log records (ComfyUI's forwarded lines included) and in error results.
+leak it. Every value of an environment variable whose name says it is a secret is replaced by ``***``:
+
+- in whole job results, errors and successes alike (``Redactor.deep``, before JSON encoding, so a secret
+  holding ``"`` or ``\\`` is found as it is; its JSON- and repr-escaped forms are masked too, for text that
+  was encoded elsewhere, such as ComfyUI's ``Value not in list ('hf_...')``);
+- in the worker's log records, tracebacks included (``RedactingFilter``), and in everything printed to
+  stdout/stderr, where the runpod SDK writes its own lines (``RedactingStream``).
+
+URLs lose their credentials (``redact_url``, the one URL redactor) wherever they reach a log line or an error.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
@@ -27,9 +36,15 @@ def secrets_from_env(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(sorted(values, key=len, reverse=True))
 
 
+def _escaped_forms(secret: str) -> set[str]:
+    """The secret as it reads inside JSON text (ASCII or not) and inside a Python repr."""
+    return {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1], repr(secret)[1:-1]}
+
+
 class Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
-        self.secrets = tuple(secrets)
+        forms = {form for secret in secrets for form in _escaped_forms(secret)}
+        self.secrets = tuple(sorted(forms, key=len, reverse=True))
 
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
@@ -37,20 +52,63 @@ class Redactor:
                 text = text.replace(secret, MASK)
         return text
 
+    def deep(self, value: Any, urls: bool = False) -> Any:
+        """``value`` (JSON-like: dicts, lists, strings) with every string masked, keys included; ``urls``
+        also strips credentials from the URLs in it (for errors: a success's S3 URLs must stay usable)."""
+        if isinstance(value, str):
+            text = self(value)
+            return redact_urls(text) if urls else text
+        if isinstance(value, dict):
+            return {self.deep(key, urls): self.deep(item, urls) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.deep(item, urls) for item in value]
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self.deep(str(value), urls)  # what JSON encoding would write with default=str
+
 
 class RedactingFilter(logging.Filter):
-    """A handler filter that masks secrets in the final message of every record."""
+    """A handler filter that masks secrets and URL credentials in every record, its traceback included."""
 
     def __init__(self, redact: Redactor) -> None:
         super().__init__()
         self.redact = redact
 
+    def _clean(self, text: str) -> str:
+        return redact_urls(self.redact(text))
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = self.redact(message)
+        cleaned = self._clean(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._clean(record.exc_text)
+            record.exc_info = None  # the formatter uses exc_text as it is
+        if record.stack_info:
+            record.stack_info = self._clean(record.stack_info)
         return True
+
+
+class RedactingStream:
+    """A text stream that masks secrets in everything written through it (``sys.stdout``/``sys.stderr``).
+
+    The runpod SDK prints its log lines (DEBUG ones with a job's input and output) instead of using
+    ``logging``; each line is one ``write``, so a secret is never split across two.
+    """
+
+    def __init__(self, stream: TextIO, redact: Redactor) -> None:
+        self._stream = stream
+        self._redact = redact
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._redact(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding...: the wrapped stream's
+        return getattr(self._stream, name)
 
 
 def redact_url(url: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from comfy_worker.redact import secrets_from_env
+from comfy_worker.redact import SECRET_NAME, redact_url, secrets_from_env
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,21 @@ FREE_MODES: dict[str, dict[str, bool]] = {
     "memory": {"free_memory": True},
     "models": {"unload_models": True, "free_memory": True},
 }
+
+
+# The worker's own variables that ComfyUI has no use for (bucket keys, RunPod's job URLs, the config that may
+# hold tokens); together with every secret-named one they are kept from ComfyUI, where any custom node could
+# read them. COMFYUI_PASS_ENV names the ones to pass anyway (HF_TOKEN for a node that downloads gated models).
+WORKER_ONLY_PREFIXES = ("BUCKET_", "RUNPOD_", "S3_", "INPUT_URL_", "CONFIG_YML", "JUPYTER_", "DOWNLOAD_TOKENS")
+
+
+def comfyui_environment(env: Mapping[str, str], passed: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """ComfyUI's environment: the worker's, less its secrets and its own settings, plus COMFYUI_PASS_ENV."""
+    return tuple(
+        (name, value)
+        for name, value in env.items()
+        if name in passed or not (SECRET_NAME.search(name) or name.startswith(WORKER_ONLY_PREFIXES))
+    )
 
 
 class SettingsError(ValueError):
@@ -126,10 +141,13 @@ class Settings:
     input_url_allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     input_url_max_mb: float = 100.0
     input_url_timeout_s: float = 60.0
+    input_image_max_mb: float = 100.0
+    output_convert_max_megapixels: float = 80.0  # under Pillow's own 89.5 MP warning
     s3: S3Settings | None = None
     refresh_min_free_ram_gb: float = 0.0
     refresh_min_free_vram_gb: float = 0.0
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    comfyui_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -138,7 +156,9 @@ class Settings:
         url = env.get("COMFY_API_URL", cls.comfy_api_url).strip().rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SettingsError(f"COMFY_API_URL={url!r} must be an http(s) URL such as http://127.0.0.1:8188")
+            raise SettingsError(
+                f"COMFY_API_URL={redact_url(url)!r} must be an http(s) URL such as http://127.0.0.1:8188"
+            )
         comfyui_dir = _path(env, "COMFYUI_DIR", None)
 
         def folder(name: str, sub: str) -> Path | None:
@@ -186,10 +206,17 @@ class Settings:
             input_url_allowlist=_networks(env, "INPUT_URL_ALLOWLIST"),
             input_url_max_mb=env_float(env, "INPUT_URL_MAX_MB", cls.input_url_max_mb, minimum=0.001),
             input_url_timeout_s=env_float(env, "INPUT_URL_TIMEOUT", cls.input_url_timeout_s, minimum=1.0),
+            input_image_max_mb=env_float(env, "INPUT_IMAGE_MAX_MB", cls.input_image_max_mb, minimum=0.001),
+            output_convert_max_megapixels=env_float(
+                env, "OUTPUT_CONVERT_MAX_MEGAPIXELS", cls.output_convert_max_megapixels, minimum=0.01
+            ),
             s3=s3_from_env(env),
             refresh_min_free_ram_gb=env_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
             refresh_min_free_vram_gb=env_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),
             secrets=secrets_from_env(env),
+            comfyui_env=comfyui_environment(
+                env, frozenset(name for name in env.get("COMFYUI_PASS_ENV", "").replace(" ", "").split(",") if name)
+            ),
         )
 
     @property

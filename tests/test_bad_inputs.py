@@ -9,6 +9,7 @@ import copy
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,13 @@ def graph_with(node_id: str, field: str, value: Any) -> dict[str, Any]:
     graph = copy.deepcopy(GOOD)
     graph[node_id]["inputs"][field] = value
     return graph
+
+
+def nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
 
 
 LOAD = {
@@ -153,6 +161,36 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "success",
         "",
     ),
+    ("workflow-nan", good(workflow=graph_with("1", "width", float("nan"))), "validation", "1.inputs.width is nan"),
+    (
+        "workflow-string-infinity",
+        {"workflow": json.dumps(graph_with("1", "width", float("inf")))},
+        "validation",
+        "not a JSON number",
+    ),
+    (
+        "override-infinity",
+        good(overrides=[{"node_id": "1", "field": "inputs.width", "value": float("-inf")}]),
+        "validation",
+        "not a JSON number",
+    ),
+    (
+        "override-superscript-index",
+        good(overrides=[{"node_id": "2", "field": "inputs.images.\u00b2", "value": 0}]),
+        "validation",
+        "is not an index",
+    ),
+    ("meta-nested-500-levels", good(workflow=GOOD | {"1": GOOD["1"] | {"_meta": nested(500)}}), "validation", "64"),
+    ("image-double-quote", good(images=[{"name": 'say "hi".png', "image": PNG}]), "validation", "double quote"),
+    ("image-newline", good(images=[{"name": "a\nb.png", "image": PNG}]), "validation", "control character"),
+    ("prefix-traversal", good(workflow=graph_with("2", "filename_prefix", "../../victim")), "validation", "'..'"),
+    ("prefix-link", good(workflow=graph_with("2", "filename_prefix", ["1", 0])), "validation", "not a string"),
+    (
+        "a-hundred-thousand-unknown-node-types",
+        {"workflow": {str(i): {"class_type": f"Missing{i}", "inputs": {}} for i in range(100_000)}},
+        "workflow_validation",
+        "and 99980 more",
+    ),
     (
         "fifty-megabyte-input",
         good(images=[{"name": "big/blob.bin", "image": base64.b64encode(os.urandom(50 * 1024 * 1024)).decode()}]),
@@ -190,3 +228,13 @@ def test_bad_input_then_a_good_job(
         assert error["details"] is not None and "diagnostics" in error
     after = worker.runsync({"workflow": GOOD})
     assert after["status"] == "COMPLETED", after
+
+
+def test_an_upload_comfyui_finds_too_large_is_a_clear_error(tmp_path: Path) -> None:
+    big = base64.b64encode(os.urandom(64 * 1024)).decode()
+    with serve_api(ComfyBackend.standin(), tmp_path, COMFYUI_ARGS="--max-upload-size 0.01") as worker:
+        body = worker.runsync({"workflow": LOAD, "images": [{"name": "cat.png", "image": big}]})
+        error = json.loads(body["error"])
+        assert error["error_type"] == "validation", error
+        assert "larger than ComfyUI's --max-upload-size" in error["message"]
+        assert worker.runsync({"workflow": GOOD})["status"] == "COMPLETED"

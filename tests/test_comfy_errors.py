@@ -148,6 +148,14 @@ def test_every_missing_node_type_in_one_error() -> None:
     assert error.details["missing_node_types"] == ["IPAdapterApply", "VHS_LoadVideo"]
 
 
+def test_a_hundred_thousand_missing_node_types_make_one_short_error() -> None:
+    workflow = {str(i): {"class_type": f"Missing{i:06d}", "inputs": {}} for i in range(100_000)}
+    error = missing_node_types_error(workflow, {node["class_type"] for node in workflow.values()})
+    assert "Missing000000 (node 0); Missing000001 (node 1);" in error.message
+    assert "; and 99980 more." in error.message and len(error.message) < 2000
+    assert error.details["missing_count"] == 100_000 and len(error.details["missing_node_types"]) == 20
+
+
 def test_a_missing_input_image_gets_the_closest_files() -> None:
     error = workflow_error(
         responses("c_validation_errors.json", 400)["c9_loadimage_missing_file_custom_validation"], 400

@@ -19,7 +19,15 @@ from comfy_worker.runtime.app import build_worker
 from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
-from .worker_process import STANDIN_DIR, ComfyBackend, backend_params, close_worker, free_port, worker_settings
+from .worker_process import (
+    STANDIN_DIR,
+    TIMEOUT_MARGIN_S,
+    ComfyBackend,
+    backend_params,
+    close_worker,
+    free_port,
+    worker_settings,
+)
 
 
 def make_worker(root: Path, backend: ComfyBackend, comfyui_dir: Path | None = None, **extra: str) -> Worker:
@@ -132,10 +140,11 @@ def test_timeout_inside_a_node_that_ignores_interrupts_restarts_comfyui(worker: 
     error = error_of(result)
     assert error["error_type"] == "timeout"
     assert error["details"]["node_id"] == "2"
-    assert error["details"]["comfyui_restarted"] is True
-    assert time.monotonic() - started < 5
-    after = run(worker, {"workflow": sleep_graph(0, prefix="clean")})
+    assert error["details"]["comfyui_restarting"] is False, "ComfyUI took the interrupt: it gets INTERRUPT_GRACE"
+    assert time.monotonic() - started < 1 + TIMEOUT_MARGIN_S, "the result does not wait for INTERRUPT_GRACE"
+    after = run(worker, {"workflow": sleep_graph(0, prefix="clean")})  # waits for the grace, then the restart
     assert after.get("status") == "success", after
+    assert worker.supervisor is not None and worker.supervisor.restarts == 1
     assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
 
 
@@ -176,9 +185,9 @@ def test_comfyui_that_stops_answering_is_restarted(worker: Worker) -> None:
     result = asyncio.run(scenario())
     error = error_of(result)
     assert error["error_type"] == "timeout"
-    assert error["details"]["comfyui_restarted"] is True
-    # 2 s timeout + two 3 s control calls that get no answer + a 2 s diagnostics probe, then the result
-    assert time.monotonic() - started < 12
+    assert error["details"]["comfyui_restarting"] is True
+    # 2 s timeout, then one control call that gets no answer: ComfyUI is restarted in the background
+    assert time.monotonic() - started < 2 + TIMEOUT_MARGIN_S
     after = run(worker, {"workflow": sleep_graph(0, prefix="unfrozen")})
     assert after.get("status") == "success", after
     assert worker.supervisor is not None and worker.supervisor.restarts == 1

@@ -5,11 +5,14 @@ redirects re-checked, size and type limits, s3:// through the worker's bucket, a
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import ipaddress
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,12 +21,13 @@ import pytest
 from PIL import Image
 
 from comfy_worker.errors import InputError
+from comfy_worker.runtime.app import build_worker
 from comfy_worker.runtime.fetch import Fetcher, ForbiddenAddressError, check_address
 from comfy_worker.settings import Settings
 from comfy_worker.storage import S3Storage
 
 from .s3_server import run_s3rver
-from .worker_process import ComfyBackend, serve_api
+from .worker_process import TIMEOUT_MARGIN_S, ComfyBackend, close_worker, free_port, serve_api, worker_settings
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
 
@@ -67,6 +71,22 @@ class Handler(BaseHTTPRequestHandler):
                 chunk = b"y" * 1_000_000
                 self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/trickle":  # one byte every 0.2 s: never idle long enough for a per-read timeout
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(1000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+        elif self.path == "/bad-length":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "abc")
+            self.end_headers()
+            self.wfile.write(PNG)
         elif self.path == "/redirect-ok":
             self.send(302, b"", "text/plain", Location="/cat.png")
         elif self.path == "/redirect-forbidden":
@@ -103,11 +123,22 @@ def test_fetches_a_file(server: str) -> None:
     assert fetcher().fetch(f"{server}/redirect-ok", "f") == PNG
 
 
+def test_a_trickling_server_is_cut_off_at_the_total_deadline(server: str) -> None:
+    slow = Fetcher(LOOPBACK, max_bytes=2_000_000, timeout_s=1, storage=None)
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"did not arrive within INPUT_URL_TIMEOUT \(1s in all\)"):
+        slow.fetch(f"{server}/trickle", "images[0].url")
+    assert time.monotonic() - started < 5, "INPUT_URL_TIMEOUT is a deadline for the whole file, not per read"
+    with pytest.raises(InputError, match="did not arrive"):  # the job's own deadline, when it comes first
+        fetcher().fetch(f"{server}/trickle", "images[0].url", deadline=time.monotonic() + 0.5)
+
+
 def test_limits_and_types(server: str) -> None:
     refused(f"{server}/page", "is a web page (text/html), not a file")
     refused(f"{server}/big", "larger than INPUT_URL_MAX_MB")
     refused(f"{server}/stream-big", "larger than INPUT_URL_MAX_MB")
     refused(f"{server}/missing.png", "answered HTTP 404")
+    assert fetcher().fetch(f"{server}/bad-length", "f") == PNG, "a broken Content-Length is not an internal error"
     refused("ftp://127.0.0.1/x.png", "only http, https and s3 URLs")
     refused("file:///etc/passwd", "only http, https and s3 URLs")
 
@@ -125,6 +156,12 @@ def test_limits_and_types(server: str) -> None:
         "http://[fd00:ec2::254]/latest/meta-data/",
         "http://0.0.0.0:9/x.png",
         "http://100.64.0.1/x.png",
+        "http://[64:ff9b::7f00:1]/x.png",  # NAT64 of 127.0.0.1
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # NAT64 of 169.254.169.254
+        "http://[2002:7f00:1::]/x.png",  # 6to4 of 127.0.0.1
+        "http://[2002:a00:1::1]/x.png",  # 6to4 of 10.0.0.1
+        "http://[::7f00:1]/x.png",  # IPv4-compatible 127.0.0.1
+        "http://[::ffff:169.254.169.254]/x.png",  # IPv4-mapped
     ],
 )
 def test_ssrf_guard_refuses_internal_addresses(url: str) -> None:
@@ -137,6 +174,7 @@ def test_redirects_are_checked_again(server: str) -> None:
 
 def test_check_address_allows_public_and_listed() -> None:
     assert check_address("8.8.8.8", 443, ()) == "8.8.8.8"  # resolution of a literal sends nothing
+    assert check_address("64:ff9b::808:808", 443, ()) == "64:ff9b::808:808"  # NAT64 of a public address
     assert check_address("127.0.0.1", 80, LOOPBACK) == "127.0.0.1"
     with pytest.raises(ForbiddenAddressError):
         check_address("127.0.0.1", 80, ())
@@ -175,3 +213,21 @@ def test_worker_loads_an_image_by_url(server: str, tmp_path: Path) -> None:
     error = json.loads(failed["error"])
     assert error["error_type"] == "validation"
     assert "images[0].url:" in error["message"] and "refused" in error["message"]
+
+
+def test_the_jobs_timeout_covers_fetching_its_inputs(server: str, tmp_path: Path) -> None:
+    settings = worker_settings(
+        ComfyBackend.standin(), tmp_path, free_port(), INPUT_URL_ALLOWLIST="127.0.0.1/32", INPUT_URL_TIMEOUT="60"
+    )
+    worker = build_worker(settings)
+    try:
+        job = {"workflow": GRAPH, "images": [{"name": "remote/cat.png", "url": f"{server}/trickle"}], "timeout": 2}
+        started = time.monotonic()
+        result = asyncio.run(worker.run("slow-input", job, lambda _m: None))
+        elapsed = time.monotonic() - started
+        error = json.loads(result["error"])
+        assert error["error_type"] == "timeout", error
+        assert "timeout of 2s while fetching input images" in error["message"]
+        assert elapsed < 2 + TIMEOUT_MARGIN_S, f"the result came {elapsed:.1f}s after the job started"
+    finally:
+        close_worker(worker)

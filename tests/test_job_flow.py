@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import io
 import json
 import time
 import uuid
@@ -15,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from comfy_worker.runtime.app import build_worker
 from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
 from .comfy_servers import run_standin
-from .worker_process import ComfyBackend, close_worker, free_port, worker_settings
+from .worker_process import TIMEOUT_MARGIN_S, ComfyBackend, close_worker, free_port, worker_settings
 
 
 def settings_for(root: Path, comfy_port: int, **extra: str) -> Settings:
@@ -35,6 +37,13 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     assert built.startup_error is None, built.startup_error.to_dict()
     yield built
     close_worker(built)
+
+
+def rebuilt(worker: Worker, settings: Settings) -> Worker:
+    """Another Worker on the same ComfyUI with other settings."""
+    return Worker(
+        settings, worker.client, worker.events, worker.supervisor, fetcher=worker.fetcher, storage=worker.storage
+    )
 
 
 def sleep_graph(seconds: float, prefix: str = "flow", steps: int = 0) -> dict[str, Any]:
@@ -69,7 +78,7 @@ def test_progress_updates_follow_the_sampler_steps(worker: Worker) -> None:
 
 def test_progress_is_rate_limited(worker: Worker) -> None:
     limited = dataclasses.replace(worker.settings, progress_interval_s=10.0)
-    slow = Worker(limited, worker.client, worker.events, worker.supervisor)
+    slow = rebuilt(worker, limited)
     progress: list[dict[str, Any]] = []
     assert run(slow, {"workflow": sleep_graph(0.3, prefix="rate", steps=10)}, progress)["status"] == "success"
     assert len(progress) == 1, progress
@@ -83,9 +92,10 @@ def test_timeout_interrupts_the_prompt_and_names_the_node(worker: Worker) -> Non
     assert error["error_type"] == "timeout"
     assert "timeout of 1s while node 2 (StandinSleep) was running" in error["message"]
     assert error["details"]["node_id"] == "2"
-    assert elapsed < 6, f"the interrupt should stop the sleep within a tick, took {elapsed:.1f}s"
-    assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
+    assert elapsed < 1 + TIMEOUT_MARGIN_S, f"the result came {elapsed:.1f}s after the job started"
     assert run(worker, {"workflow": sleep_graph(0.1, prefix="after")})["status"] == "success"
+    assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
+    assert worker.supervisor is not None and worker.supervisor.restarts == 0, "the interrupt sufficed"
 
 
 def test_cancellation_interrupts_comfyui_and_reraises(worker: Worker) -> None:
@@ -173,7 +183,7 @@ def test_outputs_come_through_view_when_the_folders_are_unknown(worker: Worker) 
     remote = dataclasses.replace(
         worker.settings, comfyui_output_dir=None, comfyui_temp_dir=None, comfyui_input_dir=None
     )
-    over_http = Worker(remote, worker.client, worker.events, worker.supervisor)
+    over_http = rebuilt(worker, remote)
     assert over_http.folders == {}
     graph = sleep_graph(0, prefix="view")
     graph["1"]["inputs"]["color"] = 0xFF0000
@@ -219,6 +229,8 @@ def test_temp_outputs_are_found_on_disk(worker: Worker) -> None:
 def test_errors_carry_diagnostics(worker: Worker) -> None:
     (worker.folders["input"] / "diag").mkdir(parents=True, exist_ok=True)
     (worker.folders["input"] / "diag" / "present.png").write_bytes(b"x")
+    (worker.folders["input"] / "jobs" / "another-job").mkdir(parents=True, exist_ok=True)
+    (worker.folders["input"] / "jobs" / "another-job" / "secret_plan.png").write_bytes(b"x")
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "diag/presnt.png"}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "diag"}},
@@ -232,6 +244,7 @@ def test_errors_carry_diagnostics(worker: Worker) -> None:
     assert report["system"]["ram_available_gb"] > 0 and report["system"]["output_dir_free_gb"] > 0
     assert report["comfyui_log_tail"], "ComfyUI's last log lines"
     assert "diag/present.png" in report["input_files"]
+    assert not any(name.startswith("jobs/") for name in report["input_files"]), "other jobs' inputs stay private"
     assert "Invalid image file: diag/presnt.png; closest in the input folder: diag/present.png" in error["message"]
     assert isinstance(report["model_folders"], dict)
     plain = error_of(run(worker, {"workflow": sleep_graph(0, prefix="d"), "seed": 1}))
@@ -244,7 +257,7 @@ def test_free_after_job_clears_comfyui_caches(worker: Worker) -> None:
     first = run(worker, {"workflow": graph})
     cached = run(worker, {"workflow": graph})
     assert cached["images"][0]["filename"] == first["images"][0]["filename"], "a resubmission is cached"
-    freeing = Worker(dataclasses.replace(worker.settings, free_after_job="models"), worker.client, worker.events)
+    freeing = rebuilt(worker, dataclasses.replace(worker.settings, free_after_job="models"))
     run(freeing, {"workflow": graph})  # this job's /free empties ComfyUI's cache afterwards
     after_free = run(worker, {"workflow": graph})
     assert after_free["images"][0]["filename"] != first["images"][0]["filename"], "the cache was emptied"
@@ -252,14 +265,14 @@ def test_free_after_job_clears_comfyui_caches(worker: Worker) -> None:
 
 def test_low_memory_asks_for_a_new_worker(worker: Worker) -> None:
     demanding = dataclasses.replace(worker.settings, refresh_min_free_ram_gb=1_000_000.0)
-    result = run(Worker(demanding, worker.client, worker.events), {"workflow": sleep_graph(0, prefix="lowmem")})
+    result = run(rebuilt(worker, demanding), {"workflow": sleep_graph(0, prefix="lowmem")})
     assert result["status"] == "success"
     assert result["refresh_worker"] is True
     assert "refresh_worker" not in run(worker, {"workflow": sleep_graph(0, prefix="enough")})
 
 
 def test_cleanup_removes_only_this_jobs_files(worker: Worker) -> None:
-    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
     others = [worker.folders["output"] / "someone_else_00001_.png", worker.folders["input"] / "shared" / "keep.png"]
     for path in others:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +298,7 @@ def test_cleanup_removes_only_this_jobs_files(worker: Worker) -> None:
 
 
 def test_cleanup_keeps_cached_resubmissions_working(worker: Worker) -> None:
-    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
     graph = sleep_graph(0, prefix="again")
     graph["1"]["inputs"]["color"] = 0x123456
     first, second = run(tidy, {"workflow": graph}), run(tidy, {"workflow": graph})
@@ -295,7 +308,7 @@ def test_cleanup_keeps_cached_resubmissions_working(worker: Worker) -> None:
 
 
 def test_cleanup_after_a_failed_job(worker: Worker) -> None:
-    tidy = Worker(dataclasses.replace(worker.settings, cleanup_job_files=True), worker.client, worker.events)
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
     image = base64.b64encode(b"fake").decode()
     graph = {"1": {"class_type": "StandinFail", "inputs": {"message": "nope"}}}
     error = error_of(run(tidy, {"workflow": graph, "images": [{"name": "failed_job.png", "image": image}]}))
@@ -324,3 +337,79 @@ def test_a_prompt_lost_by_a_comfyui_restarted_elsewhere_fails_clearly(tmp_path: 
             assert "no longer knows prompt" in error["message"]
         finally:
             close_worker(attached)
+
+
+def solid_png(color: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def load_and_save(image_name: str, prefix: str) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def first_pixel(result: dict[str, Any]) -> tuple[int, int, int]:
+    assert result.get("status") == "success", result
+    with Image.open(io.BytesIO(base64.b64decode(result["images"][0]["data"]))) as image:
+        pixel: tuple[int, int, int] = image.convert("RGB").getpixel((0, 0))
+        return pixel
+
+
+def test_inputs_are_per_job_and_never_replace_or_remove_existing_files(worker: Worker) -> None:
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
+    existing = worker.folders["input"] / "important_mask.png"
+    existing.write_bytes(base64.b64decode(solid_png((1, 2, 3))))
+    before = existing.read_bytes()
+
+    async def two_jobs() -> list[dict[str, Any]]:
+        jobs = [
+            tidy.run(
+                f"job-{index}",
+                {
+                    "workflow": load_and_save("important_mask.png [input]" if index else "important_mask.png", "mine"),
+                    "images": [{"name": "important_mask.png", "image": solid_png(color)}],
+                },
+                lambda _m: None,
+            )
+            for index, color in enumerate([(200, 0, 0), (0, 0, 200)])
+        ]
+        return list(await asyncio.gather(*jobs))
+
+    red, blue = asyncio.run(two_jobs())
+    assert first_pixel(red) == (200, 0, 0), "each job reads its own upload"
+    assert first_pixel(blue) == (0, 0, 200), "each job reads its own upload"
+    assert existing.read_bytes() == before, "a file already in the input folder is neither replaced nor removed"
+    assert first_pixel(run(tidy, {"workflow": load_and_save("important_mask.png", "theirs")})) == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [("../../victim", "has a '.' or '..' segment"), ("a/./b", "has a '.' or '..' segment"), (7, "not a string")],
+)
+def test_output_prefixes_that_leave_the_jobs_folder_are_refused(worker: Worker, prefix: Any, message: str) -> None:
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
+    graph = sleep_graph(0, prefix="ok")
+    error = error_of(
+        run(
+            tidy,
+            {"workflow": graph, "overrides": [{"node_id": "3", "field": "inputs.filename_prefix", "value": prefix}]},
+        )
+    )
+    assert error["error_type"] == "validation", error
+    assert "node 3 (SaveImage) filename_prefix" in error["message"] and message in error["message"]
+    assert not list(worker.folders["output"].parent.rglob("victim*")), "nothing was saved outside"
+
+
+def test_an_empty_prefix_is_isolated_and_cleaned_too(worker: Worker) -> None:
+    tidy = rebuilt(worker, dataclasses.replace(worker.settings, cleanup_job_files=True))
+    before = set(worker.folders["output"].rglob("*"))
+    result = run(tidy, {"workflow": sleep_graph(0, prefix="")})
+    assert result["status"] == "success", result
+    assert result["images"][0]["subfolder"].startswith("jobs/") and result["images"][0]["filename"].startswith(
+        "ComfyUI"
+    )
+    assert set(worker.folders["output"].rglob("*")) <= before | {worker.folders["output"] / "jobs"}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,15 @@ from PIL import Image
 
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.errors import OutputError
-from comfy_worker.runtime.outputs import assemble, base64_entry, collect, convert_image, load
+from comfy_worker.runtime.outputs import (
+    OutputFile,
+    PixelBudget,
+    assemble,
+    base64_entry,
+    collect,
+    convert_image,
+    load,
+)
 
 from .conftest import recorded_history
 
@@ -74,7 +85,7 @@ def test_files_are_read_from_disk_and_encoded(tmp_path: Path) -> None:
     # No server answers on this port: reading from disk must not need one.
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     collected = collect(entry, False)
-    payloads = load(client, {"output": tmp_path / "out"}, collected, "png", 90)
+    payloads = load(client, {"output": tmp_path / "out"}, collected, "png", 90, MAX_PIXELS)
     result = assemble([(p, base64_entry(p)) for p in payloads], collected.texts)
     assert result["images"] == [
         {
@@ -94,7 +105,15 @@ def test_unreadable_output_is_an_output_error(tmp_path: Path) -> None:
     entry = {"outputs": {"9": {"images": [{"filename": "../../etc/passwd", "subfolder": "", "type": "output"}]}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     with pytest.raises(OutputError, match="could not be read"):
-        load(client, {"output": tmp_path}, collect(entry, False), "png", 90)
+        load(client, {"output": tmp_path}, collect(entry, False), "png", 90, MAX_PIXELS)
+
+
+MAX_PIXELS = 80_000_000
+BUDGET = PixelBudget(MAX_PIXELS)
+
+
+def output(mime_type: str, name: str = "out.png") -> OutputFile:
+    return OutputFile("9", name, "", "output", mime_type)
 
 
 def png_bytes(mode: str = "RGBA", size: tuple[int, int] = (64, 48)) -> bytes:
@@ -105,12 +124,12 @@ def png_bytes(mode: str = "RGBA", size: tuple[int, int] = (64, 48)) -> bytes:
 
 def test_still_images_convert_to_webp_and_jpeg() -> None:
     source = png_bytes()
-    assert convert_image(source, "image/png", "png", 90) is None
-    webp, mime, extension = convert_image(source, "image/png", "webp", 80) or (b"", "", "")
+    assert convert_image(source, output("image/png"), "png", 90, BUDGET) is None
+    webp, mime, extension = convert_image(source, output("image/png"), "webp", 80, BUDGET) or (b"", "", "")
     assert (mime, extension) == ("image/webp", "webp")
     with Image.open(io.BytesIO(webp)) as image:
         assert image.format == "WEBP" and image.size == (64, 48) and image.mode == "RGBA"
-    jpeg, mime, extension = convert_image(source, "image/png", "jpeg", 70) or (b"", "", "")
+    jpeg, mime, extension = convert_image(source, output("image/png"), "jpeg", 70, BUDGET) or (b"", "", "")
     assert (mime, extension) == ("image/jpeg", "jpg")
     with Image.open(io.BytesIO(jpeg)) as image:
         assert image.format == "JPEG" and image.mode == "RGB"
@@ -122,14 +141,48 @@ def test_animations_and_videos_are_left_alone() -> None:
     frames = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(3)]
     buffer = io.BytesIO()
     frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=100)
-    assert convert_image(buffer.getvalue(), "image/webp", "jpeg", 90) is None
-    assert convert_image(b"\x00\x00\x00 ftypmp42", "video/mp4", "webp", 90) is None
+    assert convert_image(buffer.getvalue(), output("image/webp"), "jpeg", 90, BUDGET) is None
+    assert convert_image(b"\x00\x00\x00 ftypmp42", output("video/mp4"), "webp", 90, BUDGET) is None
 
 
 def test_converted_outputs_get_the_new_name(tmp_path: Path) -> None:
     (tmp_path / "ComfyUI_00001_.png").write_bytes(png_bytes("RGB", (32, 32)))
     entry = {"outputs": {"9": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
-    [payload] = load(client, {"output": tmp_path}, collect(entry, False), "jpeg", 85)
+    [payload] = load(client, {"output": tmp_path}, collect(entry, False), "jpeg", 85, MAX_PIXELS)
     assert (payload.filename, payload.mime_type) == ("ComfyUI_00001_.jpg", "image/jpeg")
     assert payload.data[:3] == b"\xff\xd8\xff"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The start of a PNG that says it is ``width`` x ``height``: what a small file of a huge image looks like
+    to a decoder before it decodes (a 13000x13000 PNG of one colour is only about 164 KB)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1000)))
+
+
+@pytest.mark.parametrize(
+    ("size", "limit"), [((60000, 60000), MAX_PIXELS), ((13000, 13000), MAX_PIXELS), ((40, 40), 1000)]
+)
+def test_images_over_the_pixel_limit_are_refused_before_decoding(size: tuple[int, int], limit: int) -> None:
+    data = png_header(*size) if size[0] > 1000 else png_bytes("RGB", size)
+    with pytest.raises(OutputError, match="OUTPUT_CONVERT_MAX_MEGAPIXELS") as info:
+        convert_image(data, output("image/png", "big.png"), "webp", 90, PixelBudget(limit))
+    assert info.value.details["node_id"] == "9" and "big.png" in info.value.message
+    assert convert_image(data, output("image/png"), "png", 90, PixelBudget(limit)) is None, "png is not decoded"
+
+
+def test_conversions_at_once_share_the_pixel_budget() -> None:
+    budget = PixelBudget(100)
+    budget.acquire(60)
+    second = threading.Thread(target=budget.acquire, args=(60,), daemon=True)
+    second.start()
+    second.join(timeout=0.2)
+    assert second.is_alive(), "60 + 60 pixels would exceed the budget of 100: the second waits"
+    budget.release(60)
+    second.join(timeout=10)
+    assert not second.is_alive(), "and goes on once the first is done"

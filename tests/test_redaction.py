@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
 
-from comfy_worker.redact import RedactingFilter, Redactor, redact_url, redact_urls, secrets_from_env
+from comfy_worker.comfy.client import ComfyClient
+from comfy_worker.errors import ComfyUnavailableError, InputError
+from comfy_worker.redact import RedactingFilter, RedactingStream, Redactor, redact_url, redact_urls, secrets_from_env
+from comfy_worker.runtime.app import build_worker
+from comfy_worker.runtime.fetch import Fetcher
 
-from .worker_process import ComfyBackend, serve_api
+from .worker_process import ComfyBackend, close_worker, free_port, serve_api, worker_settings
 
 HF_TOKEN = "hf_TestSecretValue0123456789"
 S3_SECRET = "s3-secret-Zq81kLmN0pQr"
@@ -81,3 +88,84 @@ def test_redact_urls_in_text() -> None:
     assert (
         redact_urls(text) == "fatal: unable to access 'https://***@git.example/n.git/': 403; see https://x.io/?sig=***."
     )
+
+
+QUOTED_SECRET = 'q"uo\\te-Secret9'  # JSON and repr escape it: masking the encoded text would miss it
+
+
+def test_the_whole_result_is_masked_successes_included(tmp_path: Path) -> None:
+    with serve_api(ComfyBackend.standin(), tmp_path, HF_TOKEN=HF_TOKEN, QUOTED_API_KEY=QUOTED_SECRET) as worker:
+        workflow = {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": f"out_{HF_TOKEN}"}},
+            # an invalid branch: ComfyUI runs the valid one and names the bad value, which the worker warns about
+            "3": {"class_type": "LoadImage", "inputs": {"image": f"{HF_TOKEN}.png"}},
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "skipped"}},
+        }
+        done = worker.runsync({"workflow": workflow})
+        failing = {"1": {"class_type": "StandinFail", "inputs": {"message": f"bad key {QUOTED_SECRET}"}}}
+        failed = worker.runsync({"workflow": failing})
+        log = worker.log()
+    assert done["status"] == "COMPLETED", done
+    output = done["output"]
+    assert output["images"][0]["filename"].startswith("out_***_"), output["images"][0]
+    assert any("***" in warning for warning in output["warnings"]), output["warnings"]
+    assert HF_TOKEN not in json.dumps(done)
+    error = json.loads(failed["error"])
+    assert "bad key ***" in error["message"], error["message"]
+    for text in (failed["error"], json.dumps(failed), log):
+        assert QUOTED_SECRET not in text and json.dumps(QUOTED_SECRET)[1:-1] not in text
+    assert HF_TOKEN not in log
+
+
+def test_tracebacks_in_the_log_are_masked() -> None:
+    try:
+        raise RuntimeError(f"failed with {HF_TOKEN} at https://u:pw@h.io/x?sig=abc")
+    except RuntimeError:
+        record = logging.LogRecord("comfy_worker", logging.ERROR, __file__, 1, "unexpected", None, sys.exc_info())
+    RedactingFilter(Redactor([HF_TOKEN])).filter(record)
+    text = logging.Formatter().format(record)
+    assert "RuntimeError: failed with *** at https://***@h.io/x?sig=***" in text
+    assert HF_TOKEN not in text and "pw@" not in text
+
+
+def test_printed_lines_are_masked() -> None:
+    buffer = io.StringIO()
+    stream = RedactingStream(buffer, Redactor([QUOTED_SECRET]))
+    stream.write(json.dumps({"output": f"x {QUOTED_SECRET}"}) + "\n")  # how the runpod SDK prints its lines
+    stream.flush()
+    assert buffer.getvalue() == '{"output": "x ***"}\n'
+
+
+def test_comfyui_credentials_and_url_signatures_stay_out_of_errors() -> None:
+    port = free_port()
+    client = ComfyClient(f"http://admin:pw-Secret77@127.0.0.1:{port}", client_id="c")
+    with pytest.raises(ComfyUnavailableError) as info:
+        client.queue()
+    assert "pw-Secret77" not in json.dumps(info.value.to_dict()), info.value.message
+    fetcher = Fetcher((ipaddress.ip_network("127.0.0.1/32"),), 1000, 5, None)
+    with pytest.raises(InputError) as refused:
+        fetcher.fetch(f"http://127.0.0.1:{port}/in.png?X-Amz-Signature=sig-Secret88&x=1", "images[0].url")
+    assert "sig-Secret88" not in json.dumps(refused.value.to_dict()), refused.value.message
+
+
+def test_comfyui_gets_no_worker_secrets(tmp_path: Path) -> None:
+    settings = worker_settings(
+        ComfyBackend.standin(),
+        tmp_path,
+        free_port(),
+        HF_TOKEN=HF_TOKEN,
+        BUCKET_SECRET_ACCESS_KEY=S3_SECRET,
+        SOME_SERVICE_PASSWORD="service-pw-123",
+        COMFYUI_PASS_ENV="SOME_SERVICE_PASSWORD",
+    )
+    worker = build_worker(settings)
+    try:
+        assert worker.supervisor is not None and worker.supervisor.process is not None
+        environ = Path(f"/proc/{worker.supervisor.process.pid}/environ").read_bytes().split(b"\0")
+        names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+        assert "PATH" in names
+        assert not names & {"HF_TOKEN", "BUCKET_SECRET_ACCESS_KEY"}, names
+        assert "SOME_SERVICE_PASSWORD" in names, "COMFYUI_PASS_ENV passes what it names"
+    finally:
+        close_worker(worker)

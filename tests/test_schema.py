@@ -86,6 +86,9 @@ def test_rejected_inputs_name_the_field(raw: Any, expected: str) -> None:
         ("./a.png", "'.'"),
         ("", "must not be empty"),
         ("x\x00.png", "null byte"),
+        ('say "cheese".png', "double quote"),
+        ("two\nlines.png", "control character"),
+        ("tab\there.png", "control character"),
         ("x" * 300 + ".png", "longer than 255"),
         (" a.png", "spaces"),
     ],
@@ -134,3 +137,14 @@ def test_all_problems_are_reported_at_once() -> None:
     error = rejected({"workflow": WORKFLOW, "seed": -5, "timeout": -1, "extra": 1})
     fields = {p["field"] for p in error.details["errors"]}
     assert fields == {"seed", "timeout", "extra"}
+
+
+def test_images_over_the_size_limit_are_refused_before_decoding() -> None:
+    image = base64.b64encode(bytes(3000)).decode()
+    with pytest.raises(InputError, match=r"images\[0\]: image 'a.png': 'image' is 0.0 MB, over INPUT_IMAGE_MAX_MB"):
+        parse_job_input(
+            {"workflow": WORKFLOW, "images": [{"name": "a.png", "image": image}]}, timeout_max=60, image_max_bytes=2048
+        )
+    parse_job_input(
+        {"workflow": WORKFLOW, "images": [{"name": "a.png", "image": image}]}, timeout_max=60, image_max_bytes=4096
+    )

@@ -45,6 +45,23 @@ def test_values_are_parsed() -> None:
     assert (s.job_timeout_s, s.progress_interval_s, s.log_level) == (30.0, 0.25, "DEBUG")
 
 
+def test_comfyui_gets_the_environment_less_the_workers_secrets() -> None:
+    env = {
+        "PATH": "/usr/bin",
+        "CUDA_VISIBLE_DEVICES": "0",
+        "HF_TOKEN": "hf_abcdefgh",
+        "BUCKET_SECRET_ACCESS_KEY": "s3-secret",
+        "BUCKET_NAME": "out",
+        "BUCKET_ACCESS_KEY_ID": "AKIA",
+        "RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/x/job-take/$ID",
+        "CONFIG_YML": "models: []",
+        "MY_PASSWORD": "pw123456",
+        "COMFYUI_PASS_ENV": "HF_TOKEN, NOT_SET",
+    }
+    passed = dict(Settings.from_env(env).comfyui_env)
+    assert set(passed) == {"PATH", "CUDA_VISIBLE_DEVICES", "HF_TOKEN", "COMFYUI_PASS_ENV"}
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
@@ -57,6 +74,9 @@ def test_values_are_parsed() -> None:
         ({"COMFYUI_TEMP_DIR": "/data/tmp"}, "must end in /temp"),
         ({"COMFY_FREE_AFTER_JOB": "everything"}, "not one of none, memory, models"),
         ({"REFRESH_MIN_FREE_VRAM_GB": "-1"}, "must be at least 0"),
+        ({"INPUT_IMAGE_MAX_MB": "big"}, "INPUT_IMAGE_MAX_MB='big' is not a number"),
+        ({"OUTPUT_CONVERT_MAX_MEGAPIXELS": "0"}, "must be at least 0.01"),
+        ({"COMFY_API_URL": "ftp://admin:pw-Secret@h"}, "ftp://\\*\\*\\*@h"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], expected: str) -> None:

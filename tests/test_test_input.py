@@ -40,3 +40,27 @@ def test_test_input_flag_and_a_failing_job(tmp_path: Path) -> None:
     assert done.returncode == 1, "a failed job makes the SDK exit 1"
     assert '"error_type": "workflow_validation"' in done.stdout
     assert "no node type NoSuchNodeXYZ (node 1)" in done.stdout
+
+
+def test_the_sdks_own_debug_lines_are_masked(tmp_path: Path) -> None:
+    secret = "hf_DebugLineSecret0123456789"
+    texting = {
+        "1": {
+            "class_type": "StandinSaveFile",
+            "inputs": {"filename_prefix": "t", "kind": "text", "extension": "txt", "content": f"key={secret}"},
+        }
+    }
+    env = worker_env(ComfyBackend.standin(), tmp_path, free_port(), HF_TOKEN=secret)
+    job = json.dumps({"input": {"workflow": texting}})
+    done = subprocess.run(
+        [sys.executable, str(REPO / "handler.py"), "--rp_log_level", "DEBUG", "--test_input", job],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "key=***" in done.stdout, "the SDK printed the job's input and output, masked"
+    assert secret not in done.stdout + done.stderr

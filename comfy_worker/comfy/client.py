@@ -8,17 +8,19 @@ a ``WorkflowError`` with ComfyUI's ``node_errors`` kept readable.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import requests
 
 from comfy_worker.comfy.errors import workflow_error
-from comfy_worker.errors import ComfyUnavailableError, WorkerError
+from comfy_worker.errors import ComfyUnavailableError, InputError, WorkerError
+from comfy_worker.redact import redact_url, redact_urls
 
 log = logging.getLogger(__name__)
 
 
-CONTROL_TIMEOUT_S = 3.0  # interrupt and queue edits: a ComfyUI that cannot answer these in 3 s is hung
+CONTROL_TIMEOUT_S = 2.0  # interrupt and queue edits: a ComfyUI that cannot answer these in 2 s is hung
 
 
 class ComfyClient:
@@ -30,12 +32,28 @@ class ComfyClient:
 
     def __init__(self, base_url: str, client_id: str, timeout_s: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
+        self.display_url = redact_url(self.base_url)  # COMFY_API_URL may carry credentials: never shown
         self.client_id = client_id
         self.timeout_s = timeout_s
-        self._session = requests.Session()
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+
+    @property
+    def _session(self) -> requests.Session:
+        """This thread's session: ``requests.Session`` is not thread-safe, and jobs call from many threads."""
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
 
     def close(self) -> None:
-        self._session.close()
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
 
     def _request(self, method: str, path: str, timeout_s: float | None = None, **kwargs: Any) -> requests.Response:
         url = f"{self.base_url}{path}"
@@ -43,8 +61,8 @@ class ComfyClient:
             return self._session.request(method, url, timeout=timeout_s or self.timeout_s, **kwargs)
         except requests.RequestException as exc:
             raise ComfyUnavailableError(
-                f"ComfyUI at {self.base_url} did not answer {method} {path}: {exc}",
-                {"url": url},
+                f"ComfyUI at {self.display_url} did not answer {method} {path}: {redact_urls(str(exc))}",
+                {"url": f"{self.display_url}{path}"},
             ) from exc
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -54,7 +72,19 @@ class ComfyClient:
                 f"ComfyUI answered {method} {path} with HTTP {response.status_code}: {response.text[:500]}",
                 {"status": response.status_code},
             )
-        return response.json()
+        return self._body(response, method, path)
+
+    def _body(self, response: requests.Response, method: str, path: str) -> Any:
+        """The JSON of a 200 answer; anything else (a proxy's HTML page) means this is not a working ComfyUI."""
+        try:
+            return response.json()
+        except ValueError:
+            raise ComfyUnavailableError(
+                f"{self.display_url} answered {method} {path} with HTTP 200 but not JSON "
+                f"({response.headers.get('Content-Type') or 'no Content-Type'}: {response.text[:200]!r}): "
+                "is COMFY_API_URL a ComfyUI, and is it up?",
+                {"url": f"{self.display_url}{path}", "status": response.status_code},
+            ) from None
 
     def is_ready(self, timeout_s: float = 2.0) -> bool:
         """Whether ComfyUI answers ``/system_stats`` now."""
@@ -95,7 +125,7 @@ class ComfyClient:
                 f"ComfyUI answered POST /prompt with HTTP {response.status_code}: {response.text[:500]}",
                 {"status": response.status_code},
             )
-        result: dict[str, Any] = response.json()
+        result: dict[str, Any] = self._body(response, "POST", "/prompt")
         return result
 
     def history(self, prompt_id: str) -> dict[str, Any] | None:
@@ -104,8 +134,8 @@ class ComfyClient:
         entry = entries.get(prompt_id) if isinstance(entries, dict) else None
         return entry if isinstance(entry, dict) else None
 
-    def queue(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", "/queue")
+    def queue(self, timeout_s: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/queue", timeout_s=timeout_s)
         return result
 
     def view(self, filename: str, subfolder: str, folder_type: str) -> bytes:
@@ -120,7 +150,7 @@ class ComfyClient:
         return response.content
 
     def upload_image(self, filename: str, data: bytes, subfolder: str) -> dict[str, Any]:
-        """Upload into ComfyUI's input folder, replacing a file of the same name (overwrite=true)."""
+        """Upload into ComfyUI's input folder (the job's own subfolder: overwrite=true replaces nobody's file)."""
         response = self._request(
             "POST",
             "/upload/image",
@@ -128,13 +158,19 @@ class ComfyClient:
             data={"subfolder": subfolder, "type": "input", "overwrite": "true"},
             timeout_s=max(self.timeout_s, 120.0),
         )
+        name = f"{subfolder}/{filename}" if subfolder else filename
+        if response.status_code == 413:
+            raise InputError(
+                f"ComfyUI refused the upload of {name} ({len(data) / 1024 / 1024:.1f} MB): it is larger than "
+                "ComfyUI's --max-upload-size (100 MB unless COMFYUI_ARGS sets it).",
+                {"status": 413, "name": filename, "subfolder": subfolder, "bytes": len(data)},
+            )
         if response.status_code != 200:
             raise WorkerError(
-                f"ComfyUI refused the upload of {subfolder + '/' if subfolder else ''}{filename} "
-                f"(HTTP {response.status_code}): {response.text[:300]}",
+                f"ComfyUI refused the upload of {name} (HTTP {response.status_code}): {response.text[:300]}",
                 {"status": response.status_code, "name": filename, "subfolder": subfolder},
             )
-        result: dict[str, Any] = response.json()
+        result: dict[str, Any] = self._body(response, "POST", "/upload/image")
         return result
 
     def free(self, body: dict[str, bool]) -> None:

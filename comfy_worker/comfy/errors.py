@@ -14,6 +14,8 @@ from typing import Any
 from comfy_worker.errors import ExecutionError, PromptInterruptedError, WorkflowError
 
 TRACEBACK_FRAMES = 8  # the last frames of a node's traceback kept in the result
+LISTED_TYPES = 20  # unknown node types named in an error (the count says how many more)
+LISTED_NODES = 10  # nodes named per unknown type
 MISSING_INPUT_FILE = re.compile(r"Invalid (?:image|video|audio)? ?file: (?P<name>.+)$")
 
 # Loader inputs of ComfyUI's core nodes -> the model folder they list, to say where a missing file was looked for.
@@ -60,17 +62,25 @@ def node_error_lines(node_errors: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def missing_node_types_error(workflow: dict[str, Any], missing: set[str]) -> WorkflowError:
-    """All unknown node types at once (ComfyUI names only the first), with the nodes that use them."""
-    users = {
-        class_type: sorted(nid for nid, node in workflow.items() if node["class_type"] == class_type)
-        for class_type in sorted(missing)
-    }
-    listed = "; ".join(f"{class_type} (node {', '.join(ids)})" for class_type, ids in users.items())
+    """All unknown node types at once (ComfyUI names only the first), with the nodes that use them.
+
+    One pass over the workflow, and the lists bounded: a workflow of 100 000 unknown types must get its error
+    in milliseconds, not minutes of CPU holding the GIL, and an error small enough to return.
+    """
+    users: dict[str, list[str]] = {}
+    for node_id, node in workflow.items():
+        if node["class_type"] in missing:
+            users.setdefault(node["class_type"], []).append(node_id)
+    listed = sorted(users)[:LISTED_TYPES]
+    shown = {class_type: sorted(users[class_type])[:LISTED_NODES] for class_type in listed}
+    text = "; ".join(f"{class_type} (node {', '.join(ids)})" for class_type, ids in shown.items())
+    if len(users) > len(listed):
+        text += f"; and {len(users) - len(listed)} more"
+    which = "it" if len(users) == 1 else "them"
     return WorkflowError(
-        f"This worker's ComfyUI has no node type {listed}. Add the custom node that provides "
-        f"{'it' if len(users) == 1 else 'them'} to the 'nodes' section of config.yml (or use a workflow without "
-        f"{'it' if len(users) == 1 else 'them'}).",
-        {"missing_node_types": list(users), "nodes": users},
+        f"This worker's ComfyUI has no node type {text}. Add the custom node that provides {which} to the 'nodes' "
+        f"section of config.yml (or use a workflow without {which}).",
+        {"missing_node_types": listed, "missing_count": len(users), "nodes": shown},
     )
 
 

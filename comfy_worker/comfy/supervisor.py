@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -19,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from comfy_worker.errors import ComfyUnavailableError
+from comfy_worker.redact import redact_url
 from comfy_worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -79,16 +79,16 @@ class ComfySupervisor:
             return  # launch_early started it
         if client.is_ready(timeout_s=1.0):
             self.attached = True
-            log.info("Attached to the ComfyUI already serving at %s", s.comfy_api_url)
+            log.info("Attached to the ComfyUI already serving at %s", redact_url(s.comfy_api_url))
             return
         if not s.comfy_is_local:
-            log.info("ComfyUI at %s is remote; waiting for it to answer", s.comfy_api_url)
+            log.info("ComfyUI at %s is remote; waiting for it to answer", redact_url(s.comfy_api_url))
             return
         if s.comfyui_dir is None or not (s.comfyui_dir / "main.py").is_file():
             raise ComfyUnavailableError(
-                f"No ComfyUI answers at {s.comfy_api_url} and COMFYUI_DIR "
+                f"No ComfyUI answers at {redact_url(s.comfy_api_url)} and COMFYUI_DIR "
                 f"({s.comfyui_dir or 'not set'}) holds no main.py to start one.",
-                {"comfy_api_url": s.comfy_api_url, "comfyui_dir": str(s.comfyui_dir or "")},
+                {"comfy_api_url": redact_url(s.comfy_api_url), "comfyui_dir": str(s.comfyui_dir or "")},
             )
         self._launch()
 
@@ -104,7 +104,7 @@ class ComfySupervisor:
                 folder.mkdir(parents=True, exist_ok=True)
         command = self.command()
         log.info("Starting ComfyUI: %s", " ".join(command))
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(self.settings.comfyui_env, PYTHONUNBUFFERED="1")  # no worker secrets (settings.py)
         self.process = subprocess.Popen(
             command,
             cwd=self.settings.comfyui_dir,
@@ -167,7 +167,8 @@ class ComfySupervisor:
                 )
             if time.monotonic() - started > timeout_s:
                 raise ComfyUnavailableError(
-                    f"ComfyUI did not answer {self.settings.comfy_api_url}/system_stats within {timeout_s:g}s "
+                    f"ComfyUI did not answer {redact_url(self.settings.comfy_api_url)}/system_stats "
+                    f"within {timeout_s:g}s "
                     "(COMFY_STARTUP_TIMEOUT).",
                     {"log_tail": self.log_tail(50)},
                 )

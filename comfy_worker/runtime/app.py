@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_worker.comfy.supervisor import ComfySupervisor
-from comfy_worker.redact import RedactingFilter, Redactor
+from comfy_worker.redact import RedactingFilter, RedactingStream, Redactor, redact_url
 from comfy_worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # the job machinery is imported after ComfyUI was launched (see main)
@@ -42,26 +42,37 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
     from comfy_worker.comfy.client import ComfyClient
     from comfy_worker.comfy.events import EventStream
     from comfy_worker.errors import ComfyUnavailableError, WorkerError
+    from comfy_worker.runtime.fetch import Fetcher
     from comfy_worker.runtime.job import Worker
+    from comfy_worker.storage import S3Storage
 
     client = ComfyClient(settings.comfy_api_url, client_id=f"worker-{uuid.uuid4().hex}")
     events = EventStream(settings.comfy_ws_url, client.client_id)
+    storage = S3Storage(settings.s3) if settings.s3 is not None else None
+    fetcher = Fetcher(
+        settings.input_url_allowlist,
+        int(settings.input_url_max_mb * 1024 * 1024),
+        settings.input_url_timeout_s,
+        storage,
+    )
     supervisor = supervisor or ComfySupervisor(settings)
     try:
         supervisor.start_or_attach(client)
         import runpod  # noqa: F401  - imported while ComfyUI boots: the two overlap
 
         waited = supervisor.wait_ready(client)
-        log.info("ComfyUI is ready at %s (waited %.1fs)", settings.comfy_api_url, waited)
+        log.info("ComfyUI is ready at %s (waited %.1fs)", client.display_url, waited)
         events.start()
         if not events.wait_connected(timeout_s=10):
-            raise ComfyUnavailableError(f"ComfyUI's WebSocket at {settings.comfy_ws_url} did not accept a connection.")
+            raise ComfyUnavailableError(
+                f"ComfyUI's WebSocket at {redact_url(settings.comfy_ws_url)} did not accept a connection."
+            )
     except WorkerError as exc:
         log.error("ComfyUI is unavailable; every job will fail with this error: %s", exc.message)
         for line in exc.details.get("log_tail", []):
             log.error("  | %s", line)
-        return Worker(settings, client, events, supervisor, startup_error=exc)
-    return Worker(settings, client, events, supervisor)
+        return Worker(settings, client, events, supervisor, startup_error=exc, fetcher=fetcher, storage=storage)
+    return Worker(settings, client, events, supervisor, fetcher=fetcher, storage=storage)
 
 
 def warm_up(worker: Worker, path: Path) -> None:
@@ -116,7 +127,10 @@ def main() -> None:
         setup_logging("INFO")
         log.error("Invalid configuration: %s", exc)
         raise SystemExit(2) from exc
-    setup_logging(settings.log_level, Redactor(settings.secrets))
+    redact = Redactor(settings.secrets)
+    sys.stdout = RedactingStream(sys.stdout, redact)  # the runpod SDK prints its own log lines
+    sys.stderr = RedactingStream(sys.stderr, redact)
+    setup_logging(settings.log_level, redact)
     supervisor = ComfySupervisor(settings)
     supervisor.launch_early()
     worker = build_worker(settings, supervisor)

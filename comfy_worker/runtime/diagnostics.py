@@ -16,6 +16,7 @@ from typing import Any
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.comfy.supervisor import ComfySupervisor
 from comfy_worker.errors import WorkerError
+from comfy_worker.runtime.cleanup import JOBS_FOLDER
 
 LOG_LINES = 40
 FILES_PER_FOLDER = 50
@@ -45,7 +46,7 @@ def disk_free(folders: dict[str, Path]) -> dict[str, float]:
 
 
 def comfyui_state(supervisor: ComfySupervisor | None, recovering: bool, client: ComfyClient) -> dict[str, Any]:
-    state: dict[str, Any] = {"url": client.base_url}
+    state: dict[str, Any] = {"url": client.display_url}
     if supervisor is None or supervisor.attached:
         state["state"] = "attached" if supervisor else "remote"
     elif recovering:
@@ -56,6 +57,8 @@ def comfyui_state(supervisor: ComfySupervisor | None, recovering: bool, client: 
         state["state"] = "running" if supervisor.process is not None else "not started"
     if supervisor is not None:
         state["restarts"] = supervisor.restarts
+    if recovering:
+        return state  # it is being restarted: asking it would only wait for a timeout
     with contextlib.suppress(WorkerError, ValueError):
         stats = client.system_stats(timeout_s=2.0)
         state["version"] = stats.get("system", {}).get("comfyui_version")
@@ -84,9 +87,11 @@ def model_folders(client: ComfyClient) -> dict[str, list[str]]:
 
 
 def input_files(folder: Path) -> list[str]:
-    """Files in ComfyUI's input folder, as LoadImage names them (``sub/name.png``)."""
+    """Files in ComfyUI's input folder, as LoadImage names them (``sub/name.png``); not the jobs' own folders,
+    whose names are none of another job's business."""
     with contextlib.suppress(OSError):
-        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        names = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+        return sorted(str(name) for name in names if name.parts[0] != JOBS_FOLDER)
     return []
 
 

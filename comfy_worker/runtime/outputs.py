@@ -5,6 +5,10 @@ nodes did not run again. Every entry with a ``filename`` is a file (SaveImage's 
 VideoHelperSuite's ``gifs``, SaveAudio's ``audio``, 3D files...), sorted into images, videos, audio or
 files by its type; strings under ``text`` are text. Files are read from disk when ComfyUI shares this
 machine (no HTTP copy of a 12 MB PNG), through ``/view`` otherwise.
+
+Converting to WebP/JPEG decodes the image: a 164 KB PNG can hold 13000x13000 pixels (500 MB decoded), so
+an image over OUTPUT_CONVERT_MAX_MEGAPIXELS is refused from its header before decoding, and the images
+being converted at once share that same budget of pixels.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import base64
 import concurrent.futures
 import io
 import mimetypes
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,15 +136,41 @@ class Payload:
         return 4 * ((len(self.data) + 2) // 3)
 
 
+class PixelBudget:
+    """At most ``limit`` pixels decoded at once, across the threads converting images (each image is at most
+    ``limit``, so every one gets its turn)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = limit
+        self._condition = threading.Condition()
+
+    def acquire(self, pixels: int) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels
+
+    def release(self, pixels: int) -> None:
+        with self._condition:
+            self._free += pixels
+            self._condition.notify_all()
+
+
 def load(
-    client: ComfyClient, folders: dict[str, Path], collected: CollectedOutputs, image_format: str, quality: int
+    client: ComfyClient,
+    folders: dict[str, Path],
+    collected: CollectedOutputs,
+    image_format: str,
+    quality: int,
+    max_pixels: int,
 ) -> list[Payload]:
     """Read every output file (in parallel: disk and Pillow's encoders release the GIL), converting still
     images when a format other than ``png`` is asked for."""
+    budget = PixelBudget(max_pixels)
 
     def one(file: OutputFile) -> Payload:
         data = read_bytes(client, folders, file)
-        converted = convert_image(data, file.mime_type, image_format, quality)
+        converted = convert_image(data, file, image_format, quality, budget)
         if converted is None:
             return Payload(file, file.filename, file.mime_type, data)
         new_data, mime_type, extension = converted
@@ -151,24 +182,50 @@ def load(
         return list(pool.map(one, collected.files))
 
 
-def convert_image(data: bytes, mime_type: str, image_format: str, quality: int) -> tuple[bytes, str, str] | None:
+def _too_many_pixels(file: OutputFile, size: str, limit: int) -> OutputError:
+    return OutputError(
+        f"Output {file.relative_path} (node {file.node_id}) is {size} pixels, over OUTPUT_CONVERT_MAX_MEGAPIXELS "
+        f"({limit / 1e6:g} megapixels), so it cannot be converted: ask for output.format 'png' to get it as "
+        "ComfyUI wrote it.",
+        {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder, "max_pixels": limit},
+    )
+
+
+def convert_image(
+    data: bytes, file: OutputFile, image_format: str, quality: int, budget: PixelBudget
+) -> tuple[bytes, str, str] | None:
     """``webp``/``jpeg`` for still images; None keeps the file as ComfyUI wrote it (png, videos, animations)."""
-    if image_format == "png" or mime_type not in STILL_IMAGE_TYPES:
+    if image_format == "png" or file.mime_type not in STILL_IMAGE_TYPES:
         return None
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning, where it is an error
+        raise _too_many_pixels(file, "more than Pillow's own limit of", budget.limit) from None
+    with image:
+        pixels = image.width * image.height
+        if pixels > budget.limit:
+            raise _too_many_pixels(file, f"{image.width}x{image.height}", budget.limit)
         if getattr(image, "is_animated", False):
             return None
-        buffer = io.BytesIO()
-        if image_format == "jpeg":
-            rgb = image.convert("RGBA") if image.mode in ("P", "LA") else image
-            if rgb.mode == "RGBA":  # JPEG has no alpha: flatten onto white
-                background = Image.new("RGB", rgb.size, (255, 255, 255))
-                background.paste(rgb, mask=rgb.getchannel("A"))
-                rgb = background
-            rgb.convert("RGB").save(buffer, "JPEG", quality=quality, optimize=True)
-            return buffer.getvalue(), "image/jpeg", "jpg"
-        image.save(buffer, "WEBP", quality=quality, method=4)
-        return buffer.getvalue(), "image/webp", "webp"
+        budget.acquire(pixels)
+        try:
+            return _encode(image, image_format, quality)
+        finally:
+            budget.release(pixels)
+
+
+def _encode(image: Image.Image, image_format: str, quality: int) -> tuple[bytes, str, str]:
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        rgb = image.convert("RGBA") if image.mode in ("P", "LA") else image
+        if rgb.mode == "RGBA":  # JPEG has no alpha: flatten onto white
+            background = Image.new("RGB", rgb.size, (255, 255, 255))
+            background.paste(rgb, mask=rgb.getchannel("A"))
+            rgb = background
+        rgb.convert("RGB").save(buffer, "JPEG", quality=quality, optimize=True)
+        return buffer.getvalue(), "image/jpeg", "jpg"
+    image.save(buffer, "WEBP", quality=quality, method=4)
+    return buffer.getvalue(), "image/webp", "webp"
 
 
 def entry(payload: Payload, delivery_type: str, data: str) -> dict[str, Any]:

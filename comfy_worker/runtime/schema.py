@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -28,8 +29,29 @@ from comfy_worker.errors import InputError, field_path
 MAX_RESOLUTION = 16384  # ComfyUI's own MAX_RESOLUTION for width/height inputs
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF  # KSampler's seed range
 MAX_NAME_LENGTH = 255
+MAX_DEPTH = 64  # API-format workflows nest 4 levels deep; deeper is a mistake or an attack on recursion
 _DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+MB = 1024 * 1024
+
+
+def check_json_value(value: Any) -> None:
+    """Refuse what JSON cannot carry to ComfyUI (NaN, Infinity) and nesting deeper than MAX_DEPTH.
+
+    Python's json module reads ``NaN``/``Infinity`` and recurses on nesting; ComfyUI would refuse the first
+    and the worker's own copies would hit the recursion limit on the second. Iterative, so it cannot recurse.
+    """
+    stack: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        where = ".".join(path) or "the value"
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where} is {item}, not a JSON number (NaN and Infinity cannot be sent to ComfyUI)")
+        if isinstance(item, dict | list):
+            if len(path) >= MAX_DEPTH:
+                raise ValueError(f"{'.'.join(path[:3])}... is nested deeper than {MAX_DEPTH} levels")
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            stack += [(child, (*path, str(key))) for key, child in children]
 
 
 class _Model(BaseModel):
@@ -53,6 +75,8 @@ class InputImage(_Model):
             raise ValueError(f"is longer than {MAX_NAME_LENGTH} characters")
         if "\x00" in name:
             raise ValueError("contains a null byte")
+        if '"' in name or any(ord(char) < 32 or ord(char) == 127 for char in name):
+            raise ValueError("contains a double quote or a control character (an upload would land under another name)")
         if "\\" in name:
             raise ValueError("contains a backslash; use '/' between folders")
         if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
@@ -65,11 +89,17 @@ class InputImage(_Model):
         return name
 
     @model_validator(mode="after")
-    def _decode(self) -> InputImage:
+    def _decode(self, info: ValidationInfo) -> InputImage:
         if (self.image is None) == (self.url is None):
             raise ValueError(f"image {self.name!r}: give exactly one of 'image' (base64) and 'url'")
         if self.image is None:
             return self  # fetched later, off the event loop
+        limit = (info.context or {}).get("image_max_bytes")
+        if limit is not None and len(self.image) // 4 * 3 > limit:  # before any copy of a huge string
+            raise ValueError(
+                f"image {self.name!r}: 'image' is {len(self.image) // 4 * 3 / MB:.1f} MB, over INPUT_IMAGE_MAX_MB "
+                f"({limit / MB:g} MB); send large inputs as a url"
+            )
         payload = _WHITESPACE.sub("", _DATA_URI.sub("", self.image.strip(), count=1))
         if not payload:
             raise ValueError(f"image {self.name!r}: 'image' is empty")
@@ -105,6 +135,12 @@ class Override(_Model):
     def _node_id_as_str(cls, value: Any) -> Any:
         # API-format node ids are JSON object keys, so always strings; accept 6 for "6".
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("value")
+    @classmethod
+    def _json_value(cls, value: Any) -> Any:
+        check_json_value(value)
+        return value
 
     @field_validator("field")
     @classmethod
@@ -148,6 +184,14 @@ class JobInput(_Model):
                 return json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"is a string but not valid JSON: {exc}") from None
+            except RecursionError:
+                raise ValueError(f"is nested deeper than {MAX_DEPTH} levels") from None
+        return value
+
+    @field_validator("workflow")
+    @classmethod
+    def _json_workflow(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_json_value(value)
         return value
 
     @field_validator("prompt_node_id", "seed_node_id", "size_node_id", mode="before")
@@ -182,7 +226,7 @@ class JobInput(_Model):
         return self
 
 
-def parse_job_input(raw: Any, *, timeout_max: float) -> JobInput:
+def parse_job_input(raw: Any, *, timeout_max: float, image_max_bytes: int | None = None) -> JobInput:
     """Validate ``event["input"]``; raise InputError listing every problem."""
     if not isinstance(raw, dict):
         raise InputError(
@@ -190,7 +234,8 @@ def parse_job_input(raw: Any, *, timeout_max: float) -> JobInput:
             {"errors": [{"field": "input", "message": "must be an object"}]},
         )
     try:
-        return JobInput.model_validate(raw, context={"timeout_max": timeout_max})
+        context = {"timeout_max": timeout_max, "image_max_bytes": image_max_bytes}
+        return JobInput.model_validate(raw, context=context)
     except PydanticValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):

@@ -59,7 +59,7 @@ def set_path(workflow: Workflow, override: Override) -> None:
             else:
                 target = target[part]
         elif isinstance(target, list):
-            if not part.isdigit() or int(part) >= len(target):
+            if not (part.isascii() and part.isdigit()) or int(part) >= len(target):  # "²".isdigit() too
                 raise InputError(
                     f"{purpose}: {walked} is a list of {len(target)} items; {part!r} is not an index in it.",
                     {"node_id": override.node_id, "field": override.field},

@@ -1,0 +1,210 @@
+"""Following one queued prompt until it ends, and dropping it when its job gives up.
+
+ComfyUI tells how a prompt goes over the WebSocket (``executing``, ``progress``, ``execution_error``...), but
+frames are lost while the socket is down, so ``/history`` (asked when the socket reconnects or stays silent)
+is the source of truth. A ComfyUI process that died is noticed at once through the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfy_worker.comfy.client import CONTROL_TIMEOUT_S, ComfyClient
+from comfy_worker.comfy.errors import execution_error, interrupted_error
+from comfy_worker.comfy.events import DISCONNECTED, RECONNECTED, EventStream, Frame
+from comfy_worker.comfy.supervisor import ComfySupervisor
+from comfy_worker.errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError
+
+log = logging.getLogger(__name__)
+
+ProgressSink = Callable[[dict[str, Any]], None]
+
+HISTORY_POLL_S = 0.5  # how often /history is asked while the WebSocket is down
+IDLE_CHECK_S = 15.0  # with the socket up but silent this long, ask /history anyway
+
+
+@dataclass
+class Progress:
+    """What the job has seen of its prompt, for progress updates and for error messages."""
+
+    workflow: dict[str, Any]
+    sink: ProgressSink
+    interval_s: float
+    current_node: str | None = None
+    done: set[str] = field(default_factory=set)
+    step: tuple[int, int] | None = None
+    _last_sent: float = float("-inf")
+
+    def node_label(self, node_id: str | None) -> str | None:
+        if node_id is None:
+            return None
+        return f"{node_id} ({self.workflow.get(node_id, {}).get('class_type', '?')})"
+
+    def update(self, frame: Frame) -> None:
+        kind, data = frame.get("type"), frame.get("data") or {}
+        if kind == "execution_cached":
+            self.done.update(str(n) for n in data.get("nodes") or [])
+        elif kind == "executing" and data.get("node") is not None:
+            if self.current_node is not None:
+                self.done.add(self.current_node)
+            self.current_node, self.step = str(data["node"]), None
+        elif kind == "progress":
+            self.step = (int(data.get("value", 0)), int(data.get("max", 0)))
+        else:
+            return
+        self._maybe_send()
+
+    def _maybe_send(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sent < self.interval_s:
+            return
+        self._last_sent = now
+        total = len(self.workflow)
+        message: dict[str, Any] = {
+            "node_id": self.current_node,
+            "class_type": self.workflow.get(self.current_node or "", {}).get("class_type"),
+            "nodes_done": len(self.done),
+            "nodes_total": total,
+        }
+        fraction = len(self.done) / total if total else 0.0
+        if self.step and self.step[1]:
+            message["step"], message["steps"] = self.step
+            fraction += (self.step[0] / self.step[1]) / total if total else 0.0
+        message["percent"] = round(min(fraction, 1.0) * 100, 1)
+        try:
+            self.sink(message)
+        except Exception:  # a progress post must never fail the job
+            log.exception("progress update failed")
+
+
+class Follower:
+    """Follows prompts on one ComfyUI: until they end, or until their job's deadline."""
+
+    def __init__(self, client: ComfyClient, events: EventStream, supervisor: ComfySupervisor | None) -> None:
+        self.client = client
+        self.events = events
+        self.supervisor = supervisor
+
+    async def follow(
+        self, prompt_id: str, frames: asyncio.Queue[Frame], tracker: Progress, deadline: float, timeout_s: float
+    ) -> None:
+        """Wait until the prompt ends: ``executing`` with ``node: null``, an error frame, or /history says so."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JobTimeoutError(
+                    f"The job ran past its timeout of {timeout_s:g}s"
+                    + (
+                        f" while node {tracker.node_label(tracker.current_node)} was running."
+                        if tracker.current_node
+                        else "."
+                    ),
+                    {
+                        "timeout_s": timeout_s,
+                        "node_id": tracker.current_node,
+                        "node": tracker.node_label(tracker.current_node),
+                    },
+                )
+            wait = min(remaining, IDLE_CHECK_S if self.events.connected else HISTORY_POLL_S)
+            try:
+                frame = await asyncio.wait_for(frames.get(), timeout=wait)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    continue  # the time limit, not silence: report the timeout without asking ComfyUI
+                # nothing heard for a while: ask /history, the source of truth
+                self._raise_if_crashed(tracker)
+                if await self._finished_before(prompt_id, deadline):
+                    return
+                continue
+            kind, data = frame.get("type"), frame.get("data") or {}
+            if kind == "executing" and data.get("node") is None:
+                return
+            if kind == "execution_error":
+                raise execution_error(data)
+            if kind == "execution_interrupted":
+                raise interrupted_error(data)
+            if kind == DISCONNECTED:
+                self._raise_if_crashed(tracker)
+            elif kind == RECONNECTED:
+                self._raise_if_crashed(tracker)
+                if await self._finished_before(prompt_id, deadline):
+                    return
+            else:
+                tracker.update(frame)
+
+    def _raise_if_crashed(self, tracker: Progress) -> None:
+        supervisor = self.supervisor
+        if supervisor is None or supervisor.alive():
+            return
+        code = supervisor.process.returncode if supervisor.process else None
+        raise ComfyCrashedError(
+            f"ComfyUI exited (code {code}) while node {tracker.node_label(tracker.current_node)} was running.",
+            {"exit_code": code, "node_id": tracker.current_node, "log_tail": supervisor.log_tail(50)},
+        )
+
+    async def _finished_before(self, prompt_id: str, deadline: float) -> bool:
+        """``_finished_in_history``, but False at ``deadline``: a hung ComfyUI must not hold up the job's end."""
+        try:
+            return await asyncio.wait_for(self._finished_in_history(prompt_id), max(deadline - time.monotonic(), 0))
+        except TimeoutError:
+            return False
+
+    async def _finished_in_history(self, prompt_id: str) -> bool:
+        """Whether the prompt ended, by /queue and /history; raise its error if it ended in one.
+
+        The queue is asked first: a prompt moves from the queue to the history at once, so one that is in
+        neither was lost (ComfyUI restarted behind the worker's back, or someone cleared its queue).
+        """
+        try:
+            queue = await asyncio.to_thread(self.client.queue)
+            entry = await asyncio.to_thread(self.client.history, prompt_id)
+        except ComfyUnavailableError:
+            return False  # still down: keep waiting for the socket or the deadline
+        if entry is None:
+            if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
+                return False
+            raise ComfyCrashedError(
+                f"ComfyUI no longer knows prompt {prompt_id}: it was restarted or its queue was cleared "
+                "while the job ran, and the prompt's results are lost.",
+                {"prompt_id": prompt_id},
+            )
+        status = entry.get("status") or {}
+        messages = status.get("messages") or []
+        for name, data in messages:
+            if name == "execution_error":
+                raise execution_error(data)
+            if name == "execution_interrupted":
+                raise interrupted_error(data)
+        return bool(status.get("completed")) or status.get("status_str") in ("success", "error")
+
+    def still_running(self, prompt_id: str) -> bool:
+        """Whether ComfyUI still runs or queues ``prompt_id`` (after its interrupt); a silent ComfyUI counts as
+        running, so it is restarted once INTERRUPT_GRACE is over (``Recovery.settle``)."""
+        try:
+            queue = self.client.queue(timeout_s=CONTROL_TIMEOUT_S)
+        except WorkerError:
+            return True
+        return any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, []))
+
+    def abandon(self, prompt_id: str) -> bool:
+        """Drop the prompt from the queue and interrupt it if it runs; whether ComfyUI answered at all.
+
+        A ComfyUI that does not answer the first call is not asked the second: each waits CONTROL_TIMEOUT_S,
+        and a timed-out job's result must not wait for a hung server twice.
+        """
+        answered = False
+        for action in (self.client.delete_queued, self.client.interrupt):
+            try:
+                action(prompt_id)
+                answered = True
+            except ComfyUnavailableError as exc:
+                log.warning("could not stop prompt %s: %s", prompt_id, exc.message)
+                return answered
+            except WorkerError as exc:
+                log.warning("could not stop prompt %s: %s", prompt_id, exc.message)
+        return answered
