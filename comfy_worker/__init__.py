@@ -11,7 +11,8 @@ few shared leaves they all may use:
   imports the runtime, provisioning or ``comfy``.
 - Shared leaves: ``settings`` (every env var, parsed once), ``errors`` (the one error tree), ``redact``
   (secrets out of logs and results), ``storage`` (S3-compatible buckets, the one boto3 client), ``api_format``
-  (what an API-format workflow looks like), ``fsutil`` (the one atomic write and the one lock with a
+  (what an API-format workflow looks like), ``ui_format`` (a UI-format workflow converted as ComfyUI's
+  frontend converts it), ``fsutil`` (the one atomic write and the one lock with a
   deadline). They import no sub-package.
 
 ``tests/test_layout.py`` checks these rules.

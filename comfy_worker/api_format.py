@@ -14,15 +14,10 @@ Workflow = dict[str, Any]
 
 
 def check_api_format(workflow: Any) -> Workflow:
-    """Refuse what ComfyUI would refuse less clearly: a UI export, empty graphs, nodes without class_type."""
+    """Refuse what ComfyUI would refuse less clearly: empty graphs, nodes without class_type (a UI-format
+    workflow is converted before it gets here, see ``ui_format``)."""
     if not isinstance(workflow, dict):
         raise InputError("workflow must be a JSON object of node id -> {class_type, inputs}.")
-    if isinstance(workflow.get("nodes"), list) and "links" in workflow:
-        raise InputError(
-            "workflow is in ComfyUI's UI format (it has 'nodes' and 'links'). This worker needs the API "
-            "format: in ComfyUI, use Workflow > Export (API) or 'Save (API Format)' and send that file.",
-            {"format": "ui"},
-        )
     if not workflow:
         raise InputError("workflow is empty: it needs at least one node and an output node such as SaveImage.")
     problems = []

@@ -407,6 +407,9 @@ class _Converter:
 
     def convert(self) -> Conversion:
         placed_nodes = self.placed_nodes(self.root, ())
+        for placed in placed_nodes:
+            if not isinstance(placed.node.get("type"), str) or not placed.node["type"]:
+                raise InputError(f"The UI-format node {placed.id} has no 'type': save the workflow again in ComfyUI.")
         unknown: dict[str, list[str]] = {}
         for placed in placed_nodes:
             node_type = str(placed.node.get("type"))

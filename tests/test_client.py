@@ -173,13 +173,6 @@ def test_missing_node_types_are_listed(worker: WorkerProcess, tmp_path: Path) ->
 # --- bad input, refused before anything is sent ---------------------------------------------------------------
 
 
-def test_ui_format_workflow_gets_the_workers_hint(tmp_path: Path) -> None:
-    ui = write_json(tmp_path / "ui.json", {"nodes": [], "links": [], "version": 0.4})
-    result = run_client(str(ui), "--url", "http://127.0.0.1:9")
-    assert result.returncode == 2
-    assert "Export (API)" in result.stderr and "Save (API Format)" in result.stderr
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [

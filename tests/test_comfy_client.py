@@ -49,7 +49,7 @@ def html_server() -> Iterator[str]:
 def test_an_html_page_is_comfyui_unavailable(html_server: str) -> None:
     client = ComfyClient(html_server, client_id="c")
     try:
-        for call in (client.queue, client.node_types, lambda: client.queue_prompt({}, "p")):
+        for call in (client.queue, client.object_info, lambda: client.queue_prompt({}, "p")):
             with pytest.raises(ComfyUnavailableError, match=r"HTTP 200 but not JSON.*is COMFY_API_URL a ComfyUI"):
                 call()
         with pytest.raises(ComfyUnavailableError, match="not JSON"):

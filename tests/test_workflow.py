@@ -144,7 +144,6 @@ def test_node_ids_that_do_not_fit_the_field() -> None:
 @pytest.mark.parametrize(
     ("workflow", "expected"),
     [
-        ({"nodes": [], "links": [], "version": 0.4}, "UI format"),
         ({}, "workflow is empty"),
         ({"1": "EmptyImage"}, "node '1' is a str"),
         ({"1": {"inputs": {}}}, "node '1' has no 'class_type'"),
@@ -155,9 +154,3 @@ def test_api_format_is_checked(workflow: Any, expected: str) -> None:
     with pytest.raises(InputError) as info:
         check_api_format(workflow)
     assert expected in info.value.message
-
-
-def test_ui_format_message_says_how_to_export() -> None:
-    with pytest.raises(InputError) as info:
-        check_api_format({"nodes": [{"id": 1}], "links": []})
-    assert "Save (API Format)" in info.value.message

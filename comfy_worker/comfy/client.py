@@ -97,10 +97,11 @@ class ComfyClient:
         result: dict[str, Any] = self._json("GET", "/system_stats", timeout_s=timeout_s)
         return result
 
-    def node_types(self) -> set[str]:
-        """The node classes this ComfyUI can run (the keys of ``/object_info``)."""
+    def object_info(self) -> dict[str, Any]:
+        """Every node class this ComfyUI can run, with its inputs (``/object_info``; a few MB, so cached by the
+        caller per ComfyUI start)."""
         info = self._json("GET", "/object_info", timeout_s=max(self.timeout_s, 60.0))
-        return set(info) if isinstance(info, dict) else set()
+        return info if isinstance(info, dict) else {}
 
     def model_folder_names(self) -> list[str]:
         names = self._json("GET", "/models", timeout_s=5.0)

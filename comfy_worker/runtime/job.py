@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from comfy_worker import ui_format
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.comfy.errors import missing_node_types_error, prompt_warnings, suggest_input_files
 from comfy_worker.comfy.events import EventStream
@@ -31,6 +32,7 @@ from comfy_worker.runtime.follow import Follower, Progress, ProgressSink
 from comfy_worker.runtime.schema import JobInput, parse_job_input
 from comfy_worker.settings import FREE_MODES, Settings
 from comfy_worker.storage import S3Storage
+from comfy_worker.ui_format import is_ui_format
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +48,8 @@ class _Attempt:
     folder: str  # the job's own subfolder of ComfyUI's input and output folders (see ``cleanup``)
     timeout_s: float = float("inf")  # known once the input is parsed
     prompt_id: str | None = None
+    workflow_format: str = "api"  # "ui" when the workflow came as ComfyUI's UI format and was converted
+    warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     temp_files: list[tuple[str, str]] = field(default_factory=list)
 
@@ -93,7 +97,7 @@ class Worker:
         if startup_error is not None and self.provisioning and self.provisioning.get("failed"):
             first = self.provisioning["failed"][0]
             startup_error.message += f" Provisioning failed first: {first['kind']} {first['name']}: {first['error']}"
-        self._node_types: set[str] | None = None
+        self._object_info: dict[str, Any] | None = None
         self.recovery = Recovery(supervisor, client, events, settings.restart_attempts, self._forget_node_types)
         self.follower = Follower(client, events, supervisor)
         self.redact = Redactor(settings.secrets)
@@ -108,7 +112,7 @@ class Worker:
                     self.folders[name] = folder
 
     def _forget_node_types(self) -> None:
-        self._node_types = None  # custom nodes load only at start: a restarted ComfyUI may have others
+        self._object_info = None  # custom nodes load only at start: a restarted ComfyUI may have others
 
     async def run(self, job_id: str, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
@@ -184,7 +188,7 @@ class Worker:
         return result | await asyncio.to_thread(self._after_job)
 
     async def _execute(self, attempt: _Attempt, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
-        job, graph = await asyncio.to_thread(self._prepare, raw_input, attempt.folder)
+        job = await asyncio.to_thread(self._parse, raw_input)
         if job.output.delivery == "s3" and self.storage is None:
             raise InputError(
                 "output.delivery is 's3' but this worker has no bucket: set BUCKET_NAME (or BUCKET_ENDPOINT_URL), "
@@ -194,6 +198,9 @@ class Worker:
         if self.startup_error is not None:
             raise self.startup_error  # ComfyUI never came up: the worker waits to be replaced
         await self.recovery.wait(attempt.deadline, timeout_s)
+        if is_ui_format(job.workflow):
+            job = await self._from_ui_format(job, attempt)
+        graph = await asyncio.to_thread(self._prepare, job, attempt.folder)
         await self._check_node_types(graph, attempt)
         attempt.lap("prepare_s")
         await self._upload_inputs(job, attempt)
@@ -248,7 +255,7 @@ class Worker:
         )
         attempt.lap("outputs_s")
         result = outputs.assemble(delivered, collected.texts)
-        warnings += prompt_warnings(queued.get("node_errors") or {})
+        warnings = attempt.warnings + warnings + prompt_warnings(queued.get("node_errors") or {})
         if collected.skipped_temp:
             warnings.append(
                 f"{collected.skipped_temp} temp output(s) (PreviewImage and the like) were left out; "
@@ -262,6 +269,7 @@ class Worker:
         result |= {
             "status": "success",
             "prompt_id": prompt_id,
+            "workflow_format": attempt.workflow_format,
             "execution_time_seconds": round(time.monotonic() - attempt.started, 3),
             "timings": {name: round(value, 4) for name, value in attempt.timings.items()},
             "warnings": warnings,
@@ -303,18 +311,31 @@ class Worker:
                 attempt, "uploading input images", self.client.upload_image, image.filename, data, subfolder
             )
 
-    async def _check_node_types(self, graph: dict[str, Any], attempt: _Attempt) -> None:
-        """Refuse every unknown node type in one error, before uploading anything.
+    async def _node_catalogue(self, attempt: _Attempt, wanted: set[str]) -> dict[str, Any]:
+        """ComfyUI's ``/object_info``, cached per ComfyUI start (custom nodes load only at start) and asked
+        again once when a wanted type seems missing, so a cache can never wrongly refuse a job."""
+        if self._object_info is None or not wanted <= self._object_info.keys():
+            self._object_info = await self._in_time(
+                attempt, "asking ComfyUI for its node types", self.client.object_info
+            )
+        return self._object_info
 
-        ``/object_info`` is cached per ComfyUI start (custom nodes load only at start) and asked again once
-        when a type seems missing, so a cache can never wrongly refuse a job.
-        """
+    async def _check_node_types(self, graph: dict[str, Any], attempt: _Attempt) -> None:
+        """Refuse every unknown node type in one error, before uploading anything."""
         wanted = {node["class_type"] for node in graph.values()}
-        if self._node_types is None or not wanted <= self._node_types:
-            self._node_types = await self._in_time(attempt, "asking ComfyUI for its node types", self.client.node_types)
-        missing = wanted - self._node_types
+        missing = wanted - (await self._node_catalogue(attempt, wanted)).keys()
         if missing:
             raise missing_node_types_error(graph, missing)
+
+    async def _from_ui_format(self, job: JobInput, attempt: _Attempt) -> JobInput:
+        """A workflow saved with ComfyUI's *Save* (UI format), converted as the frontend would queue it."""
+        wanted = {str(node.get("type")) for node in job.workflow["nodes"] if isinstance(node, dict)}
+        catalogue = await self._node_catalogue(attempt, wanted)
+        conversion = await asyncio.to_thread(ui_format.convert, job.workflow, catalogue)
+        attempt.workflow_format = "ui"
+        attempt.warnings += [text for text in [conversion.warning()] if text]
+        log.info("job %s: converted a UI-format workflow (%d nodes)", attempt.job_id, len(conversion.prompt))
+        return job.model_copy(update={"workflow": conversion.prompt})
 
     def _after_job(self) -> dict[str, Any]:
         """Hygiene between jobs: COMFY_FREE_AFTER_JOB, and ask for a new worker when memory runs low.
@@ -346,14 +367,16 @@ class Worker:
         log.warning("memory is low (%s): asking RunPod for a fresh worker", "; ".join(low))
         return {"refresh_worker": True}
 
-    def _prepare(self, raw_input: Any, folder: str) -> tuple[JobInput, dict[str, Any]]:
-        job = parse_job_input(
+    def _parse(self, raw_input: Any) -> JobInput:
+        return parse_job_input(
             raw_input,
             timeout_max=self.settings.job_timeout_max_s,
             image_max_bytes=int(self.settings.input_image_max_mb * 1024 * 1024),
         )
+
+    def _prepare(self, job: JobInput, folder: str) -> dict[str, Any]:
         graph = workflow.prepare(job)
         cleanup.isolate_inputs(graph, [image.name for image in job.images], folder)
         if self.settings.cleanup_job_files and "output" in self.folders:
             cleanup.isolate_outputs(graph, folder)
-        return job, graph
+        return graph

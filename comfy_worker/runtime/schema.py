@@ -163,7 +163,9 @@ class OutputOptions(_Model):
 class JobInput(_Model):
     """``event["input"]`` of a job."""
 
-    workflow: dict[str, Any] = Field(description="ComfyUI API-format workflow (object or JSON string).")
+    workflow: dict[str, Any] = Field(
+        description="The ComfyUI workflow, in the API format or as *Save* writes it (UI format); object or JSON string."
+    )
     images: list[InputImage] = Field(default_factory=list)
     overrides: list[Override] = Field(default_factory=list)
     prompt: str | None = None

@@ -1,0 +1,110 @@
+"""UI-format workflows through the whole worker: the runpod SDK's local API, the worker's ComfyUI (the stand-in,
+and a real one with COMFYUI_DIR), and the client CLI sending a workflow saved with ComfyUI's *Save*.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from .conftest import REPO
+from .worker_process import ComfyBackend, WorkerProcess, backend_params, serve_api
+
+CASES = Path(__file__).parent / "ui_format" / "cases"
+
+
+@pytest.fixture(scope="module", params=backend_params())
+def worker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    os.environ.setdefault("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
+    backend: ComfyBackend = request.param
+    with serve_api(backend, tmp_path_factory.mktemp(f"ui-{backend.name}")) as process:
+        yield process
+
+
+def case(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((CASES / f"{name}.json").read_text(encoding="utf-8"))
+    return data
+
+
+def test_a_ui_workflow_runs_as_the_frontend_would_queue_it(worker: WorkerProcess) -> None:
+    # EmptyImage's width comes from a PrimitiveNode (40, not its own 99), through a Reroute to SaveImage; a Note,
+    # a MarkdownNote and a muted SaveImage are dropped.
+    body = worker.runsync({"workflow": case("primitive_reroute_note_muted")})
+    assert body["status"] == "COMPLETED", body
+    output: dict[str, Any] = body["output"]  # type: ignore[assignment]
+    assert output["workflow_format"] == "ui"
+    [image] = output["images"]
+    assert Image.open(io.BytesIO(base64.b64decode(image["data"]))).size == (40, 24)
+    [warning] = [text for text in output["warnings"] if "UI format" in text]
+    assert "muted node 5 (SaveImage)" in warning and "node 6 (Note)" in warning
+
+
+def test_an_api_workflow_says_so(worker: WorkerProcess) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "api"}},
+    }
+    body = worker.runsync({"workflow": graph})
+    assert body["status"] == "COMPLETED", body
+    assert body["output"]["workflow_format"] == "api"  # type: ignore[index]
+
+
+def test_overrides_and_convenience_fields_apply_to_the_converted_prompt(worker: WorkerProcess) -> None:
+    job = {
+        "workflow": json.dumps(case("bypass_chain")),  # a JSON string is accepted too
+        "overrides": [{"node_id": "1", "field": "inputs.width", "value": 12}],
+        "width": 10,
+        "height": 6,
+        "size_node_id": "1",
+    }
+    body = worker.runsync(job)
+    assert body["status"] == "COMPLETED", body
+    [image] = body["output"]["images"]  # type: ignore[index]
+    # two bypassed ImageInvert nodes are wired through: the black EmptyImage reaches SaveImage as it is
+    decoded = Image.open(io.BytesIO(base64.b64decode(image["data"]))).convert("RGB")
+    assert decoded.size == (12, 6)  # the override wins over the convenience field, as for API workflows
+    assert decoded.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_unknown_custom_nodes_in_a_ui_workflow_are_listed(worker: WorkerProcess) -> None:
+    workflow = case("bypass_chain")
+    workflow["nodes"][5]["type"] = "SomePackNode"
+    body = worker.runsync({"workflow": workflow})
+    assert body["status"] == "FAILED", body
+    error = json.loads(str(body["error"]))
+    assert error["error_type"] == "workflow_validation"
+    assert error["details"]["missing_node_types"] == ["SomePackNode"]
+    assert error["details"]["format"] == "ui"
+
+
+def test_a_broken_link_in_a_ui_workflow_is_a_validation_error(worker: WorkerProcess) -> None:
+    body = worker.runsync({"workflow": case("links_to_missing_nodes")})
+    assert body["status"] == "FAILED", body
+    error = json.loads(str(body["error"]))
+    assert error["error_type"] == "validation"
+    assert "linked to node 42, which is not in the workflow" in error["message"]
+
+
+def test_the_client_sends_a_ui_workflow(worker: WorkerProcess, tmp_path: Path) -> None:
+    source = tmp_path / "saved_with_save.json"
+    source.write_text(json.dumps(case("primitive_reroute_note_muted")), encoding="utf-8")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "comfy_worker.tools.client", str(source), "--url", worker.api_url]
+    result = subprocess.run(
+        [*command, "--sync", "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=REPO, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "UI format" in result.stderr
+    [saved] = list(out.rglob("*.png"))
+    with Image.open(saved) as image:
+        assert image.size == (40, 24)
