@@ -25,6 +25,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
 MIN_SECRET_LENGTH = 6  # shorter values ("true", "1") would blank out ordinary words
 MASK = "***"
+# Keys recognisable by their shape, masked wherever they appear, also when no variable holds them (a job's own
+# Comfy.org API key reaches the runpod SDK's debug lines before the worker sees the job).
+KEY_SHAPES = re.compile(r"\bcomfyui-[A-Za-z0-9]{20,}")
 # Query parameters that carry credentials: tokens, API keys, presigned URLs' signatures and credentials.
 SECRET_QUERY = re.compile(r"token|key|sig|secret|auth|credential|password|policy", re.IGNORECASE)
 URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}.,;:!?]")
@@ -50,7 +53,12 @@ class Redactor:
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
-        return text
+        return KEY_SHAPES.sub(MASK, text)
+
+    def adding(self, secrets: Iterable[str]) -> Redactor:
+        """This redactor with more secrets (a job's own API key, for that job's result)."""
+        extra = [secret for secret in secrets if len(secret) >= MIN_SECRET_LENGTH]
+        return Redactor((*self.secrets, *extra)) if extra else self
 
     def deep(self, value: Any, urls: bool = False) -> Any:
         """``value`` (JSON-like: dicts, lists, strings) with every string masked, keys included; ``urls``

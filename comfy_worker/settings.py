@@ -146,6 +146,7 @@ class Settings:
     s3: S3Settings | None = None
     refresh_min_free_ram_gb: float = 0.0
     refresh_min_free_vram_gb: float = 0.0
+    comfy_org_api_key: str | None = field(default=None, repr=False)
     secrets: tuple[str, ...] = field(default=(), repr=False)
     comfyui_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
@@ -213,6 +214,7 @@ class Settings:
             s3=s3_from_env(env),
             refresh_min_free_ram_gb=env_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
             refresh_min_free_vram_gb=env_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),
+            comfy_org_api_key=env.get("COMFY_ORG_API_KEY", "").strip() or None,
             secrets=secrets_from_env(env),
             comfyui_env=comfyui_environment(
                 env, frozenset(name for name in env.get("COMFYUI_PASS_ENV", "").replace(" ", "").split(",") if name)

@@ -111,9 +111,16 @@ class ComfyClient:
         files = self._json("GET", f"/models/{folder}", timeout_s=5.0)
         return [str(name) for name in files] if isinstance(files, list) else []
 
-    def queue_prompt(self, workflow: dict[str, Any], prompt_id: str) -> dict[str, Any]:
-        """Queue ``workflow`` under our own ``prompt_id`` so its frames can be routed before the reply."""
-        body = {"prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id}
+    def queue_prompt(
+        self, workflow: dict[str, Any], prompt_id: str, extra_data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Queue ``workflow`` under our own ``prompt_id`` so its frames can be routed before the reply.
+
+        ``extra_data`` reaches the nodes' hidden inputs (``api_key_comfy_org`` for partner API nodes); ComfyUI
+        keeps that key out of its queue and history."""
+        body: dict[str, Any] = {"prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id}
+        if extra_data:
+            body["extra_data"] = extra_data
         response = self._request("POST", "/prompt", json=body, timeout_s=max(self.timeout_s, 60.0))
         if response.status_code == 400:
             try:

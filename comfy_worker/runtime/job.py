@@ -49,6 +49,7 @@ class _Attempt:
     timeout_s: float = float("inf")  # known once the input is parsed
     prompt_id: str | None = None
     workflow_format: str = "api"  # "ui" when the workflow came as ComfyUI's UI format and was converted
+    secrets: list[str] = field(default_factory=list)  # the job's own (its API key), masked in its result
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     temp_files: list[tuple[str, str]] = field(default_factory=list)
@@ -181,7 +182,8 @@ class Worker:
             self.recovery.restarting,
             self.provisioning,
         )
-        payload = self.redact.deep(error.to_dict() | {"prompt_id": attempt.prompt_id, "diagnostics": report}, urls=True)
+        redact = self.redact.adding(attempt.secrets)
+        payload = redact.deep(error.to_dict() | {"prompt_id": attempt.prompt_id, "diagnostics": report}, urls=True)
         result = {"error": json_text(payload)}
         if error is self.startup_error or error is self.recovery.failed:
             return result | {"refresh_worker": True}
@@ -189,6 +191,8 @@ class Worker:
 
     async def _execute(self, attempt: _Attempt, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         job = await asyncio.to_thread(self._parse, raw_input)
+        if job.comfy_org_api_key:
+            attempt.secrets.append(job.comfy_org_api_key)
         if job.output.delivery == "s3" and self.storage is None:
             raise InputError(
                 "output.delivery is 's3' but this worker has no bucket: set BUCKET_NAME (or BUCKET_ENDPOINT_URL), "
@@ -209,7 +213,9 @@ class Worker:
         tracker = Progress(graph, progress, self.settings.progress_interval_s)
         with self.events.subscription(prompt_id) as frames:
             try:
-                queued = await self._in_time(attempt, "queueing the prompt", self.client.queue_prompt, graph, prompt_id)
+                queued = await self._in_time(
+                    attempt, "queueing the prompt", self.client.queue_prompt, graph, prompt_id, self._extra_data(job)
+                )
                 log.info("job %s: queued prompt %s (%d nodes)", attempt.job_id, prompt_id, len(graph))
                 await self.follower.follow(prompt_id, frames, tracker, attempt.deadline, timeout_s)
             except WorkflowError as exc:
@@ -277,20 +283,22 @@ class Worker:
         log.info(
             "job %s: done in %.2fs, %d file(s)", attempt.job_id, result["execution_time_seconds"], len(collected.files)
         )
-        return self._masked(result)
+        return self._masked(result, self.redact.adding(attempt.secrets))
 
-    def _masked(self, result: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _masked(result: dict[str, Any], redact: Redactor) -> dict[str, Any]:
         """The whole success result with secrets masked (texts, warnings, file names...), but each output's
         ``data`` as it is: base64 bytes are not text, and a presigned URL's signature is what makes it work."""
-        masked = {key: self.redact.deep(value) for key, value in result.items() if key not in outputs.KINDS}
-        masked["warnings"] = self.redact.deep(result["warnings"], urls=True)
+        masked = {key: redact.deep(value) for key, value in result.items() if key not in outputs.KINDS}
+        masked["warnings"] = redact.deep(result["warnings"], urls=True)
         for kind in outputs.KINDS:
-            masked[kind] = [self._masked_entry(entry) for entry in result[kind]]
+            masked[kind] = [Worker._masked_entry(entry, redact) for entry in result[kind]]
         return masked
 
-    def _masked_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _masked_entry(entry: dict[str, Any], redact: Redactor) -> dict[str, Any]:
         fields = {key: value for key, value in entry.items() if key != "data"}
-        masked: dict[str, Any] = self.redact.deep(fields)
+        masked: dict[str, Any] = redact.deep(fields)
         return masked | {"data": entry["data"]}
 
     async def _upload_inputs(self, job: JobInput, attempt: _Attempt) -> None:
@@ -310,6 +318,11 @@ class Worker:
             await self._in_time(
                 attempt, "uploading input images", self.client.upload_image, image.filename, data, subfolder
             )
+
+    def _extra_data(self, job: JobInput) -> dict[str, Any]:
+        """What ComfyUI hands the nodes' hidden inputs: the Comfy.org key that partner API nodes bill to."""
+        key = job.comfy_org_api_key or self.settings.comfy_org_api_key
+        return {"api_key_comfy_org": key} if key else {}
 
     async def _node_catalogue(self, attempt: _Attempt, wanted: set[str]) -> dict[str, Any]:
         """ComfyUI's ``/object_info``, cached per ComfyUI start (custom nodes load only at start) and asked

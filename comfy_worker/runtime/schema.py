@@ -176,6 +176,12 @@ class JobInput(_Model):
     height: int | None = Field(None, ge=1, le=MAX_RESOLUTION)
     size_node_id: str | None = None
     timeout: float | None = Field(None, gt=0, description="Seconds; default JOB_TIMEOUT, at most JOB_TIMEOUT_MAX.")
+    comfy_org_api_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="Comfy.org API key for ComfyUI's partner API nodes; default COMFY_ORG_API_KEY. Masked everywhere.",
+    )
     output: OutputOptions = Field(default_factory=OutputOptions)
 
     @field_validator("workflow", mode="before")

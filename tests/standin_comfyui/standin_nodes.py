@@ -6,7 +6,8 @@ time with a ``NotImplementedError`` execution_error. Images travel between nodes
 images (one per batch item); masks as lists of ``L`` images.
 
 The ``Standin*`` classes exist only here, for fault tests: ``StandinSleep`` (slow node with progress ticks and
-previews), ``StandinFail`` (raises), ``StandinSaveFile`` (writes arbitrary outputs such as videos or audio).
+previews), ``StandinFail`` (raises), ``StandinSaveFile`` (writes arbitrary outputs such as videos or audio),
+``StandinApiKey`` (reports a hash of the Comfy.org API key it gets, like a partner API node).
 """
 
 from __future__ import annotations
@@ -536,6 +537,17 @@ class StandinFail(BaseNode):
         raise _FAIL_TYPES.get(exception_type, RuntimeError)(message)
 
 
+class StandinApiKey(BaseNode):
+    """Like a partner API node: reads the Comfy.org API key ComfyUI passes from the prompt's ``extra_data``
+    (hidden ``API_KEY_COMFY_ORG``) and reports its SHA-256 as text (``none`` without one), never the key."""
+
+    FUNCTION = "report"
+
+    def report(self, label: str, api_key_comfy_org: str | None = None) -> dict[str, Any]:
+        digest = hashlib.sha256(api_key_comfy_org.encode()).hexdigest() if api_key_comfy_org else "none"
+        return {"ui": {"text": [f"{label}: {digest}"]}}
+
+
 class StandinSaveFile(BaseNode):
     """Writes ``count`` arbitrary files and reports them under ``kind`` the way custom nodes do.
 
@@ -603,6 +615,7 @@ IMPLEMENTATIONS: dict[str, type[BaseNode]] = {
         SaveImageWebsocket,
         StandinSleep,
         StandinFail,
+        StandinApiKey,
         StandinSaveFile,
     )
 }
@@ -616,10 +629,13 @@ def _info(
     output: list[str],
     output_node: bool,
     description: str,
+    hidden: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     inputs: dict[str, Any] = {"required": required}
     if optional:
         inputs["optional"] = optional
+    if hidden:
+        inputs["hidden"] = hidden
     return {
         "input": inputs,
         "input_order": {key: list(value) for key, value in inputs.items()},
@@ -660,6 +676,16 @@ STANDIN_OBJECT_INFO: dict[str, dict[str, Any]] = {
         ["IMAGE"],
         True,
         "Test node: raises exception_type(message) after `seconds`.",
+    ),
+    "StandinApiKey": _info(
+        "StandinApiKey",
+        "Stand-in API key",
+        {"label": ["STRING", {"default": "api key"}]},
+        None,
+        [],
+        True,
+        "Test node: reports the SHA-256 of the Comfy.org API key in the prompt's extra_data (hidden input).",
+        hidden={"api_key_comfy_org": "API_KEY_COMFY_ORG"},
     ),
     "StandinSaveFile": _info(
         "StandinSaveFile",
