@@ -18,6 +18,13 @@ The protocol, as runpod 1.12 speaks it (``runpod/serverless/modules/rp_job.py``,
   ``application/x-www-form-urlencoded``: ``{"status": "IN_PROGRESS", "output": msg}`` for
   ``progress_update``, otherwise the final ``{"output"?, "error"?, "stopPod"?}``.
 * stream: ``POST <POST_STREAM ...>&isStream=false`` with ``{"output": partial}`` per generator item.
+
+The user's side, as RunPod documents it for queue-based endpoints: ``POST /run`` with ``{"input", "webhook"?,
+"policy"?}`` answers ``{"id", "status": "IN_QUEUE"}``; ``/status/<id>`` (GET or POST) answers ``{"id",
+"status", "delayTime", "executionTime", "output" | "error"}``; ``POST /cancel/<id>``. When a job with a
+``webhook`` finishes, the platform POSTs that same status body to it and tries twice more, ``webhook_retry_s``
+apart (10 s on RunPod), unless it answers 200. ``policy`` (``executionTimeout``, ``ttl``, ``lowPriority``) is
+recorded; an ``executionTimeout`` (milliseconds) stops a running job that outlives it, as ``TIMED_OUT``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +59,7 @@ T = TypeVar("T")
 
 _POLL_PATH = re.compile(r"^/v2/(?P<endpoint>[^/]+)/(?P<kind>job-take|job-take-batch|job-stop)/(?P<pod>[^/]+)$")
 _POST_PATH = re.compile(r"^/v2/(?P<endpoint>[^/]+)/(?P<kind>job-done|job-stream)/(?P<pod>[^/]+)/(?P<job>[^/]+)$")
+_USER_PATH = re.compile(r"^/v2/(?P<endpoint>[^/]+)/(?P<kind>run|status|cancel)(?:/(?P<job>[^/]+))?$")
 # Result posts carry whole outputs (base64 images); aiohttp's default 1 MiB request cap would reject them.
 _MAX_BODY = 256 * 1024 * 1024
 _LOG_TAIL = 3000
@@ -117,8 +127,22 @@ class RunpodPlatform:
     return, so long holds slow shutdown down.
     """
 
-    def __init__(self, *, endpoint: str = "test-endpoint", take_hold_s: float = 1.0, stop_hold_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint: str = "test-endpoint",
+        take_hold_s: float = 1.0,
+        stop_hold_s: float = 1.0,
+        webhook_retry_s: float = 10.0,
+    ) -> None:
         self.endpoint = endpoint
+        self.webhook_retry_s = webhook_retry_s
+        self.policies: dict[str, dict[str, Any]] = {}  # job id -> the policy its /run asked for
+        self.webhook_calls: list[tuple[str, int | None]] = []  # (job id, HTTP status or None) per attempt
+        self._webhooks: dict[str, str] = {}
+        self._submitted_at: dict[str, float] = {}
+        self._taken_at: dict[str, float] = {}
+        self._timed_out: set[str] = set()
         self.take_hold_s = take_hold_s
         self.stop_hold_s = stop_hold_s
         self.port = 0
@@ -256,6 +280,7 @@ class RunpodPlatform:
             if job_id in self._submitted:
                 raise ValueError(f"job id {job_id!r} was already submitted")
             self._submitted.add(job_id)
+            self._submitted_at[job_id] = time.monotonic()
             self._queue.append({"id": job_id, "input": input})
             self._cond.notify_all()
         self._poke()
@@ -465,6 +490,9 @@ class RunpodPlatform:
         return response
 
     async def _answer(self, request: web.Request, record: PlatformRequest) -> web.StreamResponse:
+        user = _USER_PATH.match(request.path)
+        if user and record.kind == "unknown":
+            return self._answer_user(request.method, user["kind"], user["job"], record.body)
         expected = "POST" if record.kind in ("job-done", "job-stream") else "GET"
         if record.kind == "unknown":
             return web.Response(status=404, text="not a RunPod job API path")
@@ -486,6 +514,7 @@ class RunpodPlatform:
         if not isinstance(record.body, dict):
             return web.Response(status=400, text="the body is not a JSON object")
         job_id = record.job_id or ""
+        webhook: str | None = None
         with self._cond:
             if record.kind == "job-stream":
                 self._stream.setdefault(job_id, []).append(record.body.get("output"))
@@ -493,8 +522,93 @@ class RunpodPlatform:
                 self._progress.setdefault(job_id, []).append(record.body.get("output"))
             else:
                 self._results.setdefault(job_id, []).append(record.body)
+                webhook = self._webhooks.get(job_id) if len(self._results[job_id]) == 1 else None
             self._cond.notify_all()
+        if webhook:
+            threading.Thread(target=self._deliver, args=(job_id, webhook), daemon=True).start()
         return web.json_response({})
+
+    # ------------------------------------------------------------------ the user's side
+
+    def _answer_user(self, method: str, kind: str, job_id: str | None, body: Any) -> web.Response:
+        if kind == "run":
+            if method != "POST" or not isinstance(body, dict) or not isinstance(body.get("input"), dict):
+                return web.json_response({"error": "POST a JSON object with an 'input' object"}, status=400)
+            new_id = f"job-{uuid.uuid4().hex[:12]}"
+            with self._cond:
+                if isinstance(body.get("webhook"), str):
+                    self._webhooks[new_id] = body["webhook"]
+                if isinstance(body.get("policy"), dict):
+                    self.policies[new_id] = dict(body["policy"])
+            self.submit(body["input"], new_id)
+            return web.json_response({"id": new_id, "status": "IN_QUEUE"})
+        if job_id is None or job_id not in self._submitted:
+            return web.json_response({"error": "job not found"}, status=404)
+        if kind == "cancel":
+            self.cancel(job_id)
+            return web.json_response({"id": job_id, "status": "CANCELLED"})
+        return web.json_response(self.status_of(job_id))
+
+    def status_of(self, job_id: str) -> dict[str, Any]:
+        """What ``/status/<id>`` answers (and a webhook receives) for a job."""
+        with self._cond:
+            results = self._results.get(job_id)
+            status: dict[str, Any] = {"id": job_id}
+            submitted, taken = self._submitted_at.get(job_id), self._taken_at.get(job_id)
+            if taken is not None and submitted is not None:
+                status["delayTime"] = round((taken - submitted) * 1000)
+            if job_id in self._timed_out:
+                return status | {"status": "TIMED_OUT"}
+            if job_id in self._withdrawn:
+                return status | {"status": "CANCELLED"}
+            if not results:
+                return status | {"status": "IN_PROGRESS" if job_id in self._taken else "IN_QUEUE"}
+            final = results[0]
+            if taken is not None:
+                status["executionTime"] = round((time.monotonic() - taken) * 1000)
+            if "error" in final:
+                return status | {"status": "FAILED", "error": final["error"]}
+            return status | {"status": "COMPLETED", "output": final.get("output")}
+
+    def _expire(self, job_id: str) -> None:
+        """Runs in the server thread: the job outlived its policy's executionTimeout."""
+        with self._cond:
+            if self._results.get(job_id):
+                return
+            self._timed_out.add(job_id)
+            self._stops.setdefault(self._taken[job_id], []).append(job_id)
+            self._cond.notify_all()
+        self._wake_pollers()
+
+    def _deliver(self, job_id: str, url: str) -> None:
+        """POST the finished job's status to its webhook: three tries, ``webhook_retry_s`` apart."""
+        data = json.dumps(self.status_of(job_id)).encode()
+        for attempt in range(3):
+            if attempt:
+                time.sleep(self.webhook_retry_s)
+            request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+            code: int | None = None
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    code = response.status
+            except urllib.error.HTTPError as exc:
+                code = exc.code
+            except OSError:
+                code = None
+            with self._cond:
+                self.webhook_calls.append((job_id, code))
+                self._cond.notify_all()
+            if code == 200:
+                return
+
+    def wait_webhook_calls(self, job_id: str, count: int, timeout: float = 30.0) -> list[int | None]:
+        """Block until ``count`` webhook attempts were made for ``job_id``; their HTTP statuses."""
+
+        def ready() -> list[int | None] | None:
+            codes = [code for call_id, code in self.webhook_calls if call_id == job_id]
+            return codes if len(codes) >= count else None
+
+        return self._wait(f"{count} webhook call(s) for job {job_id}", ready, timeout, job_id)
 
     def _take(self, request: web.Request, record: PlatformRequest, size: int) -> list[dict[str, Any]]:
         """Called with the lock held: hand out up to ``size`` queued jobs, unless the poller hung up."""
@@ -503,6 +617,10 @@ class RunpodPlatform:
         jobs = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
         for job in jobs:
             self._taken[job["id"]] = record.pod_id or ""
+            self._taken_at[job["id"]] = time.monotonic()
+            timeout_ms = self.policies.get(job["id"], {}).get("executionTimeout")
+            if isinstance(timeout_ms, int | float) and self._loop is not None:
+                self._loop.call_later(timeout_ms / 1000, self._expire, job["id"])
         self._cond.notify_all()
         return jobs
 

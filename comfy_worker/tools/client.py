@@ -41,6 +41,8 @@ from comfy_worker.tools.jobapi import (
 from comfy_worker.ui_format import is_ui_format
 
 log = logging.getLogger("comfy_worker.tools.client")
+ENDPOINT_EXECUTION_TIMEOUT_S = 600.0  # RunPod's default execution timeout of a job
+EXECUTION_MARGIN_S = 60.0  # the worker answers within seconds of its timeout; the result then has to travel
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -172,6 +174,18 @@ def build_job(
     if output:
         job["output"] = output
     return job
+
+
+def request_options(webhook: str | None, timeout_s: float | None) -> dict[str, Any]:
+    """RunPod's request fields beside ``input``: the ``webhook``, and a ``policy.executionTimeout`` when the job's
+    own ``timeout`` (plus a margin for its result to travel) needs more than an endpoint's default 600 s, so the
+    worker's clear ``timeout`` error, not the platform's kill, ends a job that runs too long."""
+    options: dict[str, Any] = {}
+    if webhook:
+        options["webhook"] = webhook
+    if timeout_s is not None and timeout_s + EXECUTION_MARGIN_S > ENDPOINT_EXECUTION_TIMEOUT_S:
+        options["policy"] = {"executionTimeout": round((timeout_s + EXECUTION_MARGIN_S) * 1000)}
+    return options
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--size", type=parse_size, metavar="WxH")
     parser.add_argument("--timeout", type=_positive, help="the job's time limit on the worker, seconds")
+    parser.add_argument("--webhook", help="URL RunPod POSTs the finished job's status to (as /status answers it)")
     parser.add_argument("--max-wait", type=_positive, help="give up (and cancel) after this many seconds")
     parser.add_argument("--poll", type=_positive, default=1.0, help="seconds between status calls (default 1)")
     parser.add_argument("--format", choices=("png", "webp", "jpeg"), help="output.format")
@@ -360,7 +375,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     job_id: str | None = None
     try:
         log.info("sending %s to %s%s", args.workflow, endpoint.base_url, "/runsync" if args.sync else "/run")
-        first = api.submit(job, sync=args.sync)
+        first = api.submit(job, sync=args.sync, options=request_options(args.webhook, args.timeout))
         job_id = str(first["id"]) if first.get("id") else None
         if job_id:
             log.info("job %s", job_id)

@@ -169,9 +169,14 @@ class JobAPI:
             raise JobAPIError(f"{url} answered {type(body).__name__}, not a job object")
         return body
 
-    def submit(self, job: dict[str, Any], sync: bool = False) -> dict[str, Any]:
+    def submit(
+        self, job: dict[str, Any], sync: bool = False, options: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Queue ``job`` (the worker's input); ``options`` are RunPod's own request fields (``webhook``,
+        ``policy``), sent beside ``input``."""
         route = "runsync" if sync else "run"
-        status, data = self._call("POST", route, {"input": job}, self.status_timeout_s if sync else None)
+        body = {"input": job, **(options or {})}
+        status, data = self._call("POST", route, body, self.status_timeout_s if sync else None)
         return self._json(route, status, data)
 
     def status(self, job_id: str) -> dict[str, Any]:
