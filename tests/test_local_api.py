@@ -121,9 +121,9 @@ def test_overrides_and_convenience_fields(worker: WorkerProcess) -> None:
 
 
 def test_invalid_input_is_refused_before_comfyui(worker: WorkerProcess) -> None:
-    error = failed_error(worker.runsync({"workflow": {"nodes": [], "links": []}}))
+    error = failed_error(worker.runsync({"workflow": {"nodes": [], "links": []}}))  # UI format, no nodes
     assert error["error_type"] == "validation"
-    assert "Save (API Format)" in error["message"]
+    assert "workflow is empty" in error["message"]
 
 
 def test_comfyui_validation_error_keeps_node_errors(worker: WorkerProcess) -> None:
