@@ -29,7 +29,9 @@ from comfy_worker.settings import SettingsError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download the models listed in config.yml.")
-    parser.add_argument("--config", type=Path, help="config file (default: the one start.sh uses, see the README)")
+    parser.add_argument(
+        "--config", type=Path, help="config file (default: the one start.sh uses, see docs/configuration.md)"
+    )
     parser.add_argument("--models-dir", type=Path, help="default: MODELS_DIR, else the workspace's models/")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; download nothing")
     parser.add_argument("--only-required", action="store_true", help="skip models marked optional")

@@ -1,4 +1,4 @@
-"""RunPod serverless entry point: ``python handler.py`` takes jobs; see the README for the local modes.
+"""RunPod serverless entry point: ``python handler.py`` takes jobs; the README shows the local modes.
 
 Everything lives in the ``comfy_worker`` package; this file stays the name RunPod and users expect.
 """

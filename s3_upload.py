@@ -2,7 +2,7 @@
 
     BUCKET_NAME=... BUCKET_ACCESS_KEY_ID=... BUCKET_SECRET_ACCESS_KEY=... python s3_upload.py out.png [more...]
 
-Uses exactly what jobs use (``comfy_worker.storage`` and the same environment variables, see the README),
+Uses exactly what jobs use (``comfy_worker.storage`` and the same environment variables, see docs/environment.md),
 so a bucket that works here works for ``output.delivery``. Keys follow S3_KEY_TEMPLATE with job_id
 ``s3-upload-check`` unless ``--key-prefix`` is given.
 """

@@ -43,7 +43,7 @@ class ComfySupervisor:
         """The ComfyUI command line: our address and folders first, then COMFYUI_ARGS (later flags win)."""
         s = self.settings
         assert s.comfyui_dir is not None
-        args = [s.comfyui_python, str(s.comfyui_dir / "main.py")]
+        args = [s.comfyui_python, str((s.comfyui_dir / "main.py").resolve())]  # cwd is that folder
         args += ["--listen", s.comfyui_listen or s.comfy_host, "--port", str(s.comfy_port), "--disable-auto-launch"]
         if s.extra_model_paths is not None and s.extra_model_paths.is_file():
             args += ["--extra-model-paths-config", str(s.extra_model_paths)]

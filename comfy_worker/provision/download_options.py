@@ -1,5 +1,5 @@
-"""What every part of a model download shares: the options (the README's DOWNLOAD_* variables, read once) and
-the one error a failing model ends in."""
+"""What every part of a model download shares: the options (the DOWNLOAD_* variables of docs/environment.md,
+read once) and the one error a failing model ends in."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class DownloadError(Exception):
 
 @dataclass(frozen=True)
 class DownloadOptions:
-    """How to download; ``from_env`` reads the README's download variables once."""
+    """How to download; ``from_env`` reads the download variables (docs/environment.md) once."""
 
     concurrency: int = 4
     connections: int = 8

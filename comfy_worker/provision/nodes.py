@@ -211,7 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from comfy_worker.provision.workspace import Workspace
 
     parser = argparse.ArgumentParser(description="Install config.yml's custom nodes into ComfyUI's custom_nodes.")
-    parser.add_argument("--config", type=Path, help="config file (default: the one start.sh uses, see the README)")
+    parser.add_argument(
+        "--config", type=Path, help="config file (default: the one start.sh uses, see docs/configuration.md)"
+    )
     parser.add_argument(
         "--comfyui-dir", type=Path, help="the ComfyUI checkout (default: COMFYUI_DIR or the workspace's)"
     )

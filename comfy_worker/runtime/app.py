@@ -120,7 +120,7 @@ def _exit_on_sigterm(_signum: int, _frame: object) -> None:
 
 
 def main() -> None:
-    """``python handler.py [runpod SDK flags]``: run the worker (see the README)."""
+    """``python handler.py [runpod SDK flags]``: run the worker (see docs/job-api.md)."""
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

@@ -1,6 +1,6 @@
 """The job input (``event["input"]``): one pydantic model, the single source of truth for its fields.
 
-The README's "Job input" table documents these fields; change both together. Validation errors become an
+docs/job-api.md's "Job input" table documents these fields; change both together. Validation errors become an
 ``InputError`` whose message names every bad field, so a client sees all its mistakes at once.
 """
 

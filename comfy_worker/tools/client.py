@@ -157,7 +157,7 @@ def build_job(
     timeout: float | None = None,
     output: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The job ``input`` in the worker's schema (README, Job input); the worker validates it again."""
+    """The job ``input`` in the worker's schema (docs/job-api.md, Job input); the worker validates it again."""
     job: dict[str, Any] = {"workflow": workflow}
     if images:
         job["images"] = [{"name": name, "image": base64.b64encode(path.read_bytes()).decode()} for name, path in images]
