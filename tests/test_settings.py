@@ -100,3 +100,15 @@ def test_comfyui_command_line() -> None:
     assert command[2:8] == ["--listen", "127.0.0.1", "--port", "8190", "--disable-auto-launch", "--input-directory"]
     assert command.count("--cpu") == 1
     assert command[-3:] == ["--cpu", "--listen", "0.0.0.0"], "COMFYUI_ARGS come last so they win"
+
+
+def test_comfyui_gets_absolute_paths_from_a_relative_comfyui_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env({"COMFYUI_DIR": "work/ComfyUI"})
+    command = ComfySupervisor(settings).command()
+    assert command[1] == str(tmp_path / "work" / "ComfyUI" / "main.py")  # ComfyUI runs in that folder
+    for flag in ("--input-directory", "--output-directory"):
+        assert Path(command[command.index(flag) + 1]).is_absolute()
+    assert command[command.index("--temp-directory") + 1] == str(tmp_path / "work" / "ComfyUI")

@@ -40,19 +40,22 @@ class ComfySupervisor:
         self._reader: threading.Thread | None = None
 
     def command(self) -> list[str]:
-        """The ComfyUI command line: our address and folders first, then COMFYUI_ARGS (later flags win)."""
+        """The ComfyUI command line: our address and folders first, then COMFYUI_ARGS (later flags win).
+
+        Paths are made absolute here: ComfyUI runs in its own folder, where a relative COMFYUI_DIR or folder
+        (meant from where the worker was started) would point elsewhere."""
         s = self.settings
         assert s.comfyui_dir is not None
-        args = [s.comfyui_python, str((s.comfyui_dir / "main.py").resolve())]  # cwd is that folder
+        args = [s.comfyui_python, str((s.comfyui_dir / "main.py").resolve())]
         args += ["--listen", s.comfyui_listen or s.comfy_host, "--port", str(s.comfy_port), "--disable-auto-launch"]
         if s.extra_model_paths is not None and s.extra_model_paths.is_file():
-            args += ["--extra-model-paths-config", str(s.extra_model_paths)]
+            args += ["--extra-model-paths-config", str(s.extra_model_paths.resolve())]
         if s.comfyui_input_dir is not None:
-            args += ["--input-directory", str(s.comfyui_input_dir)]
+            args += ["--input-directory", str(s.comfyui_input_dir.resolve())]
         if s.comfyui_output_dir is not None:
-            args += ["--output-directory", str(s.comfyui_output_dir)]
+            args += ["--output-directory", str(s.comfyui_output_dir.resolve())]
         if s.comfyui_temp_dir is not None:  # ComfyUI writes temp files into <--temp-directory>/temp
-            args += ["--temp-directory", str(s.comfyui_temp_dir.parent)]
+            args += ["--temp-directory", str(s.comfyui_temp_dir.parent.resolve())]
         if "--cpu" not in s.comfyui_args and shutil.which("nvidia-smi") is None:
             args.append("--cpu")  # no NVIDIA driver here: ComfyUI would fail to start on CUDA
         return [*args, *s.comfyui_args]
