@@ -143,6 +143,9 @@ class Settings:
     input_url_timeout_s: float = 60.0
     input_image_max_mb: float = 100.0
     output_convert_max_megapixels: float = 80.0  # under Pillow's own 89.5 MP warning
+    model_cache_dir: Path | None = None  # None: jobs cannot bring models by URL
+    model_cache_max_gb: float = 50.0
+    model_url_max_gb: float = 20.0
     s3: S3Settings | None = None
     refresh_min_free_ram_gb: float = 0.0
     refresh_min_free_vram_gb: float = 0.0
@@ -211,6 +214,9 @@ class Settings:
             output_convert_max_megapixels=env_float(
                 env, "OUTPUT_CONVERT_MAX_MEGAPIXELS", cls.output_convert_max_megapixels, minimum=0.01
             ),
+            model_cache_dir=_path(env, "MODEL_CACHE_DIR", None),
+            model_cache_max_gb=env_float(env, "MODEL_CACHE_MAX_GB", cls.model_cache_max_gb, minimum=1e-6),
+            model_url_max_gb=env_float(env, "MODEL_URL_MAX_GB", cls.model_url_max_gb, minimum=1e-6),
             s3=s3_from_env(env),
             refresh_min_free_ram_gb=env_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
             refresh_min_free_vram_gb=env_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),

@@ -46,6 +46,7 @@ DERIVED = {
     "WORKSPACE": "`/runpod-volume`",
     "COMFYUI_DIR": "`$WORKSPACE/ComfyUI`",
     "MODELS_DIR": "`$WORKSPACE/models`",
+    "MODEL_CACHE_DIR": "`$WORKSPACE/model-cache`",
     "BAKED_CONFIG": "`config.yml` beside `start.sh`",
     "COMFYUI_PYTHON": "the worker's Python",
     "COMFYUI_INPUT_DIR": "`$COMFYUI_DIR/input`",

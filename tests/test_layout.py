@@ -25,7 +25,7 @@ SUBPACKAGES = ("comfy", "runtime", "provision", "tools")
 ALLOWED = {
     "shared": {"shared"},
     "comfy": {"shared", "comfy"},
-    "runtime": {"shared", "comfy", "runtime"},
+    "runtime": {"shared", "comfy", "runtime", "provision"},  # models a job brings use provision's downloader
     "provision": {"shared", "provision"},
     "tools": {"shared", "tools"},
 }
@@ -96,6 +96,7 @@ def test_imports_follow_the_layout(module: str, path: Path) -> None:
         ("comfy_worker.tools.client", "from comfy_worker.runtime.workflow import prepare", "imports"),
         ("comfy_worker.tools.client", "def f():\n    import comfy_worker.provision.config\n", "imports"),
         ("comfy_worker.provision.config", "from comfy_worker.runtime import schema", "imports"),
+        ("comfy_worker.runtime.job", "from comfy_worker.tools.client import main", "imports"),
         ("comfy_worker.comfy.events", "from comfy_worker.runtime.job import Worker", "imports"),
         ("comfy_worker.settings", "from comfy_worker.comfy.client import ComfyClient", "imports"),
         ("comfy_worker.runtime.job", "from .fetch import Fetcher", "relative"),

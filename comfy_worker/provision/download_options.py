@@ -3,9 +3,11 @@ read once) and the one error a failing model ends in."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+import requests
 
 from comfy_worker.fsutil import DEFAULT_LOCK_DEADLINE_S
 from comfy_worker.provision.transfer import TransferTuning
@@ -34,6 +36,11 @@ class DownloadOptions:
     lock: Literal["auto", "flock", "soft"] = "auto"
     lock_timeout_s: float = DEFAULT_LOCK_DEADLINE_S  # a lock holder silent this long is given up on
     progress_bar: bool | None = None  # None: a tqdm bar when stderr is a TTY, log lines otherwise
+    # For downloads a job asks for (runtime/models.py), not config.yml's: a size limit (a file whose size the
+    # server does not tell is refused too), the HTTP session (the worker's SSRF guard) and progress reports.
+    max_bytes: int | None = None
+    session: Callable[[], requests.Session] = field(default=requests.Session, repr=False, compare=False)
+    on_progress: Callable[[str, int, int | None], None] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DownloadOptions:
@@ -64,7 +71,9 @@ class DownloadOptions:
 
     @property
     def tuning(self) -> TransferTuning:
-        return TransferTuning(self.connections, self.segment_threshold, self.retries, self.retry_backoff_s)
+        return TransferTuning(
+            self.connections, self.segment_threshold, self.retries, self.retry_backoff_s, session=self.session
+        )
 
     def token_for(self, host: str) -> str | None:
         """The DOWNLOAD_TOKENS / CIVITAI_TOKEN token of ``host`` or of a domain it belongs to."""

@@ -134,6 +134,10 @@ class _Downloader:
                 f"{source.display_url}: wrong checksum: the config expects sha256 {source.model.sha256}, "
                 f"the server's file has {remote.sha256} (not downloaded)"
             )
+        limit = self.options.max_bytes
+        if limit is not None and (remote.size is None or remote.size > limit):
+            size = "does not say its size" if remote.size is None else f"is {mb(remote.size)}"
+            raise DownloadError(f"{source.display_url}: the file {size}; the limit is {mb(limit)} (not downloaded)")
         part = target.with_name(target.name + ".part")
         check_space(target.parent, part, remote.size, target.name)
         log.info("%s: downloading %s (%s) from %s", target.name, target, mb(remote.size), source.display_url)

@@ -59,6 +59,7 @@ class Board:
 
     def __init__(self, options: DownloadOptions) -> None:
         self.interval = options.progress_interval_s
+        self.on_progress = options.on_progress
         self.bars = sys.stderr.isatty() if options.progress_bar is None else options.progress_bar
         self.active: list[FileProgress] = []
         self._lock = threading.Lock()
@@ -93,8 +94,12 @@ class Board:
         while not self._stop.wait(self.interval):
             with self._lock:
                 lines = [p.line() for p in self.active]
+                counts = [(p.name, p.done, p.total) for p in self.active]
             for line in lines:
                 log.info("%s", line)
+            if self.on_progress is not None:
+                for name, done, total in counts:
+                    self.on_progress(name, done, total)
 
 
 def mb(size: int | None) -> str:

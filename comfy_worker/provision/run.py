@@ -244,7 +244,8 @@ def install_models(workspace: Workspace, config: Config, env: Mapping[str, str],
 
 
 def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
-    """Every model folder on the volume, for ComfyUI's --extra-model-paths-config."""
+    """Every model folder on the volume, for ComfyUI's --extra-model-paths-config; and the same folders in the
+    cache of models that jobs bring by URL (runtime/models.py)."""
     from comfy_worker.provision.config import MODEL_FOLDERS
 
     workspace.models_dir.mkdir(parents=True, exist_ok=True)
@@ -256,6 +257,9 @@ def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
         "comfy_worker_volume:",
         f"  base_path: {json.dumps(str(workspace.models_dir))}",
         *(f"  {name}: {json.dumps(name)}" for name in sorted(present | set(MODEL_FOLDERS))),
+        "comfy_worker_model_cache:",
+        f"  base_path: {json.dumps(str(workspace.model_cache_dir))}",
+        *(f"  {name}: {json.dumps(name)}" for name in sorted(MODEL_FOLDERS)),
     ]
     atomic_write(workspace.extra_model_paths, "\n".join(lines) + "\n")
 

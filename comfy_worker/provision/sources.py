@@ -125,12 +125,15 @@ def _probe(source: Source, options: DownloadOptions) -> Remote:
     (GET-only) redirect targets accept too, unlike HEAD."""
     headers = _auth_headers(source, options)
     try:
-        with requests.get(
-            source.model.url,
-            headers={**headers, "Range": "bytes=0-0", "Accept-Encoding": "identity"},
-            stream=True,
-            timeout=(15, 60),
-        ) as response:
+        with (
+            options.session() as session,
+            session.get(
+                source.model.url,
+                headers={**headers, "Range": "bytes=0-0", "Accept-Encoding": "identity"},
+                stream=True,
+                timeout=(15, 60),
+            ) as response,
+        ):
             return _remote_from_probe(source, headers, response)
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise RetryableError(f"connection error: {type(exc).__name__}") from None

@@ -100,6 +100,7 @@ class TransferTuning:
     retries: int = 5
     backoff_s: float = 1.0
     timeout_s: float = 60.0
+    session: Callable[[], requests.Session] = field(default=requests.Session, repr=False, compare=False)
 
 
 class Sidecar:
@@ -267,7 +268,7 @@ def _fetch_one_segment(
     stop: threading.Event,
 ) -> None:
     failures = 0
-    with requests.Session() as session:
+    with tuning.session() as session:
         while segment.remaining != 0:
             before = segment.done
             try:

@@ -41,6 +41,7 @@ class Workspace:
     root: Path
     comfyui_dir: Path
     models_dir: Path
+    model_cache_dir: Path  # models that jobs bring by URL (runtime/models.py), apart from config.yml's
     baked_config: Path
     comfyui_repo: str
     comfyui_python: str
@@ -62,6 +63,7 @@ class Workspace:
             root=root,
             comfyui_dir=_env_path(env, "COMFYUI_DIR", root / "ComfyUI"),
             models_dir=_env_path(env, "MODELS_DIR", root / "models"),
+            model_cache_dir=_env_path(env, "MODEL_CACHE_DIR", root / "model-cache"),
             baked_config=_env_path(env, "BAKED_CONFIG", REPO_ROOT / "config.yml"),
             comfyui_repo=env.get("COMFYUI_REPO", "").strip() or DEFAULT_COMFYUI_REPO,
             comfyui_python=env.get("COMFYUI_PYTHON", "").strip() or sys.executable,
@@ -104,6 +106,7 @@ class Workspace:
             "WORKSPACE": str(self.root),
             "COMFYUI_DIR": str(self.comfyui_dir),
             "MODELS_DIR": str(self.models_dir),
+            "MODEL_CACHE_DIR": str(self.model_cache_dir),
             "COMFYUI_PYTHON": self.comfyui_python,
             "COMFYUI_LISTEN": self.listen,
             "COMFYUI_EXTRA_MODEL_PATHS": str(self.extra_model_paths),

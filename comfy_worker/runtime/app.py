@@ -9,6 +9,7 @@ can log in to a serverless worker to read it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from comfy_worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # the job machinery is imported after ComfyUI was launched (see main)
     from comfy_worker.runtime.job import Worker
+    from comfy_worker.runtime.models import ModelCache
 
 log = logging.getLogger("comfy_worker")
 
@@ -55,6 +57,7 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
         settings.input_url_timeout_s,
         storage,
     )
+    models = model_cache(settings)
     supervisor = supervisor or ComfySupervisor(settings)
     try:
         supervisor.start_or_attach(client)
@@ -71,8 +74,34 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
         log.error("ComfyUI is unavailable; every job will fail with this error: %s", exc.message)
         for line in exc.details.get("log_tail", []):
             log.error("  | %s", line)
-        return Worker(settings, client, events, supervisor, startup_error=exc, fetcher=fetcher, storage=storage)
-    return Worker(settings, client, events, supervisor, fetcher=fetcher, storage=storage)
+        return Worker(
+            settings, client, events, supervisor, startup_error=exc, fetcher=fetcher, storage=storage, models=models
+        )
+    return Worker(settings, client, events, supervisor, fetcher=fetcher, storage=storage, models=models)
+
+
+def model_cache(settings: Settings) -> ModelCache | None:
+    """The cache for models jobs bring by URL: the provisioning downloader behind the input URLs' SSRF guard."""
+    if settings.model_cache_dir is None:
+        return None
+    from comfy_worker.provision.download_options import DownloadOptions
+    from comfy_worker.runtime.fetch import guarded_session
+    from comfy_worker.runtime.models import GB, ModelCache
+
+    options = dataclasses.replace(
+        DownloadOptions.from_env(os.environ),
+        session=lambda: guarded_session(settings.input_url_allowlist),
+        progress_interval_s=max(settings.progress_interval_s, 0.5),
+        progress_bar=False,
+    )
+    return ModelCache(
+        settings.model_cache_dir,
+        int(settings.model_cache_max_gb * GB),
+        int(settings.model_url_max_gb * GB),
+        options,
+        options.lock_timeout_s,
+        settings.input_url_allowlist,
+    )
 
 
 def warm_up(worker: Worker, path: Path) -> None:

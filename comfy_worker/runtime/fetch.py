@@ -18,6 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import botocore.exceptions
+import requests
+import requests.adapters
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -98,6 +100,34 @@ def _find_forbidden(exc: BaseException) -> ForbiddenAddressError | None:
     return None
 
 
+def guarded_session(allowlist: tuple[Network, ...]) -> requests.Session:
+    """A requests session whose every connection (redirects included) passes the same guard as input URLs:
+    for models a job asks to download with the provisioning downloader (which speaks requests)."""
+    session = requests.Session()
+    adapter = _GuardedAdapter(allowlist)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class _GuardedAdapter(requests.adapters.HTTPAdapter):
+    def __init__(self, allowlist: tuple[Network, ...]) -> None:
+        self.allowlist = allowlist
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _guarded_pools(self.allowlist)
+
+
+def _guarded_pools(allowlist: tuple[Network, ...]) -> dict[str, type[HTTPConnectionPool]]:
+    http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": _guarded(HTTPConnection, allowlist)})
+    https_pool = type(
+        "GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": _guarded(HTTPSConnection, allowlist)}
+    )
+    return {"http": http_pool, "https": https_pool}
+
+
 class Fetcher:
     def __init__(
         self, allowlist: tuple[Network, ...], max_bytes: int, timeout_s: float, storage: S3Storage | None
@@ -110,13 +140,7 @@ class Fetcher:
             timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout_s),
             retries=urllib3.Retry(total=2, redirect=5, backoff_factor=0.5, raise_on_redirect=True),
         )
-        http_pool = type(
-            "GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": _guarded(HTTPConnection, allowlist)}
-        )
-        https_pool = type(
-            "GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": _guarded(HTTPSConnection, allowlist)}
-        )
-        self._pool.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+        self._pool.pool_classes_by_scheme = _guarded_pools(allowlist)
 
     def fetch(self, url: str, field: str, deadline: float | None = None) -> bytes:
         """The file at ``url``, within INPUT_URL_TIMEOUT in all and before ``deadline`` (``time.monotonic``)."""

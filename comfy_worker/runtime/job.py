@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from comfy_worker import ui_format
 from comfy_worker.comfy.client import ComfyClient
@@ -34,6 +34,9 @@ from comfy_worker.settings import FREE_MODES, Settings
 from comfy_worker.storage import S3Storage
 from comfy_worker.ui_format import is_ui_format
 
+if TYPE_CHECKING:  # the cache brings the provisioning downloader: loaded only by workers that use it (app)
+    from comfy_worker.runtime.models import ModelCache, Pins
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -50,6 +53,7 @@ class _Attempt:
     prompt_id: str | None = None
     workflow_format: str = "api"  # "ui" when the workflow came as ComfyUI's UI format and was converted
     secrets: list[str] = field(default_factory=list)  # the job's own (its API key), masked in its result
+    pins: Pins | None = None  # the cached models it uses, kept from eviction until it ends
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     temp_files: list[tuple[str, str]] = field(default_factory=list)
@@ -86,6 +90,7 @@ class Worker:
         *,
         fetcher: Fetcher,
         storage: S3Storage | None = None,
+        models: ModelCache | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -94,6 +99,7 @@ class Worker:
         self.startup_error = startup_error
         self.fetcher = fetcher
         self.storage = storage
+        self.models = models
         self.provisioning = diagnostics.provisioning_problems(settings.provision_status)
         if startup_error is not None and self.provisioning and self.provisioning.get("failed"):
             first = self.provisioning["failed"][0]
@@ -139,6 +145,8 @@ class Worker:
             )
             return await self._error_result(error, attempt)
         finally:
+            if attempt.pins is not None:
+                attempt.pins.release()
             self.recovery.job_finished()
             if self.settings.cleanup_job_files:
                 await asyncio.to_thread(cleanup.remove_job_files, self.folders, attempt.folder, attempt.temp_files)
@@ -207,6 +215,9 @@ class Worker:
         graph = await asyncio.to_thread(self._prepare, job, attempt.folder)
         await self._check_node_types(graph, attempt)
         attempt.lap("prepare_s")
+        if job.models:
+            attempt.pins = await self._fetch_models(job, attempt, progress)
+            attempt.lap("models_s")
         await self._upload_inputs(job, attempt)
         attempt.lap("upload_s")
         prompt_id = attempt.prompt_id = str(uuid.uuid4())
@@ -318,6 +329,19 @@ class Worker:
             await self._in_time(
                 attempt, "uploading input images", self.client.upload_image, image.filename, data, subfolder
             )
+
+    async def _fetch_models(self, job: JobInput, attempt: _Attempt, progress: ProgressSink) -> Pins:
+        """The job's ``models``, downloaded into the model cache (or found there) before anything is queued."""
+        if self.models is None:
+            raise InputError("models: this worker has no model cache: set MODEL_CACHE_DIR (start.sh sets it).")
+
+        def report(name: str, done: int, total: int | None) -> None:
+            percent = round(100 * done / total, 1) if total else None
+            progress({"status": "downloading models", "file": name, "bytes": done, "total": total, "percent": percent})
+
+        pins = await self._in_time(attempt, "downloading the job's models", self.models.prepare, job.models, report)
+        log.info("job %s: models ready: %s", attempt.job_id, ", ".join(pins.files))
+        return pins
 
     def _extra_data(self, job: JobInput) -> dict[str, Any]:
         """What ComfyUI hands the nodes' hidden inputs: the Comfy.org key that partner API nodes bill to."""

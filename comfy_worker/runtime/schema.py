@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 
 from comfy_worker.errors import InputError, field_path
+from comfy_worker.provision.config import ModelConfig
 
 MAX_RESOLUTION = 16384  # ComfyUI's own MAX_RESOLUTION for width/height inputs
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF  # KSampler's seed range
@@ -56,6 +57,19 @@ def check_json_value(value: Any) -> None:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class JobModel(ModelConfig):
+    """A model the workflow needs, downloaded into the worker's model cache before the prompt is queued."""
+
+    filename: str = Field(description="The file's name, as the workflow names it (e.g. in LoraLoader).")
+
+    @field_validator("optional")
+    @classmethod
+    def _required(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("a job's models are all required: leave 'optional' out")
+        return value
 
 
 class InputImage(_Model):
@@ -176,6 +190,7 @@ class JobInput(_Model):
     height: int | None = Field(None, ge=1, le=MAX_RESOLUTION)
     size_node_id: str | None = None
     timeout: float | None = Field(None, gt=0, description="Seconds; default JOB_TIMEOUT, at most JOB_TIMEOUT_MAX.")
+    models: list[JobModel] = Field(default_factory=list, max_length=20)
     comfy_org_api_key: str | None = Field(
         None,
         min_length=1,
