@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,18 @@ def test_a_model_in_use_is_not_evicted_and_a_renamed_url_replaces_the_old_file(
     cache.prepare([renamed], lambda *_: None).release()  # now the newer file takes the name; b goes (LRU)
     assert (loras / "a.safetensors").read_bytes() == make_data(8 * KB, 23)
     assert not (loras / "b.safetensors").exists()
+
+
+def test_two_workers_asking_for_one_model_fetch_it_once(tmp_path: Path, files: FileServer) -> None:
+    allowlist = (ipaddress.ip_network(LOOPBACK),)
+    files.add("/shared/big.bin", make_data(512 * KB, 41), rate=1024 * KB)
+    wanted = ModelConfig(url=files.url("/shared/big.bin"), destination="loras", filename="shared.safetensors")
+    caches = [  # two workers on one volume: separate objects, one cache folder
+        ModelCache(tmp_path / "cache", 10**9, 10**9, guarded_options(allowlist), 30.0, allowlist) for _ in range(2)
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        pins = list(pool.map(lambda cache: cache.prepare([wanted], lambda *_: None), caches))
+    for pin in pins:
+        pin.release()
+    assert files.bytes_sent["/shared/big.bin"] <= 512 * KB + 16  # the whole file once (plus 1-byte probes)
+    assert (tmp_path / "cache" / "loras" / "shared.safetensors").read_bytes() == make_data(512 * KB, 41)
