@@ -154,3 +154,34 @@ def test_api_format_is_checked(workflow: Any, expected: str) -> None:
     with pytest.raises(InputError) as info:
         check_api_format(workflow)
     assert expected in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"prompt": "a cat"},
+            "Leave prompt out for this workflow, or set the value on the node that takes it with overrides: "
+            '[{"node_id": "<id>", "field": "inputs.text"',
+        ),
+        ({"seed": 3}, "Leave seed out for this workflow"),
+        (
+            {"width": 8, "height": 8},
+            "Leave width/height out for this workflow, or set the value on the node that sets it with overrides: "
+            '[{"node_id": "<id>", "field": "inputs.width"',
+        ),
+    ],
+)
+def test_a_field_no_node_takes_says_what_to_do(fields: dict[str, Any], expected: str) -> None:
+    workflow = {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}}
+    error = refused(workflow, **fields)
+    assert expected in error.message
+    assert "none found" not in error.message
+
+
+def test_several_candidates_are_named() -> None:
+    workflow = {
+        "1": {"class_type": "KSampler", "inputs": {"seed": 1}},
+        "2": {"class_type": "KSampler", "inputs": {"seed": 2}},
+    }
+    assert "Set seed_node_id to one of: 1 (KSampler), 2 (KSampler)." in refused(workflow, seed=5).message

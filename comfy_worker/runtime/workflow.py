@@ -99,11 +99,7 @@ def find_prompt_node(workflow: Workflow) -> str:
         return positive.pop()
     found = sorted(positive) or encoders
     reason = "no text encoder node (CLIPTextEncode or similar)" if not found else "several candidate nodes"
-    raise InputError(
-        f"prompt: cannot tell which node takes the prompt ({reason}). Set prompt_node_id to one of: "
-        f"{', '.join(_describe(workflow, found)) or 'none found'}.",
-        {"candidates": found},
-    )
+    raise _no_single_node(workflow, "prompt", "takes the prompt", reason, found, "inputs.text")
 
 
 def _upstream_encoders(workflow: Workflow, start: str, encoders: set[str], limit: int = 32) -> set[str]:
@@ -129,12 +125,8 @@ def find_seed_node(workflow: Workflow) -> str:
     nodes = [nid for nid, node in workflow.items() if _seed_field(node)]
     if len(nodes) == 1:
         return nodes[0]
-    raise InputError(
-        "seed: cannot tell which node takes the seed ("
-        + ("no node has a 'seed' or 'noise_seed' number" if not nodes else "several nodes have one")
-        + f"). Set seed_node_id to one of: {', '.join(_describe(workflow, nodes)) or 'none found'}.",
-        {"candidates": nodes},
-    )
+    reason = "no node has a 'seed' or 'noise_seed' number" if not nodes else "several nodes have one"
+    raise _no_single_node(workflow, "seed", "takes the seed", reason, nodes, "inputs.seed")
 
 
 def _seed_field(node: dict[str, Any]) -> str | None:
@@ -158,12 +150,23 @@ def find_size_node(workflow: Workflow) -> str:
         if len(candidates) == 1:
             return candidates[0]
     found = latent or sized
-    raise InputError(
-        "width/height: cannot tell which node sets the image size ("
-        + ("no node has width and height numbers" if not found else "several nodes have them")
-        + f"). Set size_node_id to one of: {', '.join(_describe(workflow, found)) or 'none found'}.",
-        {"candidates": found},
-    )
+    reason = "no node has width and height numbers" if not found else "several nodes have them"
+    raise _no_single_node(workflow, "width/height", "sets the image size", reason, found, "inputs.width", "size")
+
+
+def _no_single_node(
+    workflow: Workflow, field: str, role: str, reason: str, candidates: list[str], example: str, id_prefix: str = ""
+) -> InputError:
+    """No node, or several, for a convenience field: name the candidates, or say what to do without one."""
+    id_field = f"{id_prefix or field}_node_id"
+    if candidates:
+        advice = f"Set {id_field} to one of: {', '.join(_describe(workflow, candidates))}."
+    else:
+        advice = (
+            f"Leave {field} out for this workflow, or set the value on the node that {role.split()[0]} it with "
+            f'overrides: [{{"node_id": "<id>", "field": "{example}", "value": ...}}].'
+        )
+    return InputError(f"{field}: cannot tell which node {role} ({reason}). {advice}", {"candidates": candidates})
 
 
 def convenience_overrides(job: JobInput, workflow: Workflow) -> list[Override]:
