@@ -1,15 +1,21 @@
 # syntax=docker/dockerfile:1
-# The comfy-worker image: CUDA 12.8 + PyTorch, the worker, and start.sh as the entrypoint.
-# Layers go from what changes least (system packages, PyTorch) to what changes most (the worker's code).
-# Build with ./build.sh (buildx, linux/amd64); docs/deploy.md explains every build argument.
-#   BAKE=none    (default) ComfyUI, nodes and models are provisioned at run time onto the volume.
-#   BAKE=nodes   ComfyUI and the custom nodes of config.yml are installed into the image (/opt/workspace).
+# The comfy-worker image: CUDA 12.8 + PyTorch, ComfyUI at a pinned version, the worker, and start.sh (under
+# tini) as the entrypoint. Layers go from what changes least (system packages, PyTorch, ComfyUI) to what
+# changes most (the worker's code). Build with ./build.sh; docs/deploy.md explains every build argument.
+#   BAKE=none    (default) custom nodes and models are provisioned at run time onto the volume.
+#   BAKE=nodes   the custom nodes of config.yml are installed into the image too (/opt/workspace).
 #   BAKE=models  the same, plus the models: a fat image that starts warm without a network volume.
-# Tokens for gated downloads while baking are build secrets, never ARG/ENV:
-#   ./build.sh --bake models --secret id=HF_TOKEN,env=HF_TOKEN
+# Two Python environments, one per program:
+#   /opt/venv           the worker (runpod, requests, ...): small, torch-free (WORKER_PYTHON).
+#   the system Python   PyTorch and ComfyUI's requirements (COMFYUI_BASE_PYTHON); custom nodes' requirements
+#                       go into a venv on the volume on top of it (see comfy_worker/pyenv.py).
+# Secrets are build secrets, never ARG/ENV, so they are in no layer:
+#   HF_TOKEN, CIVITAI_TOKEN  gated downloads while baking (./build.sh --secret id=HF_TOKEN,env=HF_TOKEN)
+#   ca_bundle                a PEM file of extra CA certificates to trust while building (a TLS-inspecting
+#                            proxy): --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.8
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
 ARG BAKE=none
 
 # RunPod runs linux/amd64 only: both stages pin it, so a plain `docker build` on an arm64 laptop still makes an
@@ -22,18 +28,19 @@ FROM --platform=linux/amd64 ${CUDA_IMAGE} AS worker
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# Ubuntu 24.04 (the CUDA image) has Python 3.12; Debian 12 has 3.11.
+ARG PYTHON_VERSION=3.12
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
     UV_LINK_MODE=copy \
     UV_COMPILE_BYTECODE=1 \
     UV_PYTHON_DOWNLOADS=never \
-    UV_PYTHON=/opt/venv/bin/python
+    PIP_ROOT_USER_ACTION=ignore \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    COMFYUI_BASE_PYTHON=/usr/bin/python${PYTHON_VERSION}
 
-# System packages: Python 3.12 (Ubuntu 24.04's), git for ComfyUI and custom nodes, ffmpeg and the GL/GLib
-# libraries that video and OpenCV nodes load. Unpinned on purpose: the Ubuntu archive keeps one version of each.
+# System packages: Python, git for ComfyUI and custom nodes, ffmpeg and the GL/GLib libraries that video and
+# OpenCV nodes load, tini as PID 1. Unpinned on purpose: the distribution keeps one version of each.
 # hadolint ignore=DL3008
 RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     --mount=type=cache,target=/var/lib/apt/lists,sharing=locked \
@@ -41,21 +48,49 @@ RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     rm -f /etc/apt/apt.conf.d/docker-clean; \
     apt-get update; \
     apt-get install -y --no-install-recommends \
-        python3.12 python3.12-venv ca-certificates git git-lfs ffmpeg \
-        libgl1 libglib2.0-0 libsm6 libxext6 libxrender1 libgomp1 procps
+        "python${PYTHON_VERSION}" "python${PYTHON_VERSION}-venv" ca-certificates git git-lfs ffmpeg \
+        libgl1 libglib2.0-0 libsm6 libxext6 libxrender1 libgomp1 procps tini
 
 COPY --from=uv /uv /uvx /usr/local/bin/
 
-# PyTorch from its CUDA 12.8 index: the biggest layer, and the one that changes least.
+# PyTorch from its CUDA 12.8 index, into the system Python: the biggest layer, and the one that changes least.
+# The wheels bring CUDA and cuDNN themselves, so the base image only needs the driver's libraries.
 ARG TORCH_VERSION=2.9.0
 ARG TORCHVISION_VERSION=0.24.0
 ARG TORCHAUDIO_VERSION=2.9.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-RUN --mount=type=cache,target=/root/.cache/uv \
+RUN --mount=type=secret,id=ca_bundle \
+    --mount=type=cache,target=/root/.cache/uv \
     set -eux; \
-    uv venv --python /usr/bin/python3.12 /opt/venv; \
-    uv pip install --index-url "$TORCH_INDEX_URL" \
+    if [ -s /run/secrets/ca_bundle ]; then export SSL_CERT_FILE=/run/secrets/ca_bundle; fi; \
+    uv pip install --system --break-system-packages --python "$COMFYUI_BASE_PYTHON" --index-url "$TORCH_INDEX_URL" \
         "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "torchaudio==$TORCHAUDIO_VERSION"
+
+# ComfyUI at a pinned version, with its requirements in the same Python as PyTorch (torch itself stays as it
+# is). Provisioning copies this checkout onto the volume when the config asks for this version, and the
+# marker below tells it that these requirements are installed: a fresh container installs nothing. A config
+# asking for another version still works: that one is cloned, and its requirements go into the volume's venv.
+ARG COMFYUI_REPO=https://github.com/comfyanonymous/ComfyUI
+ARG COMFYUI_VERSION=v0.3.64
+RUN --mount=type=secret,id=ca_bundle \
+    --mount=type=cache,target=/root/.cache/uv \
+    set -eux; \
+    if [ -s /run/secrets/ca_bundle ]; then export SSL_CERT_FILE=/run/secrets/ca_bundle GIT_SSL_CAINFO=/run/secrets/ca_bundle; fi; \
+    git clone --quiet --depth 1 --branch "$COMFYUI_VERSION" "$COMFYUI_REPO" /opt/ComfyUI \
+        || git clone --quiet --branch "$COMFYUI_VERSION" "$COMFYUI_REPO" /opt/ComfyUI; \
+    uv pip freeze --python "$COMFYUI_BASE_PYTHON" | grep -E '^(torch|torchvision|torchaudio)==' >/tmp/torch-pins.txt; \
+    uv pip install --system --break-system-packages --python "$COMFYUI_BASE_PYTHON" \
+        --constraint /tmp/torch-pins.txt -r /opt/ComfyUI/requirements.txt; \
+    rm /tmp/torch-pins.txt; \
+    key="$({ printf 'requirements.txt\0'; cat /opt/ComfyUI/requirements.txt; } | sha256sum | cut -c1-16)"; \
+    prefix="$("$COMFYUI_BASE_PYTHON" -c 'import sys; print(sys.prefix)')"; \
+    printf '{"installed": ["comfyui:ComfyUI:%s"]}\n' "$key" >"$prefix/comfy-worker-env.json"; \
+    "$COMFYUI_BASE_PYTHON" -m compileall -q -j 0 /opt/ComfyUI
+# The custom nodes' venv on the volume is keyed by what it is built on: a new Python, PyTorch or ComfyUI makes
+# a new one (once per volume), an unchanged image finds it there.
+ENV COMFYUI_BAKED_DIR=/opt/ComfyUI \
+    COMFYUI_REPO=${COMFYUI_REPO} \
+    COMFYUI_VENV_KEY=py${PYTHON_VERSION}-torch${TORCH_VERSION}-comfyui-${COMFYUI_VERSION}
 
 # Optional attention accelerators (off by default): SageAttention's Triton kernels, and the C compiler and
 # Python headers Triton needs to build its launchers at run time. ComfyUI uses them with --use-sage-attention.
@@ -66,22 +101,30 @@ ARG TRITON_VERSION=3.5.0
 RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     --mount=type=cache,target=/var/lib/apt/lists,sharing=locked \
     --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=secret,id=ca_bundle \
     set -eux; \
+    if [ -s /run/secrets/ca_bundle ]; then export SSL_CERT_FILE=/run/secrets/ca_bundle; fi; \
     if [ "$ACCELERATORS" = true ]; then \
         apt-get update; \
-        apt-get install -y --no-install-recommends build-essential python3.12-dev; \
-        uv pip install "triton==$TRITON_VERSION" "sageattention==$SAGEATTENTION_VERSION"; \
+        apt-get install -y --no-install-recommends build-essential "python${PYTHON_VERSION}-dev"; \
+        uv pip install --system --break-system-packages --python "$COMFYUI_BASE_PYTHON" \
+            "triton==$TRITON_VERSION" "sageattention==$SAGEATTENTION_VERSION"; \
     fi
 
-# The worker's pinned dependencies, and JupyterLab for local and pod use (constrained by the same pins).
-ARG WITH_JUPYTER=true
+# The worker's own venv: its pinned dependencies only (no PyTorch), so no custom node's requirement can break
+# it. JupyterLab (local and pod images only: WITH_JUPYTER=true) gets a venv of its own.
+ARG WITH_JUPYTER=false
 ARG JUPYTERLAB_VERSION=4.6.6
 COPY requirements.txt /opt/comfy-worker/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=secret,id=ca_bundle \
     set -eux; \
-    uv pip install -r /opt/comfy-worker/requirements.txt; \
+    if [ -s /run/secrets/ca_bundle ]; then export SSL_CERT_FILE=/run/secrets/ca_bundle; fi; \
+    uv venv --python "$COMFYUI_BASE_PYTHON" /opt/venv; \
+    uv pip install --python /opt/venv/bin/python -r /opt/comfy-worker/requirements.txt; \
     if [ "$WITH_JUPYTER" = true ]; then \
-        uv pip install -c /opt/comfy-worker/requirements.txt "jupyterlab==$JUPYTERLAB_VERSION"; \
+        uv venv --python "$COMFYUI_BASE_PYTHON" /opt/jupyter; \
+        uv pip install --python /opt/jupyter/bin/python "jupyterlab==$JUPYTERLAB_VERSION"; \
     fi
 
 # The worker itself: what provisioning needs first, so a change to the rest does not re-bake.
@@ -89,23 +132,30 @@ WORKDIR /opt/comfy-worker
 COPY pyproject.toml README.md handler.py start.sh bake.sh config.yml config.schema.json ./
 COPY comfy_worker/ comfy_worker/
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv pip install --no-deps /opt/comfy-worker
+    --mount=type=secret,id=ca_bundle \
+    set -eux; \
+    if [ -s /run/secrets/ca_bundle ]; then export SSL_CERT_FILE=/run/secrets/ca_bundle; fi; \
+    uv pip install --python /opt/venv/bin/python --no-deps /opt/comfy-worker
 
 # start.sh uses this interpreter instead of making a .venv; BAKED_CONFIG is config.yml's last fallback
 # (after CONFIG_YML and $WORKSPACE/config.yml).
 ENV WORKER_PYTHON=/opt/venv/bin/python \
-    BAKED_CONFIG=/opt/comfy-worker/config.yml
+    JUPYTER_PYTHON=/opt/jupyter/bin/python \
+    BAKED_CONFIG=/opt/comfy-worker/config.yml \
+    PIP_NO_CACHE_DIR=1
 
 FROM worker AS bake-none
 
 # A fat image: `start.sh provision` (the same provisioning start.sh runs at every start) installs into
 # /opt/workspace at build time; at run time the SHA gate finds it done and the worker starts warm.
+# CONFIG_YML (optional): bake this config instead of config.yml; it replaces the image's config.yml.
 FROM worker AS baked
 ARG BAKE
+ARG CONFIG_YML=""
 ENV WORKSPACE=/opt/workspace
 RUN --mount=type=secret,id=HF_TOKEN \
     --mount=type=secret,id=CIVITAI_TOKEN \
-    --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=secret,id=ca_bundle \
     /opt/comfy-worker/bake.sh "$BAKE"
 
 # BAKE=nodes: the models are downloaded at run time, onto the network volume where there is one.
@@ -120,5 +170,7 @@ COPY apply_config.sh install_nodes.py download_models.py s3_upload.py test_input
 COPY examples/ examples/
 # 8000: the runpod local API (local mode); 8188: ComfyUI; 8888: JupyterLab (only with JUPYTER_PASSWORD).
 EXPOSE 8000 8188 8888
+# tini is PID 1: it reaps zombies and passes SIGTERM to start.sh's whole process group (-g), provisioning
+# included, so `docker stop` ends the container in seconds at any stage.
 # No argument: the RunPod worker (the local API outside RunPod). `provision`: provisioning only.
-ENTRYPOINT ["/opt/comfy-worker/start.sh"]
+ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/opt/comfy-worker/start.sh"]

@@ -19,9 +19,13 @@ usage() {
   sed -n '2,8s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
-# load_secrets: export HF_TOKEN / CIVITAI_TOKEN from the build secrets that were given (values never logged).
+# load_secrets: export HF_TOKEN / CIVITAI_TOKEN from the build secrets that were given (values never logged),
+# and trust the ca_bundle secret's CA certificates (start.sh's CA_BUNDLE).
 load_secrets() {
   local name value
+  if [[ -s "$SECRETS_DIR/ca_bundle" ]]; then
+    export CA_BUNDLE="$SECRETS_DIR/ca_bundle"
+  fi
   for name in HF_TOKEN CIVITAI_TOKEN; do
     if [[ -z "${!name:-}" && -s "$SECRETS_DIR/$name" ]]; then
       value="$(<"$SECRETS_DIR/$name")"
@@ -31,7 +35,18 @@ load_secrets() {
   done
 }
 
-# config_without_models: the config start.sh would use in the image, with `models: []`, as YAML on stdout.
+# use_config_arg: a CONFIG_YML build argument replaces the image's config.yml (BAKED_CONFIG), so that the
+# container finds at run time the config that was baked.
+use_config_arg() {
+  if [[ -n "${CONFIG_YML:-}" ]]; then
+    printf '%s\n' "$CONFIG_YML" >"${BAKED_CONFIG:-$ROOT/config.yml}"
+    log "baking the CONFIG_YML build argument (it replaces ${BAKED_CONFIG:-$ROOT/config.yml})"
+    unset CONFIG_YML
+  fi
+}
+
+# config_without_models: the config start.sh would use in the image, with `models: []`, as YAML on stdout;
+# nothing when it has no models (it is then provisioned as it is: the same text, the same SHA at run time).
 config_without_models() {
   local config="${BAKED_CONFIG:-$ROOT/config.yml}"
   "${WORKER_PYTHON:-python3}" - "$config" <<'PY'
@@ -41,8 +56,9 @@ import yaml
 
 with open(sys.argv[1], encoding="utf-8") as file:
     config = yaml.safe_load(file) or {}
-config["models"] = []
-sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+if config.get("models"):
+    config["models"] = []
+    sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
 PY
 }
 
@@ -55,13 +71,19 @@ main() {
     models)
       log "BAKE=models: ComfyUI, custom nodes and models into ${WORKSPACE:-the default workspace}"
       load_secrets
+      use_config_arg
       exec "$ROOT/start.sh" provision
       ;;
     nodes)
       log "BAKE=nodes: ComfyUI and custom nodes into ${WORKSPACE:-the default workspace} (models at run time)"
       load_secrets
+      use_config_arg
       CONFIG_YML="$(config_without_models)"
-      export CONFIG_YML
+      if [[ -n "$CONFIG_YML" ]]; then
+        export CONFIG_YML
+      else
+        unset CONFIG_YML
+      fi
       exec "$ROOT/start.sh" provision
       ;;
     -h | --help)

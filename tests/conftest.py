@@ -41,3 +41,11 @@ def recorded_history(name: str) -> list[dict[str, Any]]:
             body = event["body"]["json"]
             entries.extend(body.values())
     return entries
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The image tier's image sizes, after the results."""
+    from .docker_image import SIZES
+
+    for line in SIZES:
+        terminalreporter.write_line(f"image size: {line}")

@@ -68,7 +68,7 @@ def standin_comfyui_repo(root: Path, tag: str = "v0.3.64") -> Repo:
     shutil.copytree(
         STANDIN_DIR, repo.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "user", "*.pyc")
     )
-    (repo.path / "requirements.txt").write_text("aiohttp\nPillow\n")  # both already in the test environment
+    (repo.path / "requirements.txt").write_text("aiohttp\nPillow\npyyaml\n")  # all in the test environment
     repo.commit({}, "stand-in ComfyUI")
     repo.tag(tag)
     return repo

@@ -358,10 +358,10 @@ def compose_config(compose_file: Path, *args: str, **env: str) -> dict[str, Any]
 def service_problems(service: dict[str, Any], *, gpu: bool) -> list[str]:
     """What keeps a resolved service from being the local worker the docs describe."""
     problems = []
-    published = {(int(p["target"]), str(p.get("published"))) for p in service.get("ports", [])}
+    published = {(int(p["target"]), str(p.get("published")), p.get("host_ip")) for p in service.get("ports", [])}
     for port in (8188, 8000, 8888):
-        if (port, str(port)) not in published:
-            problems.append(f"port {port} is not published as {port}")
+        if (port, str(port), "127.0.0.1") not in published:
+            problems.append(f"port {port} is not published as {port} on 127.0.0.1 only")
     env = service.get("environment", {})
     if env.get("RP_API_HOST") != "0.0.0.0":
         problems.append("RP_API_HOST must be 0.0.0.0 (the local API must be reachable from the host)")
@@ -393,6 +393,11 @@ def test_compose_cpu_variant_resolves_without_the_gpu() -> None:
     service = config["services"]["worker-cpu"]
     assert service_problems(service, gpu=False) == []
     assert service["environment"]["COMFYUI_ARGS"] == "--cpu"
+
+
+def test_compose_opens_the_ports_to_the_network_only_when_asked() -> None:
+    config = compose_config(REPO / "docker-compose.yml", BIND_ADDRESS="0.0.0.0")
+    assert {p["host_ip"] for p in config["services"]["worker"]["ports"]} == {"0.0.0.0"}
 
 
 def test_compose_passes_the_callers_tokens_through() -> None:

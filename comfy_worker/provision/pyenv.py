@@ -1,9 +1,14 @@
 """The Python environment that runs ComfyUI: install requirements into it, and remember what is there.
 
 Node requirements must land in the interpreter that runs ComfyUI, not in whatever ``pip`` is first on PATH
-(the official worker's #237). That environment lives in the image, outside the volume: a new image on an
-old volume has none of them. So what was installed is recorded *inside the environment* (a marker file in
-its prefix), and the warm-start gate checks the marker, not the volume.
+(the official worker's #237). What was installed is recorded *inside the environment* (a marker file in its
+prefix), and the warm-start gate checks the marker, not the volume.
+
+In the image, ComfyUI's environment has two layers: the image's Python with PyTorch and the baked ComfyUI's
+requirements (its marker written at build time), and a venv on the volume made on top of it with
+``--system-site-packages`` (``make_venv``), keyed by the image's Python, PyTorch and ComfyUI versions. Custom
+nodes' requirements go into the venv, so a fresh container on a warm volume finds them installed and
+downloads nothing. Such a venv is installed into with its own pip: uv does not see the packages underneath.
 
 torch, torchvision and torchaudio are pinned to the versions already installed while node requirements are
 installed: a node asking for another torch would otherwise replace the image's CUDA build.
@@ -40,18 +45,88 @@ class InstallError(RuntimeError):
 
 
 @functools.cache  # asked by the gate, by the run under the lock and by each installer step
-def prefix_of(python: str) -> Path:
-    """``sys.prefix`` of ``python`` (a venv's folder), without starting it when it is this interpreter."""
+def prefixes(python: str) -> tuple[Path, Path]:
+    """``sys.prefix`` and ``sys.base_prefix`` of ``python``, without starting it when it is this interpreter
+    or a venv (read from its pyvenv.cfg: a cold start pays for no extra interpreter)."""
     if Path(python).absolute() == Path(sys.executable).absolute():
-        return Path(sys.prefix)
+        return Path(sys.prefix), Path(sys.base_prefix)
+    venv = Path(python).absolute().parent.parent
+    config = read_venv_config(venv)
+    if "home" in config:
+        return venv, Path(config["home"]).parent
     done = subprocess.run(
-        [python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, timeout=60, check=True
+        [python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
-    return Path(done.stdout.strip())
+    prefix, base = done.stdout.split("\n")[:2]
+    return Path(prefix), Path(base)
+
+
+def prefix_of(python: str) -> Path:
+    return prefixes(python)[0]
+
+
+def read_venv_config(venv: Path) -> dict[str, str]:
+    """A venv's pyvenv.cfg as a dict (empty when ``venv`` is not one)."""
+    try:
+        lines = (venv / "pyvenv.cfg").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    pairs = (line.partition("=") for line in lines)
+    return {key.strip(): value.strip() for key, sep, value in pairs if sep}
 
 
 def marker_path(python: str) -> Path:
     return prefix_of(python) / MARKER_NAME
+
+
+def installed_keys(python: str) -> set[str]:
+    """Requirement sets installed into ``python``'s environment, and into the one a venv is made on."""
+    prefix, base = prefixes(python)
+    keys = read_marker(prefix / MARKER_NAME)
+    return keys | read_marker(base / MARKER_NAME) if base != prefix else keys
+
+
+def make_venv(path: Path, base_python: str) -> str:
+    """A venv at ``path`` on top of ``base_python``'s packages (PyTorch); return its python. Idempotent.
+
+    Made in a temporary folder and moved into place, so a stopped start leaves no half-made venv behind.
+    """
+    python = path / "bin" / "python"
+    if python.is_file():
+        return str(python)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    log.info("Making the venv for custom nodes' requirements: %s (on top of %s)", path, base_python)
+    try:
+        subprocess.run(
+            [base_python, "-m", "venv", "--system-site-packages", str(temporary)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        _relocate_venv(temporary, path)
+        temporary.rename(path)
+    except (OSError, subprocess.SubprocessError) as exc:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise InstallError(f"could not make the venv {path}: {exc}") from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return str(python)
+
+
+def _relocate_venv(temporary: Path, final: Path) -> None:
+    """Rewrite the temporary path in the venv's scripts (pip's shebang) to where it is moved."""
+    for script in (temporary / "bin").iterdir():
+        if script.is_file() and not script.is_symlink():
+            text = script.read_bytes()
+            if str(temporary).encode() in text:
+                script.write_bytes(text.replace(str(temporary).encode(), str(final).encode()))
 
 
 def read_marker(path: Path) -> set[str]:
@@ -79,9 +154,11 @@ def requirements_key(kind: str, name: str, files: Sequence[Path]) -> str:
 
 
 def installer(python: str) -> list[str]:
-    """uv when there is one (several times faster), else the environment's own pip."""
+    """uv when there is one (several times faster), else the environment's own pip. A venv on top of
+    another environment's packages gets its pip: uv would reinstall what is underneath (PyTorch)."""
     uv = shutil.which("uv")
-    return [uv, "pip", "install", "--python", python] if uv else [python, "-m", "pip", "install"]
+    layered = read_venv_config(prefix_of(python)).get("include-system-site-packages") == "true"
+    return [uv, "pip", "install", "--python", python] if uv and not layered else [python, "-m", "pip", "install"]
 
 
 def installed_versions(python: str, names: Sequence[str]) -> dict[str, str]:

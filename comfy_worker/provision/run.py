@@ -18,7 +18,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -85,7 +87,9 @@ def gate(workspace: Workspace, resolved: ResolvedConfig, state: State, force: bo
         return f"the config changed ({state.provisioned_sha256[:12]} -> {resolved.sha256[:12]})"
     if not (workspace.comfyui_dir / "main.py").is_file():
         return f"ComfyUI is missing from {workspace.comfyui_dir}"
-    missing = set(state.env_keys) - pyenv.read_marker(pyenv.marker_path(workspace.comfyui_python))
+    if workspace.comfyui_venv is not None and not (workspace.comfyui_venv / "bin" / "python").is_file():
+        return f"the venv for custom nodes is missing from {workspace.comfyui_venv} (a new image on this volume?)"
+    missing = set(state.env_keys) - pyenv.installed_keys(workspace.comfyui_python)
     if missing:
         return f"this Python environment lacks {len(missing)} requirement set(s) (a new image on this volume?)"
     return None
@@ -156,6 +160,7 @@ def install_comfyui(workspace: Workspace, config: Config, state: State, report: 
         return
     try:
         resolved = gitrepo.resolve_version(repo, version)
+        seed_from_baked(workspace, resolved.commit)
         commit = gitrepo.checkout(repo, resolved, path)
     except gitrepo.GitError as exc:
         report.fail("comfyui", repo, str(exc))
@@ -163,6 +168,55 @@ def install_comfyui(workspace: Workspace, config: Config, state: State, report: 
     state.comfyui = {"repo": redact_url(repo), "version": version, "commit": commit}
     report.done.append(f"ComfyUI: {resolved.description} ({commit[:10]})")
     log.info("ComfyUI: %s (%s) in %s", resolved.description, commit[:10], path)
+
+
+def seed_from_baked(workspace: Workspace, commit: str) -> None:
+    """Copy the image's ComfyUI checkout onto the volume when it is the wanted commit: no download."""
+    from comfy_worker.provision import gitrepo
+
+    baked, path = workspace.comfyui_baked_dir, workspace.comfyui_dir
+    if baked is None or path.exists() or gitrepo.head_commit(baked) != commit:
+        return
+    for stale in path.parent.glob(f".{path.name}.*"):  # left by a stopped container (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    gitrepo.git("clone", "--quiet", "--no-hardlinks", str(baked), str(temporary))
+    gitrepo.git("remote", "set-url", "origin", workspace.comfyui_repo, cwd=temporary)
+    temporary.rename(path)
+    log.info("ComfyUI: copied the image's checkout (%s) from %s", commit[:10], baked)
+
+
+def make_comfyui_venv(workspace: Workspace, report: Report) -> None:
+    """The volume's venv for custom nodes' requirements, on top of the image's Python (see ``pyenv``)."""
+    if workspace.comfyui_venv is None or workspace.comfyui_base_python is None:
+        return
+    try:
+        pyenv.make_venv(workspace.comfyui_venv, workspace.comfyui_base_python)
+    except pyenv.InstallError as exc:
+        report.fail("venv", str(workspace.comfyui_venv), str(exc))
+
+
+def compile_bytecode(workspace: Workspace) -> None:
+    """Byte-compile ComfyUI and its custom nodes once, here, instead of in every fresh container's boot."""
+    try:
+        subprocess.run(
+            [
+                workspace.comfyui_python,
+                "-m",
+                "compileall",
+                "-q",
+                "-j",
+                "0",
+                "-x",
+                r"/\.git/",
+                str(workspace.comfyui_dir),
+            ],
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("Could not byte-compile %s: %s", workspace.comfyui_dir, exc)
 
 
 def install_comfyui_requirements(workspace: Workspace, state: State, report: Report) -> str | None:
@@ -176,9 +230,9 @@ def install_comfyui_requirements(workspace: Workspace, state: State, report: Rep
     if not requirements.is_file():
         return None
     key = pyenv.requirements_key("comfyui", "ComfyUI", [requirements])
+    if key in pyenv.installed_keys(workspace.comfyui_python):
+        return key  # the image's ComfyUI: its requirements were installed when the image was built
     marker = pyenv.marker_path(workspace.comfyui_python)
-    if key in pyenv.read_marker(marker):
-        return key
     leave_out: tuple[str, ...] = ()
     if not state.comfyui:
         leave_out = pyenv.PROTECTED
@@ -279,6 +333,7 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
             return report
         state.provisioned_sha256 = None  # the volume is between two configs until the end of this run
         install_comfyui(workspace, config, state, report)
+        make_comfyui_venv(workspace, report)
         env_keys = []
         if report.ok:
             env_keys.append(install_comfyui_requirements(workspace, state, report))
@@ -286,6 +341,8 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         else:
             check_node_versions(config, report)
         state.env_keys = sorted(key for key in env_keys if key)
+        if report.comfyui_changed:
+            compile_bytecode(workspace)
         state.save(state_path(workspace))
     install_models(workspace, config, env, report)
     write_extra_model_paths(workspace, config)

@@ -46,6 +46,9 @@ class Workspace:
     comfyui_repo: str
     comfyui_python: str
     listen: str
+    comfyui_base_python: str | None = None
+    comfyui_venv: Path | None = None
+    comfyui_baked_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], is_dir: Callable[[Path], bool] = Path.is_dir) -> Workspace:
@@ -58,6 +61,13 @@ class Workspace:
             root = Path("/workspace")
         else:
             root = REPO_ROOT / "workspace"
+        # The image's layered environment (pyenv): a venv on the volume, one per Python/PyTorch/ComfyUI, unless
+        # COMFYUI_PYTHON names the interpreter to use.
+        base_python = env.get("COMFYUI_BASE_PYTHON", "").strip() or None
+        venv = None
+        if base_python and not env.get("COMFYUI_PYTHON", "").strip():
+            key = env.get("COMFYUI_VENV_KEY", "").strip() or Path(base_python).name
+            venv = root / STATE_DIRNAME / "venvs" / key
         return cls(
             mode=mode,
             root=root,
@@ -66,9 +76,13 @@ class Workspace:
             model_cache_dir=_env_path(env, "MODEL_CACHE_DIR", root / "model-cache"),
             baked_config=_env_path(env, "BAKED_CONFIG", REPO_ROOT / "config.yml"),
             comfyui_repo=env.get("COMFYUI_REPO", "").strip() or DEFAULT_COMFYUI_REPO,
-            comfyui_python=env.get("COMFYUI_PYTHON", "").strip() or sys.executable,
+            comfyui_python=env.get("COMFYUI_PYTHON", "").strip()
+            or (str(venv / "bin" / "python") if venv else sys.executable),
             # Serverless: only the handler talks to ComfyUI. Locally and on pods the user opens its UI.
             listen=env.get("COMFYUI_LISTEN", "").strip() or ("127.0.0.1" if mode == "serverless" else "0.0.0.0"),  # noqa: S104
+            comfyui_base_python=base_python,
+            comfyui_venv=venv,
+            comfyui_baked_dir=_env_path(env, "COMFYUI_BAKED_DIR", Path()) if env.get("COMFYUI_BAKED_DIR") else None,
         )
 
     @property

