@@ -216,7 +216,7 @@ def test_the_scripts_the_dockerfile_runs_exist_and_are_tested() -> None:
         assert os.access(REPO / script, os.X_OK), f"{script} is not executable"
         assert f'"{script}"' in (REPO / test_file).read_text(), f"{test_file} does not run {script}"
     entrypoint = next(args for keyword, args in dockerfile_instructions(dockerfile) if keyword == "ENTRYPOINT")
-    assert json.loads(entrypoint) == [f"{APP}/start.sh"]
+    assert json.loads(entrypoint) == ["/usr/bin/tini", "-g", "--", f"{APP}/start.sh"]  # tini is PID 1
     assert scripts_run("FROM x\nRUN /opt/comfy-worker/other.sh\n") == {"other.sh"}  # the check sees new ones
 
 

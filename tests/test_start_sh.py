@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import REPO
+from .file_server import FileServer, make_data
 from .runpod_platform import RunpodPlatform
 from .worker_process import ComfyBackend, free_port, runsync_when_up, stop, worker_env
 
@@ -64,10 +69,66 @@ def test_sigterm_stops_the_worker_and_the_comfyui_it_started(tmp_path: Path) -> 
         process = subprocess.Popen([str(REPO / "start.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         runsync_when_up(f"http://127.0.0.1:{api_port}", MODEL_FREE, process, log, timeout_s=60)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # start.sh exec'd the worker: the signal reaches it directly
         process.wait(timeout=30)
-        assert "start.sh: stopping (SIGTERM)" in log.read_text()
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", comfy_port), timeout=1).close()
     finally:
         stop(process)
+
+
+def test_sigterm_during_provisioning_stops_start_sh_at_once(tmp_path: Path) -> None:
+    """A slow download is under way: SIGTERM must not wait for it (docker stop kills after 10 s)."""
+    server = FileServer(tmp_path / "served")
+    try:
+        data = make_data(2 * 1024 * 1024)
+        server.add("/slow.safetensors", data, rate=50_000)
+        config = (
+            f"nodes: []\nmodels:\n  - url: {server.url('/slow.safetensors')}\n    destination: checkpoints\n"
+            f"    sha256: {hashlib.sha256(data).hexdigest()}\n"
+        )
+        env = worker_env(
+            ComfyBackend.standin(), tmp_path, free_port(), **{**nothing_to_provision(tmp_path), "CONFIG_YML": config}
+        )
+        log = tmp_path / "start.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen([str(REPO / "start.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while not list((tmp_path / "volume" / "models" / "checkpoints").glob("*.part")):
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) != 0
+            assert time.monotonic() - started < 5
+            assert "start.sh: stopping (SIGTERM)" in log.read_text()
+            assert "local mode" not in log.read_text()  # it did not go on to start the worker
+        finally:
+            stop(process)
+    finally:
+        server.close()
+
+
+def test_make_venv_skips_uv_while_the_requirements_are_unchanged(tmp_path: Path) -> None:
+    """./start.sh outside the image: the worker's own requirements are installed once, not at every start."""
+    for name in ("start.sh", "requirements.txt", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(f'#!/bin/sh\necho "$*" >>{tmp_path / "uv.log"}\n')
+    (bin_dir / "uv").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+
+    def make_venv() -> list[str]:
+        subprocess.run(["bash", "-c", "source ./start.sh && make_venv"], cwd=tmp_path, env=env, check=True)
+        uv_log = tmp_path / "uv.log"
+        return uv_log.read_text().splitlines() if uv_log.exists() else []
+
+    assert len(make_venv()) == 1  # the first time: uv pip install
+    assert len(make_venv()) == 1  # unchanged: no uv call at all
+    with (tmp_path / "requirements.txt").open("a") as requirements:
+        requirements.write("# changed\n")
+    assert len(make_venv()) == 2
