@@ -37,6 +37,12 @@ class WorkerError(Exception):
         return {"error_type": self.error_type, "message": self.message, "details": self.details}
 
 
+class ConfigurationError(WorkerError):
+    """An environment variable holds a value the worker cannot use: every job reports it until it is fixed."""
+
+    error_type = "configuration"
+
+
 class InputError(WorkerError):
     error_type = "validation"
 

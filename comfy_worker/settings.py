@@ -124,10 +124,11 @@ class Settings:
     comfyui_output_dir: Path | None = None
     comfyui_temp_dir: Path | None = None
     comfyui_listen: str | None = None
+    comfyui_save_metadata: bool = False
     extra_model_paths: Path | None = None
     provision_status: Path | None = None
     startup_timeout_s: float = 300.0
-    job_timeout_s: float = 600.0
+    job_timeout_s: float = 540.0  # below RunPod's default execution timeout (600 s): the worker reports it
     job_timeout_max_s: float = 3600.0
     interrupt_grace_s: float = 10.0
     restart_attempts: int = 3
@@ -137,7 +138,7 @@ class Settings:
     warmup_workflow: Path | None = None
     free_after_job: str = "none"
     cleanup_job_files: bool = True
-    max_result_mb: float = 20.0
+    max_result_mb: float = 10.0  # what RunPod accepts on /run (20 MB on /runsync)
     input_url_allowlist: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     input_url_max_mb: float = 100.0
     input_url_timeout_s: float = 60.0
@@ -193,6 +194,7 @@ class Settings:
             comfyui_output_dir=folder("COMFYUI_OUTPUT_DIR", "output"),
             comfyui_temp_dir=temp_dir,
             comfyui_listen=env.get("COMFYUI_LISTEN", "").strip() or None,
+            comfyui_save_metadata=_bool(env, "COMFYUI_SAVE_METADATA", cls.comfyui_save_metadata),
             extra_model_paths=_path(env, "COMFYUI_EXTRA_MODEL_PATHS", None),
             provision_status=_path(env, "PROVISION_STATUS", None),
             startup_timeout_s=env_float(env, "COMFY_STARTUP_TIMEOUT", cls.startup_timeout_s, minimum=1.0),

@@ -300,3 +300,14 @@ def test_missing_checkpoint_names_the_closest(worker: WorkerProcess) -> None:
     assert error["error_type"] == "workflow_validation"
     assert f"'{misspelt}' is not in models/checkpoints; closest: {checkpoint}" in error["message"]
     assert checkpoint in error["diagnostics"]["model_folders"]["checkpoints"]
+
+
+def test_a_bad_environment_value_is_reported_in_every_job_instead_of_a_crash_loop(tmp_path: Path) -> None:
+    with serve_api(ComfyBackend.standin(), tmp_path, JOB_TIMEOUT="soon", MAX_RESULT_MB="-1") as worker:
+        for _ in range(2):
+            body = worker.runsync({"workflow": {}})
+            assert body["status"] == "FAILED", body
+            error = json.loads(str(body["error"]))
+            assert error["error_type"] == "configuration"
+            assert "JOB_TIMEOUT='soon' is not a number" in error["message"]
+        assert worker.process.poll() is None

@@ -17,7 +17,8 @@ def test_defaults() -> None:
     assert (s.comfy_host, s.comfy_port, s.comfy_ws_url) == ("127.0.0.1", 8188, "ws://127.0.0.1:8188/ws")
     assert s.comfyui_dir is None and s.comfyui_output_dir is None
     assert s.comfyui_python == sys.executable
-    assert (s.job_timeout_s, s.job_timeout_max_s) == (600.0, 3600.0)
+    assert (s.job_timeout_s, s.job_timeout_max_s) == (540.0, 3600.0)  # below RunPod's 600 s execution timeout
+    assert s.max_result_mb == 10.0  # what RunPod's /run accepts
     assert s.comfy_is_local
 
 
@@ -100,6 +101,7 @@ def test_comfyui_command_line() -> None:
     assert command[2:8] == ["--listen", "127.0.0.1", "--port", "8190", "--disable-auto-launch", "--input-directory"]
     assert command.count("--cpu") == 1
     assert command[-3:] == ["--cpu", "--listen", "0.0.0.0"], "COMFYUI_ARGS come last so they win"
+    assert "--disable-metadata" in command  # an API worker: no workflow inside every output
 
 
 def test_comfyui_gets_absolute_paths_from_a_relative_comfyui_dir(
@@ -112,3 +114,8 @@ def test_comfyui_gets_absolute_paths_from_a_relative_comfyui_dir(
     for flag in ("--input-directory", "--output-directory"):
         assert Path(command[command.index(flag) + 1]).is_absolute()
     assert command[command.index("--temp-directory") + 1] == str(tmp_path / "work" / "ComfyUI")
+
+
+def test_comfyui_saves_metadata_only_when_asked() -> None:
+    s = Settings.from_env({"COMFYUI_DIR": "/c", "COMFYUI_SAVE_METADATA": "true"})
+    assert "--disable-metadata" not in ComfySupervisor(s).command()

@@ -56,6 +56,8 @@ class ComfySupervisor:
             args += ["--output-directory", str(s.comfyui_output_dir.resolve())]
         if s.comfyui_temp_dir is not None:  # ComfyUI writes temp files into <--temp-directory>/temp
             args += ["--temp-directory", str(s.comfyui_temp_dir.parent.resolve())]
+        if not s.comfyui_save_metadata:  # an API worker: no workflow inside every output file
+            args.append("--disable-metadata")
         if "--cpu" not in s.comfyui_args and shutil.which("nvidia-smi") is None:
             args.append("--cpu")  # no NVIDIA driver here: ComfyUI would fail to start on CUDA
         return [*args, *s.comfyui_args]

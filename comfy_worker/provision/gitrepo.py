@@ -141,7 +141,10 @@ def _fetch(path: Path, resolved: Resolved) -> None:
         git("fetch", "--quiet", "--depth", "1", "origin", wanted, cwd=path)
         if resolved.ref is not None or len(resolved.commit) == 40:
             return
-    except GitError:
+    except GitError as exc:
+        if resolved.ref is not None and "shallow" in str(exc):  # a server without shallow fetches (dumb HTTP)
+            git("fetch", "--quiet", "origin", resolved.ref, cwd=path)
+            return
         if resolved.ref is not None:
             raise
     unshallow = ["--unshallow"] if (path / ".git" / "shallow").exists() else []

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_worker.comfy.supervisor import ComfySupervisor
-from comfy_worker.redact import RedactingFilter, RedactingStream, Redactor, redact_url
+from comfy_worker.errors import ConfigurationError, WorkerError
+from comfy_worker.redact import RedactingFilter, RedactingStream, Redactor, redact_url, secrets_from_env
 from comfy_worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # the job machinery is imported after ComfyUI was launched (see main)
@@ -148,14 +149,29 @@ def _exit_on_sigterm(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+def serve_error(error: WorkerError) -> None:
+    """Take jobs and fail each with ``error`` (a worker that cannot run them must still say why)."""
+    import runpod
+
+    redact = Redactor(secrets_from_env(os.environ))
+
+    def handler(_job: dict[str, Any]) -> dict[str, Any]:
+        return {"error": redact(error.to_json())}
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    runpod.serverless.start({"handler": handler})
+
+
 def main() -> None:
     """``python handler.py [runpod SDK flags]``: run the worker (see docs/job-api.md)."""
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
-        setup_logging("INFO")
-        log.error("Invalid configuration: %s", exc)
-        raise SystemExit(2) from exc
+        # Exiting would make RunPod restart the worker forever; answer every job with the reason instead.
+        setup_logging("INFO", Redactor(secrets_from_env(os.environ)))
+        log.error("Invalid configuration: %s. Every job fails with this error until the variable is fixed.", exc)
+        serve_error(ConfigurationError(f"Invalid configuration: {exc}"))
+        return
     redact = Redactor(settings.secrets)
     sys.stdout = RedactingStream(sys.stdout, redact)  # the runpod SDK prints its own log lines
     sys.stderr = RedactingStream(sys.stderr, redact)
