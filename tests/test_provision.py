@@ -708,3 +708,35 @@ def test_an_existing_checkout_gets_its_requirements_without_torch_and_says_so(vo
     ).stdout
     assert "comfy-dep" in listed.replace("_", "-")
     assert "torch" not in listed
+
+
+def test_slow_provisioning_is_reported_with_runpods_start_up_limit(caplog: pytest.LogCaptureFixture) -> None:
+    from comfy_worker.provision.run import reporting_slowness
+
+    with caplog.at_level("WARNING"), reporting_slowness({"RUNPOD_INIT_TIMEOUT": "900"}, interval_s=0.05):
+        time.sleep(0.3)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages and "Still provisioning after" in messages[0] and "RUNPOD_INIT_TIMEOUT is 900 s" in messages[0]
+
+
+def test_a_layered_venv_is_made_aside_and_installed_into_with_its_own_pip(tmp_path: Path) -> None:
+    """The image's layout: node requirements go into a venv on the volume made on top of the Python that holds
+    PyTorch and ComfyUI's requirements (whose marker the gate reads too: the image tier shows that)."""
+    from comfy_worker.provision import pyenv
+
+    folder = tmp_path / "volume" / "venvs" / "py-key"
+    layered = pyenv.make_venv(folder, sys.executable)
+    assert pyenv.make_venv(folder, sys.executable) == layered  # idempotent
+    assert pyenv.prefixes(layered) == (folder, Path(sys.base_prefix))  # read from pyvenv.cfg, no interpreter run
+    pyenv.add_to_marker(pyenv.marker_path(layered), ["node:x:1"])
+    assert "node:x:1" in pyenv.installed_keys(layered)
+    assert pyenv.installer(layered) == [layered, "-m", "pip", "install"]  # uv would not see the base's packages
+    assert not list(folder.parent.glob(".*"))  # made aside, moved into place
+
+
+def test_the_workspace_puts_the_comfyui_venv_on_the_volume_keyed_by_the_image() -> None:
+    env = {"WORKSPACE": "/vol", "COMFYUI_BASE_PYTHON": "/usr/bin/python3.12", "COMFYUI_VENV_KEY": "py3.12-torch2.9"}
+    workspace = Workspace.from_env(env)
+    assert workspace.comfyui_venv == Path("/vol/.comfy-worker/venvs/py3.12-torch2.9")
+    assert workspace.comfyui_python == "/vol/.comfy-worker/venvs/py3.12-torch2.9/bin/python"
+    assert Workspace.from_env({**env, "COMFYUI_PYTHON": "/other/python"}).comfyui_venv is None

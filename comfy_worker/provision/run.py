@@ -22,9 +22,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from comfy_worker.provision.config import Config
 
 log = logging.getLogger("comfy_worker.provision")
+SLOW_LOG_INTERVAL_S = 60.0
 DEFAULT_PID_FILE = "/tmp/comfy-worker.pid"  # noqa: S108 - per container, where apply_config.sh runs too
 
 
@@ -101,6 +103,32 @@ def volume_lock(workspace: Workspace, env: Mapping[str, str]) -> contextlib.Abst
 
     deadline_s = env_float(env, "PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_DEADLINE_S, minimum=1.0)
     return hold_lock(workspace.state_dir / "provision.lock", what="provisioning this volume", deadline_s=deadline_s)
+
+
+@contextlib.contextmanager
+def reporting_slowness(env: Mapping[str, str], interval_s: float = SLOW_LOG_INTERVAL_S) -> Iterator[None]:
+    """Say every ``interval_s`` that provisioning is still running: RunPod replaces a worker that takes longer
+    than RUNPOD_INIT_TIMEOUT to start, and its log is the only place to see why."""
+    stop = threading.Event()
+    started = time.monotonic()
+    limit = env.get("RUNPOD_INIT_TIMEOUT", "").strip()
+    hint = f"RUNPOD_INIT_TIMEOUT is {limit} s" if limit else "RUNPOD_INIT_TIMEOUT is unset (RunPod's default)"
+
+    def report() -> None:
+        while not stop.wait(interval_s):
+            log.warning(
+                "Still provisioning after %.0fs (%s; a worker slower to start is replaced: raise it for a cold "
+                "volume, or bake the image)",
+                time.monotonic() - started,
+                hint,
+            )
+
+    thread = threading.Thread(target=report, name="provision-clock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 @dataclass
@@ -378,7 +406,8 @@ def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report
     log.info("Provisioning from %s (sha256 %s) because %s", resolved.source, resolved.sha256[:12], reason)
     started = time.monotonic()
     try:
-        report = run(workspace, resolved, env, reason, force)
+        with reporting_slowness(env):
+            report = run(workspace, resolved, env, reason, force)
     except ConfigError as exc:
         log.error("%s", exc)
         write_status(workspace, {"ok": False, "failed": [{"kind": "config", "name": "config.yml", "error": str(exc)}]})
