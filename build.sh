@@ -9,10 +9,11 @@
 #   --platform PLATFORM  linux/amd64 (the default and the only one: the Dockerfile pins it)
 #   --bake MODE          none (default): provision at run time; nodes: ComfyUI + custom nodes in the image;
 #                        models: nodes and models too (a fat image; see docs/deploy.md)
-#   --build-arg N=V      passed to the build, e.g. ACCELERATORS=true, WITH_JUPYTER=false
+#   --build-arg N=V      passed to the build, e.g. ACCELERATORS=true, WITH_JUPYTER=true
 # The image is [$IMAGE_REGISTRY/]$IMAGE_NAME:TAG ($IMAGE_NAME defaults to comfy-worker).
 # HF_TOKEN and CIVITAI_TOKEN, when set, reach the build as BuildKit secrets (for gated downloads while
-# baking), so they are in no layer. Sourcing this file defines the functions without running anything.
+# baking), so they are in no layer; so does CA_BUNDLE_FILE (a CA bundle to trust behind a TLS-inspecting
+# proxy, as the ca_bundle secret). Sourcing this file defines the functions without running anything.
 set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -100,6 +101,9 @@ buildx_args() {
       printf '%s\n' --secret "id=$name,env=$name"
     fi
   done
+  if [[ -n "${CA_BUNDLE_FILE:-}" ]]; then
+    printf '%s\n' --secret "id=ca_bundle,src=$CA_BUNDLE_FILE"
+  fi
   if [[ "$OPT_NO_CACHE" == true ]]; then
     printf '%s\n' --no-cache
   fi
