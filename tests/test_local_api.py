@@ -311,3 +311,19 @@ def test_a_bad_environment_value_is_reported_in_every_job_instead_of_a_crash_loo
             assert error["error_type"] == "configuration"
             assert "JOB_TIMEOUT='soon' is not a number" in error["message"]
         assert worker.process.poll() is None
+
+
+def test_importing_runpod_does_not_start_a_second_python_for_the_cpu_name() -> None:
+    """py-cpuinfo's probe (about 1.1 s of every cold start) is replaced before the worker imports runpod."""
+    code = (
+        "import time\n"
+        "from comfy_worker.runtime.app import skip_slow_cpu_probe\n"
+        "skip_slow_cpu_probe()\n"
+        "started = time.monotonic()\n"
+        "from runpod.serverless.utils import rp_debugger\n"
+        "assert rp_debugger.PROCESSOR, rp_debugger.PROCESSOR\n"
+        "import multiprocessing\n"
+        "assert not multiprocessing.active_children()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import time
@@ -145,6 +146,31 @@ def make_handler(worker: Worker) -> Any:
     return handler
 
 
+def skip_slow_cpu_probe() -> None:
+    """Give py-cpuinfo a fast ``get_cpu_info`` before ``import runpod``.
+
+    The SDK's debugger module asks py-cpuinfo for the CPU's name at import time, which starts a second
+    Python process: about 1.1 s of every cold start (measured in the image). The name in /proc/cpuinfo is
+    all it uses.
+    """
+    try:
+        import cpuinfo
+    except ImportError:
+        return
+
+    def brand() -> dict[str, str]:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+                for line in file:
+                    if line.startswith("model name"):
+                        return {"brand_raw": line.partition(":")[2].strip()}
+        except OSError:
+            pass
+        return {"brand_raw": platform.processor() or "unknown"}
+
+    cpuinfo.get_cpu_info = brand
+
+
 def _exit_on_sigterm(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -164,6 +190,7 @@ def serve_error(error: WorkerError) -> None:
 
 def main() -> None:
     """``python handler.py [runpod SDK flags]``: run the worker (see docs/job-api.md)."""
+    skip_slow_cpu_probe()
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
