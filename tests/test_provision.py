@@ -741,3 +741,23 @@ def test_the_workspace_puts_the_comfyui_venv_on_the_volume_keyed_by_the_image() 
     assert workspace.comfyui_venv == Path("/vol/.comfy-worker/venvs/py3.12-torch2.9")
     assert workspace.comfyui_python == "/vol/.comfy-worker/venvs/py3.12-torch2.9/bin/python"
     assert Workspace.from_env({**env, "COMFYUI_PYTHON": "/other/python"}).comfyui_venv is None
+
+
+def test_comfyui_manager_is_kept_offline_on_serverless_only(tmp_path: Path) -> None:
+    from comfy_worker.provision.run import MANAGER_CONFIGS, set_manager_network_mode
+
+    manager = tmp_path / "ComfyUI" / "custom_nodes" / "ComfyUI-Manager"
+    manager.mkdir(parents=True)
+    old = tmp_path / "ComfyUI" / MANAGER_CONFIGS[1]
+    old.parent.mkdir(parents=True)
+    old.write_text("[default]\nuse_uv = True\nnetwork_mode = public\n")
+    set_manager_network_mode(Workspace.from_env({"WORKSPACE": str(tmp_path)}), {})
+    assert "public" in old.read_text()  # local and pods: the Manager is the user's
+    serverless = Workspace.from_env({"WORKSPACE": str(tmp_path), "RUNPOD_WEBHOOK_GET_JOB": "https://x"})
+    set_manager_network_mode(serverless, {})
+    for relative in MANAGER_CONFIGS:
+        text = (tmp_path / "ComfyUI" / relative).read_text()
+        assert "network_mode = offline" in text
+    assert "use_uv = True" in old.read_text()
+    set_manager_network_mode(serverless, {"COMFYUI_MANAGER_NETWORK_MODE": "private"})
+    assert "network_mode = private" in old.read_text()

@@ -476,6 +476,39 @@ def ask_worker_to_restart(env: Mapping[str, str], report: Report | None) -> None
     log.info("Asked the worker (pid %d) to restart ComfyUI; it does so once its running job is done", pid)
 
 
+MANAGER_CONFIGS = ("user/__manager/config.ini", "user/default/ComfyUI-Manager/config.ini")  # new, old Manager
+
+
+def set_manager_network_mode(workspace: Workspace, env: Mapping[str, str]) -> None:
+    """ComfyUI-Manager fetches its registry from the network at every boot (tens of seconds on a cold worker):
+    on serverless its config says ``network_mode = offline`` (COMFYUI_MANAGER_NETWORK_MODE chooses).
+
+    Run at every start (a few stat calls; a write only when the file says otherwise).
+    """
+    import configparser
+
+    wanted = env.get("COMFYUI_MANAGER_NETWORK_MODE", "").strip().lower()
+    wanted = wanted or ("offline" if workspace.mode == "serverless" else "")
+    nodes = workspace.custom_nodes_dir
+    if not wanted or not nodes.is_dir() or not any(p.name.lower() == "comfyui-manager" for p in nodes.iterdir()):
+        return
+    for relative in MANAGER_CONFIGS:
+        path = workspace.comfyui_dir / relative
+        config = configparser.ConfigParser(interpolation=None)
+        config.read(path, encoding="utf-8")
+        if config.has_section("default") and config.get("default", "network_mode", fallback="") == wanted:
+            continue
+        if not config.has_section("default"):
+            config.add_section("default")
+        config.set("default", "network_mode", wanted)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        with temporary.open("w", encoding="utf-8") as file:
+            config.write(file)
+        temporary.replace(path)
+        log.info("ComfyUI-Manager: network_mode = %s in %s", wanted, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Install config.yml's ComfyUI, custom nodes and models (SHA-gated).")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
@@ -494,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dry_run(os.environ, workspace)
     try:
         status, report = provision(os.environ, workspace)
+        set_manager_network_mode(workspace, os.environ)
         if args.apply:
             ask_worker_to_restart(os.environ, report)
         return status
