@@ -202,6 +202,7 @@ def test_the_image_builds(setup: Setup) -> None:
     assert config["Entrypoint"] == ["/usr/bin/tini", "-g", "--", "/opt/comfy-worker/start.sh"]
     env = dict(item.split("=", 1) for item in config["Env"])
     assert "PYTHONDONTWRITEBYTECODE" not in env
+    assert not any(name.startswith("RUNPOD_SKIP") for name in env)  # runpod's system checks stay on
     assert not any("ca-certificates.crt" in value or "ca_bundle" in value for value in env.values())
 
 
@@ -376,3 +377,24 @@ def test_a_bake_nodes_image_starts_warm_with_no_network_at_all(setup: Setup) -> 
     assert_completed(body, container)
     log = container.logs()
     assert "nothing to install" in log, log[-6000:]
+
+
+def test_a_config_asking_for_another_comfyui_version_installs_it_onto_the_volume(setup: Setup) -> None:
+    wheel = make_wheel(setup.root / "wheels", "newer_comfyui_requirement", "2.0")
+    setup.server.add_file(f"/{wheel.name}", wheel)
+    requirements = (setup.comfyui.path / "requirements.txt").read_text()
+    requirement = f"newer_comfyui_requirement @ {setup.server.url('/' + wheel.name)}\n"
+    setup.comfyui.commit({"requirements.txt": requirements + requirement}, "a newer ComfyUI")
+    setup.comfyui.tag("v0.3.65")
+    volume = setup.root / "other-version-volume"
+    volume.mkdir()
+    config = setup.config().replace(COMFYUI_VERSION, "v0.3.65")
+    container = setup.container(volume, CONFIG_YML=config).start()
+    assert_completed(runsync(container, MODEL_FREE), container)
+    log = container.logs()
+    assert "ComfyUI: tag v0.3.65" in log and "copied the image's checkout" not in log, log[-6000:]
+    [venv] = (volume / ".comfy-worker" / "venvs").iterdir()
+    check = container.exec(
+        f"/runpod-volume/.comfy-worker/venvs/{venv.name}/bin/python", "-c", "import newer_comfyui_requirement"
+    )
+    assert check.returncode == 0, check.stderr
