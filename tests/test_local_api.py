@@ -197,7 +197,7 @@ def large_noisy_job() -> dict[str, Any]:
 def test_four_large_outputs_over_the_result_limit(worker: WorkerProcess) -> None:
     error = failed_error(worker.runsync(large_noisy_job(), timeout_s=300))
     assert error["error_type"] == "result_too_large"
-    assert "over this worker's result limit of 20 MB" in error["message"]
+    assert "over this worker's result limit of 10 MB" in error["message"]
     assert "Configure an S3 bucket" in error["message"] and "output.format" in error["message"]
     outputs = error["details"]["outputs"]
     assert len(outputs) == 4 and all(o["size_mb"] > 11 for o in outputs)
