@@ -13,6 +13,7 @@ set -Eeuo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CHILD_PIDS=()
 STOPPING=""
+jupyter_pid=""
 
 log() {
   printf 'start.sh: %s\n' "$*" >&2
@@ -116,7 +117,7 @@ start_jupyter() {
   # The token goes by environment, not on the command line where `ps` would show it to everyone.
   JUPYTER_TOKEN="$JUPYTER_PASSWORD" "$jupyter" -m jupyter lab --no-browser --allow-root --ip "${JUPYTER_LISTEN:-0.0.0.0}" \
     --port "${JUPYTER_PORT:-8888}" --ServerApp.root_dir="${WORKSPACE:-$ROOT}" &
-  JUPYTER_PID="$!"
+  jupyter_pid="$!"
 }
 
 # run_worker PYTHON: the worker replaces this shell (exec), so signals reach it directly; with Jupyter beside
@@ -128,16 +129,16 @@ run_worker() {
     log "local mode: the runpod local API on ${RP_API_HOST:-127.0.0.1}:${RP_API_PORT:-8000}"
     args+=(--rp_serve_api --rp_api_host "${RP_API_HOST:-127.0.0.1}" --rp_api_port "${RP_API_PORT:-8000}")
   fi
-  if [[ -z "${JUPYTER_PID:-}" ]]; then
+  if [[ -z "${jupyter_pid:-}" ]]; then
     printf '%s\n' "$$" >"${WORKER_PID_FILE:-/tmp/comfy-worker.pid}" # apply_config.sh signals it
     exec "$python" "${args[@]}"
   fi
   "$python" "${args[@]}" &
   worker="$!"
-  CHILD_PIDS=("$worker" "$JUPYTER_PID")
+  CHILD_PIDS=("$worker" "$jupyter_pid")
   printf '%s\n' "$worker" >"${WORKER_PID_FILE:-/tmp/comfy-worker.pid}"
   wait_child "$worker" || status=$?
-  kill -TERM "$JUPYTER_PID" 2>/dev/null || true
+  kill -TERM "$jupyter_pid" 2>/dev/null || true
   return "$status"
 }
 

@@ -53,6 +53,7 @@ DERIVED = {
     "COMFYUI_OUTPUT_DIR": "`$COMFYUI_DIR/output`",
     "COMFYUI_TEMP_DIR": "`$COMFYUI_DIR/temp`",
     "XDG_CACHE_HOME": "`~/.cache`",
+    "COMFYUI_VENV_KEY": "the base Python's name",
 }
 # Read with an empty default and filled in further on, as environment.md must write them
 # (test_later_defaults_are_real checks each against the code).
@@ -394,7 +395,7 @@ def drop_row(markdown: str, name: str) -> str:
         (lambda md: drop_row(md, "JOB_TIMEOUT"), "JOB_TIMEOUT (read at comfy_worker/settings.py:"),
         (lambda md: drop_row(md, "RP_API_PORT"), "RP_API_PORT (read at start.sh:"),
         (lambda md: drop_row(md, "XDG_CACHE_HOME"), "XDG_CACHE_HOME (read at comfy_worker/tools/model_sync.py:"),
-        (lambda md: edit_row(md, "JOB_TIMEOUT", "`600`", "`900`"), "JOB_TIMEOUT: default `600`"),
+        (lambda md: edit_row(md, "JOB_TIMEOUT", "`540`", "`900`"), "JOB_TIMEOUT: default `540`"),
         (lambda md: edit_row(md, "CLEANUP_JOB_FILES", "`true`", "`false`"), "CLEANUP_JOB_FILES: default `true`"),
         (lambda md: edit_row(md, "JUPYTER_PORT", "`8888`", "`8889`"), "JUPYTER_PORT: default `8888`"),
         (lambda md: edit_row(md, "COMFYUI_LISTEN", "`0.0.0.0`", "all"), "COMFYUI_LISTEN: default `0.0.0.0`"),

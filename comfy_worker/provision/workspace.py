@@ -64,10 +64,12 @@ class Workspace:
         # The image's layered environment (pyenv): a venv on the volume, one per Python/PyTorch/ComfyUI, unless
         # COMFYUI_PYTHON names the interpreter to use.
         base_python = env.get("COMFYUI_BASE_PYTHON", "").strip() or None
-        venv = None
-        if base_python and not env.get("COMFYUI_PYTHON", "").strip():
-            key = env.get("COMFYUI_VENV_KEY", "").strip() or Path(base_python).name
-            venv = root / STATE_DIRNAME / "venvs" / key
+        key = env.get("COMFYUI_VENV_KEY", "").strip() or Path(base_python or "python").name
+        venv = root / STATE_DIRNAME / "venvs" / key if base_python else None
+        python = env.get("COMFYUI_PYTHON", "").strip() or (str(venv / "bin" / "python") if venv else sys.executable)
+        if venv is not None and python != str(venv / "bin" / "python"):
+            venv = None  # COMFYUI_PYTHON names the interpreter: no venv of ours
+        baked = env.get("COMFYUI_BAKED_DIR", "").strip()
         return cls(
             mode=mode,
             root=root,
@@ -76,13 +78,12 @@ class Workspace:
             model_cache_dir=_env_path(env, "MODEL_CACHE_DIR", root / "model-cache"),
             baked_config=_env_path(env, "BAKED_CONFIG", REPO_ROOT / "config.yml"),
             comfyui_repo=env.get("COMFYUI_REPO", "").strip() or DEFAULT_COMFYUI_REPO,
-            comfyui_python=env.get("COMFYUI_PYTHON", "").strip()
-            or (str(venv / "bin" / "python") if venv else sys.executable),
+            comfyui_python=python,
             # Serverless: only the handler talks to ComfyUI. Locally and on pods the user opens its UI.
             listen=env.get("COMFYUI_LISTEN", "").strip() or ("127.0.0.1" if mode == "serverless" else "0.0.0.0"),  # noqa: S104
             comfyui_base_python=base_python,
             comfyui_venv=venv,
-            comfyui_baked_dir=_env_path(env, "COMFYUI_BAKED_DIR", Path()) if env.get("COMFYUI_BAKED_DIR") else None,
+            comfyui_baked_dir=Path(baked) if baked else None,
         )
 
     @property
