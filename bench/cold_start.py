@@ -175,13 +175,12 @@ class Bench:
             self.image,
             mounts=[f"{self.volume}:/runpod-volume"],
             args=["/runpod-volume/ComfyUI/main.py", "--listen", "127.0.0.1", "--port", str(port), "--cpu"],
+            entrypoint=python,
+            workdir="/runpod-volume/ComfyUI",
         )
         self.containers.append(container)
         launched = time.time()
-        docker_image.docker(
-            "run", "-d", "--name", container.name, "--network", "host", "--entrypoint", python,
-            "-v", f"{self.volume}:/runpod-volume", "-w", "/runpod-volume/ComfyUI", self.image, *container.args,
-        )  # fmt: skip
+        container.start()
         deadline = time.monotonic() + 120
         while True:
             try:

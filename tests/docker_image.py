@@ -201,12 +201,21 @@ def build(tag: str, context: Path, args: dict[str, str], log: Path, timeout_s: f
         command += ["--build-arg", f"{name}={value}"]
     if HOST_CA_BUNDLE.is_file():
         command += ["--secret", f"id=ca_bundle,src={HOST_CA_BUNDLE}"]
+    previous = image_id(tag)
     started = time.monotonic()
     done = docker(*command, str(context), timeout_s=timeout_s, check=False)
     log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise DockerError(f"docker build failed (log: {log}): {(done.stderr or done.stdout)[-4000:]}")
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    if previous and previous != image_id(tag):  # the last run's image, now untagged: its layers would pile up
+        docker("image", "rm", previous, check=False, timeout_s=120)
+    return seconds
+
+
+def image_id(ref: str) -> str | None:
+    done = docker("image", "inspect", "--format", "{{.Id}}", ref, check=False, timeout_s=30)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def serve_git(server: FileServer, repo: Repo, name: str) -> str:
@@ -230,6 +239,8 @@ class Container:
     mounts: list[str] = field(default_factory=list)  # "host:container[:ro]"
     network: str = "host"
     args: Sequence[str] = ()
+    entrypoint: str | None = None
+    workdir: str | None = None
     name: str = field(default_factory=lambda: f"comfy-worker-test-{uuid.uuid4().hex[:10]}")
     started_at: float = 0.0
 
@@ -242,6 +253,10 @@ class Container:
             command += ["-v", mount]
         for key, value in {**TEST_ENV, **self.env}.items():
             command += ["-e", f"{key}={value}"]
+        if self.entrypoint is not None:
+            command += ["--entrypoint", self.entrypoint]
+        if self.workdir is not None:
+            command += ["--workdir", self.workdir]
         self.started_at = time.monotonic()
         docker(*command, self.image, *self.args, timeout_s=120)
         return self
