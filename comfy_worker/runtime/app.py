@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_worker.comfy.supervisor import ComfySupervisor
-from comfy_worker.errors import ConfigurationError, WorkerError
+from comfy_worker.errors import ConfigurationError, WorkerError, json_text
 from comfy_worker.redact import RedactingFilter, RedactingStream, Redactor, redact_url, secrets_from_env
 from comfy_worker.settings import Settings, SettingsError
 
@@ -182,7 +182,7 @@ def serve_error(error: WorkerError) -> None:
     redact = Redactor(secrets_from_env(os.environ))
 
     def handler(_job: dict[str, Any]) -> dict[str, Any]:
-        return {"error": redact(error.to_json())}
+        return {"error": redact(json_text(error.to_dict()))}
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     runpod.serverless.start({"handler": handler})
