@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,20 +285,6 @@ class Container:
         docker("rm", "-f", self.name, check=False, timeout_s=60)
 
 
-def wait_for_log(container: Container, text: str, timeout_s: float) -> str:
-    """The container's log once it holds ``text``; fail with the log when it exits or the time is up."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        log = container.logs()
-        if text in log:
-            return log
-        if not container.running():
-            raise AssertionError(f"the container exited before logging {text!r}:\n{log[-6000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {text!r} in the container's log within {timeout_s:g}s:\n{log[-6000:]}")
-        time.sleep(0.2)
-
-
 def runsync_inside(
     container: Container, port: int, job_input: Mapping[str, Any], timeout_s: float = 180
 ) -> dict[str, object]:
@@ -325,8 +311,3 @@ def runsync_inside(
         raise AssertionError(f"runsync inside the container failed: {done.stderr[-3000:]}\n{container.logs()[-4000:]}")
     result: dict[str, object] = json.loads(done.stdout)
     return result
-
-
-def cleanup(containers: Iterator[Container] | Sequence[Container]) -> None:
-    for container in containers:
-        container.remove()

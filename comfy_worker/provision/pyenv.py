@@ -113,7 +113,6 @@ def make_venv(path: Path, base_python: str) -> str:
         _relocate_venv(temporary, path)
         temporary.rename(path)
     except (OSError, subprocess.SubprocessError) as exc:
-        shutil.rmtree(temporary, ignore_errors=True)
         raise InstallError(f"could not make the venv {path}: {exc}") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -501,11 +502,9 @@ def set_manager_network_mode(workspace: Workspace, env: Mapping[str, str]) -> No
         if not config.has_section("default"):
             config.add_section("default")
         config.set("default", "network_mode", wanted)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        with temporary.open("w", encoding="utf-8") as file:
-            config.write(file)
-        temporary.replace(path)
+        text = io.StringIO()
+        config.write(text)
+        atomic_write(path, text.getvalue())
         log.info("ComfyUI-Manager: network_mode = %s in %s", wanted, path)
 
 
