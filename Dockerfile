@@ -127,15 +127,16 @@ RUN --mount=type=cache,target=/root/.cache/uv \
         uv pip install --python /opt/jupyter/bin/python "jupyterlab==$JUPYTERLAB_VERSION"; \
     fi
 
-# The worker itself: what provisioning needs first, so a change to the rest does not re-bake.
+# The worker itself, in two steps: here what provisioning runs (start.sh, bake.sh, comfy_worker.provision and the
+# shared modules it imports), so the bake below depends on nothing else; the worker's runtime is copied after
+# the bake, and editing it never re-bakes (re-downloads) a fat image's models. The package is found through a
+# .pth file in the worker's venv, not installed, so the second copy needs no install step.
 WORKDIR /opt/comfy-worker
-COPY pyproject.toml README.md handler.py start.sh bake.sh config.yml config.schema.json ./
-COPY comfy_worker/ comfy_worker/
-RUN --mount=type=cache,target=/root/.cache/uv \
-    --mount=type=secret,id=ca_bundle \
-    set -eux; \
-    if [ -s /run/secrets/ca_bundle ]; then export SSL_CERT_FILE=/run/secrets/ca_bundle; fi; \
-    uv pip install --python /opt/venv/bin/python --no-deps /opt/comfy-worker
+COPY start.sh bake.sh config.yml config.schema.json ./
+COPY comfy_worker/__init__.py comfy_worker/settings.py comfy_worker/errors.py comfy_worker/redact.py \
+     comfy_worker/fsutil.py comfy_worker/
+COPY comfy_worker/provision/ comfy_worker/provision/
+RUN echo /opt/comfy-worker >"$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/comfy-worker.pth"
 
 # start.sh uses this interpreter instead of making a .venv; BAKED_CONFIG is config.yml's last fallback
 # (after CONFIG_YML and $WORKSPACE/config.yml).
@@ -166,7 +167,8 @@ FROM baked AS bake-models
 # hadolint ignore=DL3006
 FROM bake-${BAKE}
 WORKDIR /opt/comfy-worker
-COPY apply_config.sh install_nodes.py download_models.py s3_upload.py test_input.json ./
+COPY README.md handler.py apply_config.sh install_nodes.py download_models.py s3_upload.py test_input.json ./
+COPY comfy_worker/ comfy_worker/
 COPY examples/ examples/
 # 8000: the runpod local API (local mode); 8188: ComfyUI; 8888: JupyterLab (only with JUPYTER_PASSWORD).
 EXPOSE 8000 8188 8888

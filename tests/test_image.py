@@ -101,6 +101,53 @@ def copy_sources(text: str) -> list[str]:
     return sources
 
 
+def copied_before_the_bake(text: str) -> list[str]:
+    """The build-context paths copied before the ``RUN ... bake.sh`` step: what a fat image's bake depends on."""
+    sources: list[str] = []
+    for keyword, args in dockerfile_instructions(text):
+        if keyword == "RUN" and "bake.sh" in args:
+            return sources
+        if keyword in ("COPY", "ADD") and "--from=" not in args:
+            sources += [word for word in shlex.split(args) if not word.startswith("--")][:-1]
+    raise AssertionError("the Dockerfile has no bake step")
+
+
+def provisioning_files() -> set[str]:
+    """The package files ``python -m comfy_worker.provision`` can import: provision/ and what it imports."""
+    from .test_layout import imported_modules
+
+    todo = [*sorted((REPO / "comfy_worker" / "provision").glob("*.py")), REPO / "comfy_worker" / "__init__.py"]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for module in imported_modules(path.read_text(encoding="utf-8")):
+            if module.startswith("comfy_worker."):
+                base = REPO / module.replace(".", "/")
+                todo += [file for file in (base.with_suffix(".py"), base / "__init__.py") if file.is_file()]
+    return {path.relative_to(REPO).as_posix() for path in seen}
+
+
+def covered(path: str, sources: list[str]) -> bool:
+    return any(path == source or (source.endswith("/") and path.startswith(source)) for source in sources)
+
+
+@pytest.mark.parametrize("variant", ["as it is", "runtime copied before the bake"])
+def test_the_bake_depends_only_on_what_provisioning_runs(variant: str) -> None:
+    """Editing the worker's runtime must not invalidate a BAKE=models layer (which would download every model
+    again): before the bake, the Dockerfile copies provisioning's files and nothing of the runtime."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    if variant != "as it is":
+        dockerfile = dockerfile.replace("COPY comfy_worker/provision/", "COPY comfy_worker/ comfy_worker/\nCOPY x/", 1)
+    before = copied_before_the_bake(dockerfile)
+    assert [path for path in sorted(provisioning_files()) if not covered(path, before)] == []
+    runtime_before = covered("comfy_worker/runtime/job.py", before) or covered("handler.py", before)
+    assert runtime_before == (variant != "as it is")
+    assert "comfy_worker/" in copy_sources(dockerfile)  # the whole package comes after the bake
+
+
 def _ignore_regex(pattern: str) -> re.Pattern[str]:
     """A .dockerignore pattern (Go's filepath.Match plus ``**``) as a regex over slash-separated paths."""
     out = ""
