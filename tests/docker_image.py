@@ -77,19 +77,20 @@ def engine() -> str | None:
     dockerd = shutil.which("dockerd")
     if dockerd is None or os.geteuid() != 0:
         return "no Docker engine answers and dockerd cannot be started here (not installed, or not root)"
-    log = open(Path(tempfile.gettempdir()) / "comfy-worker-dockerd.log", "ab")  # noqa: SIM115 - the engine's
-    started = subprocess.Popen(
-        [dockerd, "--bridge=none", "--iptables=false"], stdout=log, stderr=log, start_new_session=True
-    )
+    log_path = Path(tempfile.gettempdir()) / "comfy-worker-dockerd.log"
+    with log_path.open("ab") as log:  # the engine keeps its own copy of the descriptor
+        started = subprocess.Popen(
+            [dockerd, "--bridge=none", "--iptables=false"], stdout=log, stderr=log, start_new_session=True
+        )
     _STARTED.append(started)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if _engine_answers():
             return None
         if started.poll() is not None:
-            return f"dockerd exited with code {started.returncode} (see {log.name})"
+            return f"dockerd exited with code {started.returncode} (see {log_path})"
         time.sleep(1)
-    return f"dockerd did not answer within 60 s (see {log.name})"
+    return f"dockerd did not answer within 60 s (see {log_path})"
 
 
 def stop_engine() -> None:
