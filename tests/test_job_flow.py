@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import io
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -145,16 +146,21 @@ def test_every_output_kind(worker: Worker) -> None:
     assert [(i["node_id"], i["mime_type"]) for i in result["images"]] == [("5", "image/webp")]
 
 
-def test_comfyui_that_cannot_start_fails_every_job_with_its_log(tmp_path: Path) -> None:
+def test_comfyui_that_cannot_start_fails_every_job_with_its_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     broken = tmp_path / "broken_comfyui"
     broken.mkdir()
     (broken / "main.py").write_text(
         "import sys\nprint('loading custom nodes...')\nprint('ImportError: no module named torch')\nsys.exit(3)\n"
     )
     settings = Settings.from_env({"COMFYUI_DIR": str(broken), "COMFY_API_URL": f"http://127.0.0.1:{free_port()}"})
-    failing = build_worker(settings)
+    with caplog.at_level(logging.INFO):
+        failing = build_worker(settings)
     try:
         assert failing.startup_error is not None
+        logged = [record.getMessage() for record in caplog.records]
+        assert sum("no module named torch" in line for line in logged) == 1, "ComfyUI's output is logged once"
         for _ in range(2):
             result = run(failing, {"workflow": sleep_graph(0)})
             assert result.get("refresh_worker") is True

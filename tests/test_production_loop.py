@@ -86,6 +86,8 @@ def test_job_result_is_posted(deployment: Deployment) -> None:
     assert output["status"] == "success"
     assert output["images"][0]["filename"].startswith("prod_")
     assert output["images"][0]["mime_type"] == "image/png"
+    # at the default LOG_LEVEL the SDK's DEBUG lines (the job's whole output) stay out of the log
+    assert output["images"][0]["data"][:60] not in deployment.worker.log()
 
 
 def test_error_result_is_a_json_string(deployment: Deployment) -> None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 comfy_log = logging.getLogger("comfyui")
+CHATTY_LINES = ("Adding extra search path",)  # ComfyUI's lines logged at DEBUG only
 
 
 class ComfySupervisor:
@@ -36,6 +37,7 @@ class ComfySupervisor:
         self.process: subprocess.Popen[str] | None = None
         self.attached = False
         self.restarts = 0
+        self.launched_at: float | None = None  # time.monotonic() of the last launch of our ComfyUI
         self._log_tail: collections.deque[str] = collections.deque(maxlen=settings.log_tail_lines)
         self._reader: threading.Thread | None = None
 
@@ -110,6 +112,7 @@ class ComfySupervisor:
         command = self.command()
         log.info("Starting ComfyUI: %s", " ".join(command))
         env = dict(self.settings.comfyui_env, PYTHONUNBUFFERED="1")  # no worker secrets (settings.py)
+        self.launched_at = time.monotonic()
         self.process = subprocess.Popen(
             command,
             cwd=self.settings.comfyui_dir,
@@ -146,7 +149,8 @@ class ComfySupervisor:
             for raw in process.stdout:
                 line = raw.rstrip("\n")
                 self._log_tail.append(line)
-                comfy_log.info("%s", line)
+                # one line per model folder at every start (dozens): kept for errors, not worth the log
+                comfy_log.log(logging.DEBUG if line.startswith(CHATTY_LINES) else logging.INFO, "%s", line)
 
     def log_tail(self, lines: int | None = None) -> list[str]:
         tail = list(self._log_tail)
@@ -157,12 +161,14 @@ class ComfySupervisor:
         return self.process is None or self.process.poll() is None
 
     def wait_ready(self, client: ComfyClient, timeout_s: float | None = None) -> float:
-        """Block until ``/system_stats`` answers; return the seconds waited. Fail fast if the child exits."""
+        """Block until ``/system_stats`` answers; return the seconds since our ComfyUI was launched (or since
+        this call, for one we attached to). Fail fast if the child exits."""
         timeout_s = timeout_s or self.settings.startup_timeout_s
         started = time.monotonic()
         while True:
             if client.is_ready(timeout_s=2.0):
-                return time.monotonic() - started
+                since = self.launched_at if self.process is not None and self.launched_at is not None else started
+                return time.monotonic() - since
             if self.process is not None and self.process.poll() is not None:
                 if self._reader is not None:
                     self._reader.join(timeout=2)  # let the last lines in

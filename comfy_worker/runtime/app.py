@@ -74,8 +74,6 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
             )
     except WorkerError as exc:
         log.error("ComfyUI is unavailable; every job will fail with this error: %s", exc.message)
-        for line in exc.details.get("log_tail", []):
-            log.error("  | %s", line)
         return Worker(
             settings, client, events, supervisor, startup_error=exc, fetcher=fetcher, storage=storage, models=models
         )
@@ -203,6 +201,9 @@ def main() -> None:
     sys.stdout = RedactingStream(sys.stdout, redact)  # the runpod SDK prints its own log lines
     sys.stderr = RedactingStream(sys.stderr, redact)
     setup_logging(settings.log_level, redact)
+    # The runpod SDK logs at DEBUG by default, every job's input and whole output (base64) included; it reads
+    # its level when imported (below, while ComfyUI boots). --rp_log_level still wins.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", settings.log_level)
     supervisor = ComfySupervisor(settings)
     supervisor.launch_early()
     worker = build_worker(settings, supervisor)
