@@ -54,6 +54,7 @@ DERIVED = {
     "COMFYUI_TEMP_DIR": "`$COMFYUI_DIR/temp`",
     "XDG_CACHE_HOME": "`~/.cache`",
     "COMFYUI_VENV_KEY": "the base Python's name",
+    "RUNPOD_LOG_LEVEL": "`LOG_LEVEL`",
 }
 # Read with an empty default and filled in further on, as environment.md must write them
 # (test_later_defaults_are_real checks each against the code).
@@ -199,8 +200,9 @@ class PythonReads:
         if isinstance(node, ast.Call):
             func, args = node.func, node.args
             # env.get("N", default), os.environ.get(...), os.getenv(...)
+            # os.environ.setdefault("N", default): a default for a library that reads N itself
             getter = isinstance(func, ast.Attribute) and (
-                (func.attr == "get" and is_env(func.value)) or func.attr == "getenv"
+                (func.attr in ("get", "setdefault") and is_env(func.value)) or func.attr == "getenv"
             )
             if getter and args and (name := var_name(args[0])):
                 return name, self.effective_default(node, args[1] if len(args) > 1 else None)
