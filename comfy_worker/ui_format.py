@@ -532,9 +532,9 @@ _COMMENTS = re.compile(r"/\*[\s\S]*?\*/|//.*")
 _CHOICE = re.compile(r"\{([^{}]*)\}")
 
 
-def dynamic_prompt(text: str, choose: random.Random | None = None) -> str:
+def dynamic_prompt(text: str, rng: random.Random | None = None) -> str:
     """The frontend's dynamic prompts: comments removed, ``{a|b|c}`` replaced by one option (innermost first)."""
-    rng = choose or random.Random()  # noqa: S311 - prompt variety, not security
+    rng = rng or random.Random()  # noqa: S311 - prompt variety, not security
     text = _COMMENTS.sub("", text)
     while True:
         replaced = _CHOICE.sub(lambda match: rng.choice(match.group(1).split("|")), text)
