@@ -52,6 +52,26 @@ def is_ui_format(workflow: Any) -> bool:
     return isinstance(workflow, dict) and isinstance(workflow.get("nodes"), list) and "links" in workflow
 
 
+def node_types(workflow: Workflow) -> set[str]:
+    """The node types a UI-format workflow needs from ComfyUI's ``/object_info``: every node's type, inside
+    subgraphs and group nodes too, less the frontend's own (virtual nodes, subgraph and group-node instances)."""
+    subgraphs = [d for d in (workflow.get("definitions") or {}).get("subgraphs") or [] if isinstance(d, dict)]
+    groups = [g for g in ((workflow.get("extra") or {}).get("groupNodes") or {}).values() if isinstance(g, dict)]
+    nodes = list(workflow.get("nodes") or [])
+    for container in (*subgraphs, *groups):
+        nodes += container.get("nodes") or []
+    own = {str(definition.get("id")) for definition in subgraphs}
+    return {
+        node["type"]
+        for node in nodes
+        if isinstance(node, dict)
+        and isinstance(node.get("type"), str)
+        and node["type"] not in VIRTUAL_NODE_TYPES
+        and node["type"] not in own
+        and _group_name(node["type"]) is None
+    }
+
+
 @dataclass
 class Conversion:
     """The API prompt, and what the conversion left out or rewired (reported to the user as a warning)."""

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from comfy_worker.errors import InputError, WorkflowError
-from comfy_worker.ui_format import convert, dynamic_prompt, is_ui_format
+from comfy_worker.ui_format import convert, dynamic_prompt, is_ui_format, node_types
 
 CORPUS = Path(__file__).parent / "ui_format"
 
@@ -161,3 +161,15 @@ def test_dynamic_prompts_choose_and_strip_comments() -> None:
     results = {dynamic_prompt("a {red|blue|green} fox /* hidden */ // gone", rng) for _ in range(30)}
     assert results == {"a red fox  ", "a blue fox  ", "a green fox  "}
     assert dynamic_prompt("{a|{b|b}}", random.Random(0)) in {"a", "b"}
+
+
+def test_node_types_are_what_comfyui_must_know() -> None:
+    assert node_types(case("nested_subgraphs")) == {
+        "EmptyImage",
+        "ImageInvert",
+        "ImageBlur",
+        "SaveImage",
+        "PrimitiveInt",
+    }
+    assert node_types(case("group_node")) == {"EmptyImage", "ImageInvert", "ImageBlur", "RandomNoise", "SaveImage"}
+    assert node_types(case("primitive_reroute_note_muted")) == {"EmptyImage", "SaveImage"}

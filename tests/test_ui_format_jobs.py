@@ -4,6 +4,7 @@ and a real one with COMFYUI_DIR), and the client CLI sending a workflow saved wi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -17,8 +18,18 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from comfy_worker.runtime.app import build_worker
+
 from .conftest import REPO
-from .worker_process import ComfyBackend, WorkerProcess, backend_params, serve_api
+from .worker_process import (
+    ComfyBackend,
+    WorkerProcess,
+    backend_params,
+    close_worker,
+    free_port,
+    serve_api,
+    worker_settings,
+)
 
 CASES = Path(__file__).parent / "ui_format" / "cases"
 
@@ -108,3 +119,23 @@ def test_the_client_sends_a_ui_workflow(worker: WorkerProcess, tmp_path: Path) -
     [saved] = list(out.rglob("*.png"))
     with Image.open(saved) as image:
         assert image.size == (40, 24)
+
+
+def test_ui_jobs_ask_comfyui_for_its_node_types_once(tmp_path: Path) -> None:
+    # Notes, Reroutes and group-node instances are never in /object_info: they must not make every job ask again
+    worker = build_worker(worker_settings(ComfyBackend.standin(), tmp_path, free_port()))
+    asked: list[int] = []
+    fetch = worker.client.object_info
+
+    def counted() -> dict[str, Any]:
+        asked.append(1)
+        return fetch()
+
+    worker.client.object_info = counted  # type: ignore[method-assign]
+    try:
+        for name in ("primitive_reroute_note_muted", "group_node", "primitive_reroute_note_muted"):
+            result = asyncio.run(worker.run("ui-job", {"workflow": case(name)}, lambda _message: None))
+            assert result["workflow_format"] == "ui", result
+    finally:
+        close_worker(worker)
+    assert len(asked) == 1

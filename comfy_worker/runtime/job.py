@@ -366,7 +366,7 @@ class Worker:
 
     async def _from_ui_format(self, job: JobInput, attempt: _Attempt) -> JobInput:
         """A workflow saved with ComfyUI's *Save* (UI format), converted as the frontend would queue it."""
-        wanted = {str(node.get("type")) for node in job.workflow["nodes"] if isinstance(node, dict)}
+        wanted = ui_format.node_types(job.workflow)  # frontend-only types are never in /object_info
         catalogue = await self._node_catalogue(attempt, wanted)
         conversion = await asyncio.to_thread(ui_format.convert, job.workflow, catalogue)
         attempt.workflow_format = "ui"

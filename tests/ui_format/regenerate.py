@@ -174,7 +174,7 @@ def copy_templates(source: Path) -> None:
     target = HERE / "templates"
     target.mkdir(exist_ok=True)
     for path in sorted(source.glob("*.json")):
-        if path.name in {"index.json"} or path.name.startswith("index."):
+        if path.name.startswith("index."):
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict) and isinstance(data.get("nodes"), list):
