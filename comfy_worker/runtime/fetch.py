@@ -74,6 +74,13 @@ def check_address(host: str, port: int, allowlist: tuple[Network, ...]) -> str:
     return str(infos[0][4][0])
 
 
+def check_url(url: str, allowlist: tuple[Network, ...]) -> None:
+    """``check_address`` for an http(s) URL's host and port: the first connection's check, made up front so a
+    refusal reads as one (later connections, redirects, are checked as they open)."""
+    parts = urlsplit(url)
+    check_address(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), allowlist)
+
+
 def _guarded(base: type[HTTPConnection], allowlist: tuple[Network, ...]) -> type[HTTPConnection]:
     class Guarded(base):  # type: ignore[valid-type,misc]
         def _new_conn(self) -> socket.socket:
@@ -151,14 +158,13 @@ class Fetcher:
             raise InputError(
                 f"{field}: only http, https and s3 URLs can be fetched, not {scheme or redact_url(url)!r}."
             )
-        parts = urlsplit(url)
         shown = redact_url(url)  # a presigned URL's signature is a credential: never in an error
         budget = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
         if budget <= 0:
             raise self._too_slow(shown, field)
         ends = time.monotonic() + budget
         try:  # fail fast on the first address; redirects are checked as their connections open
-            check_address(parts.hostname or "", parts.port or (443 if scheme == "https" else 80), self.allowlist)
+            check_url(url, self.allowlist)
             timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, budget), read=budget)
             response = self._pool.request("GET", url, preload_content=False, timeout=timeout)
         except ForbiddenAddressError as exc:

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from comfy_worker.errors import InputError
 from comfy_worker.fsutil import atomic_write, hold_lock
@@ -34,7 +33,7 @@ from comfy_worker.provision.config import ModelConfig
 from comfy_worker.provision.download_options import DownloadOptions
 from comfy_worker.provision.downloads import download_models
 from comfy_worker.redact import redact_url
-from comfy_worker.runtime.fetch import ForbiddenAddressError, Network, check_address
+from comfy_worker.runtime.fetch import ForbiddenAddressError, Network, check_url
 
 log = logging.getLogger(__name__)
 GB = 1024**3
@@ -111,11 +110,8 @@ class ModelCache:
         """Refuse internal addresses at once, with the input URLs' rule (the guarded session also checks every
         redirect's connection, but a refused connection there looks like a network error and is retried)."""
         for index, model in enumerate(models):
-            parts = urlsplit(model.url)
             try:
-                check_address(
-                    parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), self.allowlist
-                )
+                check_url(model.url, self.allowlist)
             except ForbiddenAddressError as exc:
                 raise InputError(f"models[{index}].url: {exc}", {"url": redact_url(model.url)}) from None
 
