@@ -39,6 +39,7 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 CONTAINER_CA_BUNDLE = "/run/comfy-worker-ca.crt"
 TEST_ENV = {"RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true", "RUNPOD_SKIP_GPU_CHECK": "true"}
 SIZES: list[str] = []  # the images built, with their sizes: printed in the terminal summary (conftest)
+FIGURES: list[str] = []  # start-up times the tier measured: printed there too
 _STARTED: list[subprocess.Popen[bytes]] = []  # the engine engine() started, if it did
 
 
@@ -125,9 +126,10 @@ def ensure_base_image() -> str:
             check=True,
             timeout=900,
         )
-        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
-        docker("import", "-", BASE_IMAGE, stdin=tar.stdout)
-        tar.wait()
+        with subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE) as tar:  # closes the pipe
+            docker("import", "-", BASE_IMAGE, stdin=tar.stdout)
+        if tar.returncode != 0:
+            raise DockerError(f"tar of the debootstrap root exited with {tar.returncode}")
     return BASE_IMAGE
 
 
