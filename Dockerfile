@@ -70,8 +70,12 @@ RUN --mount=type=secret,id=ca_bundle \
 # is). Provisioning copies this checkout onto the volume when the config asks for this version, and the
 # marker below tells it that these requirements are installed: a fresh container installs nothing. A config
 # asking for another version still works: that one is cloned, and its requirements go into the volume's venv.
+# comfyui-requirements.txt: what ComfyUI imports but does not list (requests for 0.3.64), installed with it.
+# The build ends with ComfyUI's own start-up check (--quick-test-for-ci: every import of main.py, its nodes and
+# its database, then exit), so an environment that cannot start ComfyUI fails the build instead of every job.
 ARG COMFYUI_REPO=https://github.com/comfyanonymous/ComfyUI
 ARG COMFYUI_VERSION=v0.3.64
+COPY comfy_worker/provision/comfyui-requirements.txt /opt/comfy-worker/comfy_worker/provision/
 RUN --mount=type=secret,id=ca_bundle \
     --mount=type=cache,target=/root/.cache/uv \
     set -eux; \
@@ -79,13 +83,23 @@ RUN --mount=type=secret,id=ca_bundle \
     git clone --quiet --depth 1 --branch "$COMFYUI_VERSION" "$COMFYUI_REPO" /opt/ComfyUI \
         || git clone --quiet --branch "$COMFYUI_VERSION" "$COMFYUI_REPO" /opt/ComfyUI; \
     uv pip freeze --python "$COMFYUI_BASE_PYTHON" | grep -E '^(torch|torchvision|torchaudio)==' >/tmp/torch-pins.txt; \
+    extra=/opt/comfy-worker/comfy_worker/provision/comfyui-requirements.txt; \
     uv pip install --system --break-system-packages --python "$COMFYUI_BASE_PYTHON" \
-        --constraint /tmp/torch-pins.txt -r /opt/ComfyUI/requirements.txt; \
+        --constraint /tmp/torch-pins.txt -r /opt/ComfyUI/requirements.txt -r "$extra"; \
     rm /tmp/torch-pins.txt; \
-    key="$({ printf 'requirements.txt\0'; cat /opt/ComfyUI/requirements.txt; } | sha256sum | cut -c1-16)"; \
+    key="$({ printf 'requirements.txt\0'; cat /opt/ComfyUI/requirements.txt; \
+             printf 'comfyui-requirements.txt\0'; cat "$extra"; } | sha256sum | cut -c1-16)"; \
     prefix="$("$COMFYUI_BASE_PYTHON" -c 'import sys; print(sys.prefix)')"; \
     printf '{"installed": ["comfyui:ComfyUI:%s"]}\n' "$key" >"$prefix/comfy-worker-env.json"; \
-    "$COMFYUI_BASE_PYTHON" -m compileall -q -j 0 /opt/ComfyUI
+    "$COMFYUI_BASE_PYTHON" -m compileall -q -j 0 /opt/ComfyUI; \
+    boot="$(mktemp -d)"; mkdir "$boot/user" "$boot/input" "$boot/output"; \
+    if ! "$COMFYUI_BASE_PYTHON" /opt/ComfyUI/main.py --cpu --quick-test-for-ci --temp-directory "$boot" \
+            --input-directory "$boot/input" --output-directory "$boot/output" --user-directory "$boot/user" \
+            --database-url "sqlite:///$boot/comfyui.db" \
+            >"$boot/log" 2>&1 || grep -q 'IMPORT FAILED' "$boot/log"; then \
+        cat "$boot/log"; echo "ComfyUI cannot start in the image's Python (its log is above)" >&2; exit 1; \
+    fi; \
+    rm -rf "$boot"
 # The custom nodes' venv on the volume is keyed by what it is built on: a new Python, PyTorch or ComfyUI makes
 # a new one (once per volume), an unchanged image finds it there.
 ENV COMFYUI_BAKED_DIR=/opt/ComfyUI \

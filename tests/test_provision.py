@@ -696,7 +696,8 @@ def test_an_existing_checkout_gets_its_requirements_without_torch_and_says_so(vo
     wheel = make_wheel(tmp_path / "wheels", "comfy_dep")
     mine = tmp_path / "my-comfyui"
     shutil.copytree(volume.comfyui.path, mine, ignore=shutil.ignore_patterns(".git"))
-    (mine / "requirements.txt").write_text(f"torch\ntorchaudio>=2.0  # CUDA build\nTorchVision==0.20\n{wheel}\n")
+    own = (mine / "requirements.txt").read_text()  # what the stand-in needs to start (the start-up check runs it)
+    (mine / "requirements.txt").write_text(f"{own}torch\ntorchaudio>=2.0  # CUDA build\nTorchVision==0.20\n{wheel}\n")
     venv = tmp_path / "user-venv"
     subprocess.run(["uv", "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
     volume.python = str(venv / "bin" / "python")

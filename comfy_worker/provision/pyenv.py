@@ -34,6 +34,8 @@ from comfy_worker.fsutil import atomic_write
 log = logging.getLogger(__name__)
 
 MARKER_NAME = "comfy-worker-env.json"
+# What ComfyUI imports but does not list (the file says why): installed with its requirements.txt everywhere.
+COMFYUI_EXTRA_REQUIREMENTS = Path(__file__).with_name("comfyui-requirements.txt")
 PROTECTED = ("torch", "torchvision", "torchaudio")
 INSTALL_TIMEOUT_S = 3600.0
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")

@@ -258,7 +258,8 @@ def install_comfyui_requirements(workspace: Workspace, state: State, report: Rep
     requirements = workspace.comfyui_dir / "requirements.txt"
     if not requirements.is_file():
         return None
-    key = pyenv.requirements_key("comfyui", "ComfyUI", [requirements])
+    files = [requirements, pyenv.COMFYUI_EXTRA_REQUIREMENTS]
+    key = pyenv.requirements_key("comfyui", "ComfyUI", files)
     if key in pyenv.installed_keys(workspace.comfyui_python):
         return key  # the image's ComfyUI: its requirements were installed when the image was built
     marker = pyenv.marker_path(workspace.comfyui_python)
@@ -273,13 +274,26 @@ def install_comfyui_requirements(workspace: Workspace, state: State, report: Rep
             ", ".join(leave_out),
         )
     try:
-        pyenv.pip_install(workspace.comfyui_python, [requirements], leave_out=leave_out)
+        pyenv.pip_install(workspace.comfyui_python, files, leave_out=leave_out)
     except pyenv.InstallError as exc:
         report.fail("comfyui", "requirements.txt", str(exc))
         return None
     pyenv.add_to_marker(marker, [key])
     report.done.append("ComfyUI requirements")
     return key
+
+
+def check_comfyui_starts(workspace: Workspace, report: Report) -> None:
+    """ComfyUI's own start-up check with what was installed: a missing module is named here, not in every job."""
+    from comfy_worker.provision import bootcheck
+
+    found = bootcheck.check(workspace.comfyui_dir, workspace.comfyui_python)
+    if found.error:
+        report.fail("comfyui", "start-up check", found.error)
+    for name, error in sorted(found.broken_nodes.items()):
+        report.fail("node", name, f"ComfyUI could not import it: {error}")
+    if found.ok:
+        log.info("ComfyUI starts with what is installed")
 
 
 def check_node_versions(config: Config, report: Report) -> None:
@@ -360,6 +374,7 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         if gate(workspace, resolved, state, force) is None:
             log.info("Another worker provisioned this config meanwhile; nothing left to do")
             return report
+        last_run_completed = state.provisioned_sha256 is not None
         state.provisioned_sha256 = None  # the volume is between two configs until the end of this run
         install_comfyui(workspace, config, state, report)
         make_comfyui_venv(workspace, report)
@@ -372,6 +387,8 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         state.env_keys = sorted(key for key in env_keys if key)
         if report.comfyui_changed:
             compile_bytecode(workspace)
+        if report.ok and (report.comfyui_changed or not last_run_completed):
+            check_comfyui_starts(workspace, report)
         state.save(state_path(workspace))
     install_models(workspace, config, env, report)
     write_extra_model_paths(workspace, config)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import shutil
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -172,6 +174,44 @@ def check_custom_nodes(args: argparse.Namespace, paths: FolderPaths) -> None:
         os.listdir(path)
 
 
+def import_custom_nodes(args: argparse.Namespace, paths: FolderPaths) -> None:
+    """Import every custom node as ComfyUI does, in its words for one that fails (provisioning's start-up check
+    reads them). Their classes are not served: the stand-in's nodes are its own."""
+    if args.disable_all_custom_nodes and not args.whitelist_custom_nodes:
+        return
+    times = []
+    for folder in paths.paths_of("custom_nodes"):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if (
+                name == "__pycache__"
+                or name.endswith(".disabled")
+                or (os.path.isfile(path) and not name.endswith(".py"))
+            ):
+                continue
+            started = time.perf_counter()
+            imported = _import_custom_node(path)
+            times.append((time.perf_counter() - started, path, imported))
+    if times:
+        log.info("\nImport times for custom nodes:")
+        for seconds, path, imported in sorted(times):
+            log.info("%6.1f seconds%s: %s", seconds, "" if imported else " (IMPORT FAILED)", path)
+        log.info("")
+
+
+def _import_custom_node(path: str) -> bool:
+    init = os.path.join(path, "__init__.py") if os.path.isdir(path) else path
+    try:
+        spec = importlib.util.spec_from_file_location(f"custom_nodes.{os.path.basename(path)}", init)
+        assert spec is not None and spec.loader is not None
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except Exception as exc:
+        log.warning(traceback.format_exc())
+        log.warning("Cannot import %s module for custom nodes: %s", path, exc)
+        return False
+    return True
+
+
 async def serve(args: argparse.Namespace, paths: FolderPaths, argv: list[str]) -> None:
     # Imported only now, so that command-line errors are reported at once (aiohttp takes ~0.3 s to import).
     from aiohttp import web
@@ -194,6 +234,7 @@ async def serve(args: argparse.Namespace, paths: FolderPaths, argv: list[str]) -
     cache_mode = "lru" if args.cache_lru > 0 else ("none" if args.cache_none else "classic")
     runner = Runner(server, registry, env, stop, cache_mode, args.cache_lru)
     threading.Thread(target=work_forever, args=(server.jobs, runner, server), daemon=True, name="worker").start()
+    import_custom_nodes(args, paths)
     if args.quick_test_for_ci:
         return
     os.makedirs(paths.temp_dir, exist_ok=True)
