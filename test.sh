@@ -23,6 +23,27 @@ compose() {
   "${bins[0]}" "$@"
 }
 
+# use_real_comfyui: the real ComfyUI from ../shared (unpacked, with its Python environment and a random SD1.5
+# checkpoint, made once per machine outside the repository: tests/real_comfyui.py) for the comfyui and image
+# tiers. Without ../shared those tiers are skipped and say why; under CI they must run.
+use_real_comfyui() {
+  local line status=0 found
+  if [[ -n "${COMFYUI_DIR:-}" ]]; then
+    return  # the developer's own ComfyUI
+  fi
+  found="$(.venv/bin/python -m tests.real_comfyui)" || status=$?
+  if ((status == 3)) && [[ "${CI:-}" != "true" ]]; then
+    echo "no ../shared/comfyui: the tests that need the real ComfyUI are skipped" >&2
+    return
+  elif ((status != 0)); then
+    echo "the real ComfyUI could not be made ready (exit status $status): see above" >&2
+    return 1
+  fi
+  while IFS= read -r line; do
+    export "${line?}"
+  done <<<"$found"
+}
+
 lint() {
   .venv/bin/ruff check .
   .venv/bin/ruff format --check .
@@ -41,6 +62,10 @@ main() {
   make_venv "[dev]"
   install_s3rver
   lint
+  use_real_comfyui
+  if [[ "${CI:-}" == "true" ]]; then
+    export TEST_REQUIRE_TIERS="${TEST_REQUIRE_TIERS:-comfyui,image}"  # a skip in these fails CI (tests/conftest.py)
+  fi
   .venv/bin/python -m pytest "$@"
 }
 

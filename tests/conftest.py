@@ -44,8 +44,10 @@ def recorded_history(name: str) -> list[dict[str, Any]]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The image tier's image sizes, after the results."""
-    from .docker_image import SIZES
+    """The image tier's image sizes and start-up times, after the results."""
+    from .docker_image import FIGURES, SIZES
 
     for line in SIZES:
         terminalreporter.write_line(f"image size: {line}")
+    for line in FIGURES:
+        terminalreporter.write_line(f"image tier: {line}")

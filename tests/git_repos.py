@@ -118,6 +118,8 @@ def real_comfyui_repo(root: Path, checkout: Path) -> Repo:
     requirements = repo.path / "requirements.txt"
     kept = [line for line in requirements.read_text().splitlines() if not line.startswith("torchaudio")]
     requirements.write_text("\n".join(kept) + "\n")
+    # Upstream tracks these two folders' placeholder files although its .gitignore lists the folders.
+    git(repo.path, "add", "--force", "custom_nodes/README.md", "models/checkpoints/put_checkpoints_here")
     repo.commit({}, "ComfyUI")
     repo.tag("v0.3.64")
     return repo

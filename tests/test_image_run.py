@@ -1,10 +1,12 @@
 """The image as RunPod runs it: the repository's Dockerfile built with ``docker build`` and run with ``docker run``.
 
-ComfyUI is the stand-in made into a tagged repository (a real checkout when COMFYUI_DIR is set): the image
-bakes it from the loopback file server (git's dumb HTTP), containers install it from the same repository
-mounted read-only. A custom node's requirement is a wheel from the loopback server that pins an old,
-broken ``huggingface_hub`` (a dependency of the worker's), a model comes from there too. Skipped with the
-reason when no Docker engine can be started (tests/docker_image.py); ``.ci/run`` installs and starts one.
+ComfyUI is the real one when COMFYUI_DIR names it (test.sh makes ``../shared``'s ComfyUI 0.3.64 ready:
+tests/real_comfyui.py), the stand-in otherwise, made into a tagged repository: the image bakes it from the
+loopback file server (git's dumb HTTP), containers install it from the same repository mounted read-only. A
+custom node's requirement is a wheel from the loopback server that pins an old, broken ``websocket-client`` (a
+dependency of the worker's that ComfyUI does not use), a model comes from there too. With the real ComfyUI, a
+real model pipeline runs in a container with the random-weight SD1.5 checkpoint (SD15_CHECKPOINT). Skipped with
+the reason when no Docker engine can be started (tests/docker_image.py); ``.ci/run`` installs and starts one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -31,7 +34,7 @@ from .conftest import REPO
 from .docker_image import Container, build, build_args, build_context, runsync_inside, serve_git
 from .file_server import FileServer, Served, make_data
 from .git_repos import Repo, make_wheel, node_repo, real_comfyui_repo, standin_comfyui_repo
-from .worker_process import free_port
+from .worker_process import ComfyBackend, free_port
 
 # The first build downloads PyTorch (about 3.8 GB): far longer than the suite's 600 s per test.
 pytestmark = [pytest.mark.image, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -42,11 +45,47 @@ MODEL_FREE_WORKFLOW = {
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "image_tier"}},
 }
 MODEL_FREE = {"workflow": MODEL_FREE_WORKFLOW}
-SLOW_JOB = {
+REAL = ComfyBackend.real()  # read at collection: the tests' environment is cleared of COMFY* variables
+CHECKPOINT = os.environ.get("SD15_CHECKPOINT", "")
+STANDIN_SLOW_JOB = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
     "2": {"class_type": "StandinSleep", "inputs": {"image": ["1", 0], "seconds": 120.0}},
     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "slow"}},
 }
+
+
+def sd15_job(steps: int) -> dict[str, Any]:
+    """CheckpointLoaderSimple -> KSampler -> VAEDecode -> SaveImage on the random SD1.5, 64x64."""
+    return {
+        "workflow": json.loads((REPO / "examples" / "workflows" / "sd15_txt2img.json").read_text()),
+        "overrides": [
+            {"node_id": "4", "field": "inputs.ckpt_name", "value": CHECKPOINT},
+            {"node_id": "3", "field": "inputs.steps", "value": steps},
+        ],
+        "prompt": "a lighthouse at dusk",
+        "seed": 5,
+        "width": 64,
+        "height": 64,
+        "timeout": 900,
+    }
+
+
+def slow_job() -> dict[str, Any]:
+    """A job that runs for minutes: a long sampler on the real ComfyUI, a sleeping node on the stand-in."""
+    return sd15_job(steps=2000) if REAL else {"workflow": STANDIN_SLOW_JOB}
+
+
+def add_checkpoint(volume: Path) -> None:
+    """The random SD1.5 into the volume's checkpoints, linked (2.1 GB) where the file system allows it."""
+    assert REAL is not None and CHECKPOINT, "the real ComfyUI and SD15_CHECKPOINT are needed"
+    source = (REAL.comfyui_dir / "models" / "checkpoints" / CHECKPOINT).resolve()
+    target = volume / "models" / "checkpoints" / CHECKPOINT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
 
 
 @dataclass
@@ -148,14 +187,11 @@ def setup(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     server = FileServer(root / "served")
     repos = root / "repos"
     repos.mkdir()
-    comfyui_dir = os.environ.get("COMFYUI_DIR")
-    comfyui = (
-        real_comfyui_repo(repos, Path(comfyui_dir)) if comfyui_dir else standin_comfyui_repo(repos, COMFYUI_VERSION)
-    )
-    wheel = make_wheel(root / "wheels", "huggingface_hub", "0.1")  # no hf_hub_download: the worker would break
+    comfyui = real_comfyui_repo(repos, REAL.comfyui_dir) if REAL else standin_comfyui_repo(repos, COMFYUI_VERSION)
+    wheel = make_wheel(root / "wheels", "websocket_client", "0.1")  # no websocket module: the worker would break
     server.add_file(f"/{wheel.name}", wheel)
     node = node_repo(
-        repos, "ComfyUI-Pinning", extra={"requirements.txt": f"huggingface_hub @ {server.url('/' + wheel.name)}\n"}
+        repos, "ComfyUI-Pinning", extra={"requirements.txt": f"websocket_client @ {server.url('/' + wheel.name)}\n"}
     )
     data = make_data(256 * 1024)
     model = server.add("/model.safetensors", data)
@@ -222,9 +258,9 @@ def test_a_node_pinning_a_worker_dependency_cannot_break_the_worker(
     warm_volume: tuple[Path, Container, dict[str, Any]],
 ) -> None:
     volume, container, body = warm_volume
-    assert_completed(body, container)  # the worker imports huggingface_hub: its own, in its own venv
+    assert_completed(body, container)  # the worker imports websocket-client: its own, in its own venv
     [venv] = (volume / ".comfy-worker" / "venvs").iterdir()
-    version = "import importlib.metadata as m; print(m.version('huggingface_hub'))"
+    version = "import importlib.metadata as m; print(m.version('websocket_client'))"
     comfyui_side = container.exec(f"/runpod-volume/.comfy-worker/venvs/{venv.name}/bin/python", "-c", version)
     worker_side = container.exec("/opt/venv/bin/python", "-c", version)
     assert comfyui_side.stdout.strip() == "0.1", comfyui_side.stderr
@@ -240,21 +276,48 @@ def test_a_fresh_container_on_the_warm_volume_installs_nothing_and_needs_no_netw
     first.stop()
     second = setup.container(volume, network="none").start()
     body = runsync_inside(second, api_port(second), MODEL_FREE)
+    first_job_s = time.monotonic() - second.started_at
     assert_completed(body, second)
     log = second.logs()
     assert "nothing to install" in log, log[-6000:]
     assert "Installing" not in log and "Provisioning from" not in log, log[-6000:]
+    boot = re.search(r"ComfyUI is ready at \S+ \(waited ([0-9.]+)s\)", log)
+    assert boot, log[-6000:]
+    docker_image.FIGURES.append(
+        f"{'real' if REAL else 'stand-in'} ComfyUI, fresh container on a warm volume: first job done "
+        f"{first_job_s:.1f} s after docker run; ComfyUI ready after {boot.group(1)} s of its launch"
+    )
     assert second.stop() < 10
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(REAL is None or not CHECKPOINT, reason="needs the real ComfyUI and SD15_CHECKPOINT (test.sh)")
+def test_a_real_model_pipeline_runs_in_the_image(
+    setup: Setup, warm_volume: tuple[Path, Container, dict[str, Any]]
+) -> None:
+    """CheckpointLoaderSimple -> KSampler -> VAEDecode -> SaveImage, with the sampler's progress."""
+    volume, _, _ = warm_volume
+    add_checkpoint(volume)
+    container = setup.container(volume).start()
+    body = runsync(container, sd15_job(steps=2), timeout_s=900)
+    assert_completed(body, container)
+    [image] = body["output"]["images"]
+    assert image["mime_type"] == "image/png" and image["size_bytes"] > 1000, image
+    log = container.logs()
+    assert "Requested to load" in log or "loaded completely" in log, log[-6000:]  # ComfyUI loaded the model
+    assert container.stop() < 10
 
 
 def test_docker_stop_during_a_job_ends_the_container_within_10_s(
     setup: Setup, warm_volume: tuple[Path, Container, dict[str, Any]]
 ) -> None:
     volume, _, _ = warm_volume
+    if REAL:
+        add_checkpoint(volume)
     container = setup.container(volume).start()
     assert_completed(runsync(container, MODEL_FREE), container)
     url = f"http://127.0.0.1:{api_port(container)}/runsync"
-    job = threading.Thread(target=lambda: post_quietly(url, {"input": {"workflow": SLOW_JOB}}), daemon=True)
+    job = threading.Thread(target=lambda: post_quietly(url, {"input": slow_job()}), daemon=True)
     job.start()
     deadline = time.monotonic() + 60
     while container.logs().count("got prompt") < 2:
