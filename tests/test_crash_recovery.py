@@ -139,7 +139,9 @@ def test_timeout_inside_a_node_that_ignores_interrupts_restarts_comfyui(worker: 
     result = run(worker, {"workflow": long_graph(worker)[0], "timeout": 1})
     error = error_of(result)
     assert error["error_type"] == "timeout"
-    assert error["details"]["node_id"] == "2"
+    # The real ComfyUI's node 1 (a 4096x4096 EmptyImage) can still be running at 1 s on a loaded machine; it
+    # ignores interrupts too. The stand-in's node 1 is instant.
+    assert error["details"]["node_id"] in (("2",) if is_standin(worker) else ("1", "2")), error
     assert error["details"]["comfyui_restarting"] is False, "ComfyUI took the interrupt: it gets INTERRUPT_GRACE"
     assert time.monotonic() - started < 1 + TIMEOUT_MARGIN_S, "the result does not wait for INTERRUPT_GRACE"
     after = run(worker, {"workflow": sleep_graph(0, prefix="clean")})  # waits for the grace, then the restart

@@ -78,6 +78,20 @@ def comfy_queue(deployment: Deployment) -> dict[str, Any]:
     return body
 
 
+def comfy_queue_when_idle(deployment: Deployment, timeout_s: float) -> dict[str, Any]:
+    """ComfyUI's queue once nothing runs: interrupted, or restarted by the worker when the interrupt was not
+    taken within INTERRUPT_GRACE (a slow sampler step on a loaded machine); the last answer at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            queue = comfy_queue(deployment)
+        except requests.ConnectionError:  # restarting
+            queue = {"queue_running": ["restarting"]}
+        if not queue["queue_running"] or time.monotonic() > deadline:
+            return queue
+        time.sleep(0.1)
+
+
 def test_job_result_is_posted(deployment: Deployment) -> None:
     job = deployment.platform.submit({"workflow": model_free(0x00FF00, "prod")})
     body = deployment.platform.wait_result(job, timeout=deployment.backend.boot_timeout_s + 60)
@@ -123,12 +137,8 @@ def test_cancel_through_the_stop_channel_stops_comfyui(deployment: Deployment) -
     cancelled_at = time.monotonic()
     deployment.platform.cancel(job)
     deployment.platform.wait_stop_delivered(job, timeout=10)
-    deadline = time.monotonic() + 20
-    while comfy_queue(deployment)["queue_running"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    stopped_after = time.monotonic() - cancelled_at
-    assert comfy_queue(deployment) == {"queue_running": [], "queue_pending": []}
-    assert stopped_after < 20
+    queue = comfy_queue_when_idle(deployment, timeout_s=20 + deployment.backend.boot_timeout_s)
+    assert queue == {"queue_running": [], "queue_pending": []}, f"{time.monotonic() - cancelled_at:.1f} s after"
     assert "cancelled; stopping prompt" in deployment.worker.log()
     assert deployment.platform.results(job) == []
     follow_up = deployment.platform.submit({"workflow": model_free(7, "after_cancel")})
