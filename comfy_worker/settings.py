@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,8 @@ class Settings:
     comfyui_input_dir: Path | None = None
     comfyui_output_dir: Path | None = None
     comfyui_temp_dir: Path | None = None
+    comfyui_user_dir: Path | None = None  # None: ComfyUI's own (COMFYUI_DIR/user), passed only when local
+    comfyui_local_dir: Path | None = None  # this worker's own folder for ComfyUI's state (local_state_dir)
     comfyui_listen: str | None = None
     comfyui_save_metadata: bool = False
     extra_model_paths: Path | None = None
@@ -165,9 +168,11 @@ class Settings:
                 f"COMFY_API_URL={redact_url(url)!r} must be an http(s) URL such as http://127.0.0.1:8188"
             )
         comfyui_dir = _path(env, "COMFYUI_DIR", None)
+        local_dir = local_state_dir(env) if comfyui_dir else None
 
         def folder(name: str, sub: str) -> Path | None:
-            return _path(env, name, comfyui_dir / sub if comfyui_dir else None)
+            base = local_dir or comfyui_dir
+            return _path(env, name, base / sub if base else None)
 
         temp_dir = folder("COMFYUI_TEMP_DIR", "temp")
         if temp_dir is not None and temp_dir.name != "temp":
@@ -193,6 +198,8 @@ class Settings:
             comfyui_input_dir=folder("COMFYUI_INPUT_DIR", "input"),
             comfyui_output_dir=folder("COMFYUI_OUTPUT_DIR", "output"),
             comfyui_temp_dir=temp_dir,
+            comfyui_user_dir=local_dir / "user" if local_dir else None,
+            comfyui_local_dir=local_dir,
             comfyui_listen=env.get("COMFYUI_LISTEN", "").strip() or None,
             comfyui_save_metadata=_bool(env, "COMFYUI_SAVE_METADATA", cls.comfyui_save_metadata),
             extra_model_paths=_path(env, "COMFYUI_EXTRA_MODEL_PATHS", None),
@@ -248,6 +255,23 @@ class Settings:
     def comfy_is_local(self) -> bool:
         """Whether ComfyUI runs on this machine, so the worker may start it and read its files."""
         return self.comfy_host in ("127.0.0.1", "localhost", "::1")
+
+
+def local_state_dir(env: Mapping[str, str]) -> Path | None:
+    """This worker process's own folder for ComfyUI's input, output, temp and user folders, or None.
+
+    On by default on serverless (RunPod sets RUNPOD_WEBHOOK_GET_JOB there only), where every worker of an
+    endpoint starts ComfyUI from the same checkout on the shared volume: a ComfyUI empties its temp folder
+    when it starts and exits, so a worker scaling up or down would take the PreviewImage files of every job
+    running beside it, and all would share one SQLite database over the network. The pod id and the process
+    id keep two workers apart, on one machine or on one COMFYUI_LOCAL_DIR.
+    """
+    serverless = bool(env.get("RUNPOD_WEBHOOK_GET_JOB", "").strip())
+    if not _bool(env, "COMFYUI_LOCAL_STATE", serverless):
+        return None
+    parent = _path(env, "COMFYUI_LOCAL_DIR", None) or Path(tempfile.gettempdir())
+    pod = re.sub(r"[^A-Za-z0-9_.-]", "_", env.get("RUNPOD_POD_ID", "").strip())
+    return parent / "-".join(["comfy-worker", *([pod] if pod else []), str(os.getpid())])
 
 
 _AWS_VHOST = re.compile(r"^(?P<bucket>[a-z0-9][a-z0-9.-]*)\.s3[.-](?:(?P<region>[a-z0-9-]+)\.)?amazonaws\.com$")

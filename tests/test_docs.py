@@ -52,6 +52,7 @@ DERIVED = {
     "COMFYUI_INPUT_DIR": "`$COMFYUI_DIR/input`",
     "COMFYUI_OUTPUT_DIR": "`$COMFYUI_DIR/output`",
     "COMFYUI_TEMP_DIR": "`$COMFYUI_DIR/temp`",
+    "COMFYUI_LOCAL_STATE": "`true` on serverless",
     "XDG_CACHE_HOME": "`~/.cache`",
     "COMFYUI_VENV_KEY": "the base Python's name",
     "RUNPOD_LOG_LEVEL": "`LOG_LEVEL`",

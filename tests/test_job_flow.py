@@ -232,6 +232,35 @@ def test_temp_outputs_are_found_on_disk(worker: Worker) -> None:
     assert base64.b64decode(result["images"][0]["data"]) == on_disk.read_bytes()
 
 
+def test_a_temp_output_deleted_meanwhile_leaves_the_jobs_other_outputs(worker: Worker) -> None:
+    """A ComfyUI starting on the same temp folder deletes the preview while the job still runs: the job
+    completes with its saved image and a warning naming the preview, instead of failing altogether."""
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x123456}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},  # an output node: it runs first
+        "3": {"class_type": "StandinSleep", "inputs": {"image": ["1", 0], "seconds": 1.0, "steps": 0}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "kept"}},
+    }
+    temp = worker.folders["temp"]
+    before = set(temp.rglob("*.png"))
+    deleted: list[str] = []
+
+    def delete_the_preview(message: dict[str, Any]) -> None:
+        if message.get("node_id") == "3" and not deleted:  # the sleep runs: the preview is written
+            for path in set(temp.rglob("*.png")) - before:
+                path.unlink()
+                deleted.append(path.name)
+
+    result = asyncio.run(
+        worker.run("temp-gone", {"workflow": graph, "output": {"include_temp": True}}, delete_the_preview)
+    )
+    assert result["status"] == "success", result
+    assert len(deleted) == 1
+    assert [(i["node_id"], i["filename"][:5]) for i in result["images"]] == [("4", "kept_")]
+    [warning] = [w for w in result["warnings"] if "could not be read" in w]
+    assert warning.startswith(f"The temp output {deleted[0]} (node 2) could not be read")
+
+
 def test_errors_carry_diagnostics(worker: Worker) -> None:
     (worker.folders["input"] / "diag").mkdir(parents=True, exist_ok=True)
     (worker.folders["input"] / "diag" / "present.png").write_bytes(b"x")

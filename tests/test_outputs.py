@@ -85,7 +85,8 @@ def test_files_are_read_from_disk_and_encoded(tmp_path: Path) -> None:
     # No server answers on this port: reading from disk must not need one.
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     collected = collect(entry, False)
-    payloads = load(client, {"output": tmp_path / "out"}, collected, "png", 90, MAX_PIXELS)
+    payloads, warnings = load(client, {"output": tmp_path / "out"}, collected, "png", 90, MAX_PIXELS)
+    assert warnings == []
     result = assemble([(p, base64_entry(p)) for p in payloads], collected.texts)
     assert result["images"] == [
         {
@@ -106,6 +107,45 @@ def test_unreadable_output_is_an_output_error(tmp_path: Path) -> None:
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     with pytest.raises(OutputError, match="could not be read"):
         load(client, {"output": tmp_path}, collect(entry, False), "png", 90, MAX_PIXELS)
+
+
+def saved_and_previewed(tmp_path: Path) -> dict[str, object]:
+    """A SaveImage output and two PreviewImage outputs; only the second temp file is on disk."""
+    for folder, name in (("output", "saved_00001_.png"), ("temp", "ComfyUI_temp_bbbbb_00001_.png")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes(b"PNG " + name.encode())
+    return {
+        "outputs": {
+            "3": {"images": [{"filename": "ComfyUI_temp_aaaaa_00001_.png", "subfolder": "", "type": "temp"}]},
+            "4": {"images": [{"filename": "ComfyUI_temp_bbbbb_00001_.png", "subfolder": "", "type": "temp"}]},
+            "9": {"images": [{"filename": "saved_00001_.png", "subfolder": "", "type": "output"}]},
+        }
+    }
+
+
+def test_an_unreadable_temp_output_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    """Another ComfyUI on the same temp folder deleted it (at its start or exit): the rest is delivered."""
+    entry = saved_and_previewed(tmp_path)
+    client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)  # /view fails too
+    folders = {"output": tmp_path / "output", "temp": tmp_path / "temp"}
+    payloads, warnings = load(client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS)
+    assert [(p.file.node_id, p.filename) for p in payloads] == [
+        ("4", "ComfyUI_temp_bbbbb_00001_.png"),
+        ("9", "saved_00001_.png"),
+    ]
+    [warning] = warnings
+    assert warning.startswith("The temp output ComfyUI_temp_aaaaa_00001_.png (node 3) could not be read (")
+    assert "the job's other outputs are delivered" in warning
+
+
+def test_an_unreadable_saved_output_still_fails(tmp_path: Path) -> None:
+    """What the job was run for: a success result without it would hide the loss."""
+    entry = saved_and_previewed(tmp_path)
+    (tmp_path / "output" / "saved_00001_.png").unlink()
+    client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
+    folders = {"output": tmp_path / "output", "temp": tmp_path / "temp"}
+    with pytest.raises(OutputError, match=r"saved_00001_.png \(node 9\) but it could not be read"):
+        load(client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS)
 
 
 MAX_PIXELS = 80_000_000
@@ -149,7 +189,7 @@ def test_converted_outputs_get_the_new_name(tmp_path: Path) -> None:
     (tmp_path / "ComfyUI_00001_.png").write_bytes(png_bytes("RGB", (32, 32)))
     entry = {"outputs": {"9": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
-    [payload] = load(client, {"output": tmp_path}, collect(entry, False), "jpeg", 85, MAX_PIXELS)
+    [payload], _ = load(client, {"output": tmp_path}, collect(entry, False), "jpeg", 85, MAX_PIXELS)
     assert (payload.filename, payload.mime_type) == ("ComfyUI_00001_.jpg", "image/jpeg")
     assert payload.data[:3] == b"\xff\xd8\xff"
 

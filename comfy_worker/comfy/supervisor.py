@@ -8,6 +8,7 @@ ComfyUI that cannot start says why (exit code and the last lines of its log) ins
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import shutil
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from comfy_worker.errors import ComfyUnavailableError
@@ -27,6 +29,83 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 comfy_log = logging.getLogger("comfyui")
 CHATTY_LINES = ("Adding extra search path",)  # ComfyUI's lines logged at DEBUG only
+
+
+# ComfyUI's SQLite database (0.3.64: user/comfyui.db, ".bkp" before a migration) and SQLite's side files.
+DATABASE_FILES = ("*.db", "*.db-*", "*.db.bkp")
+JOBS_FOLDER = "jobs"  # runtime/cleanup.py puts the jobs' own files there: never linked from the volume
+
+
+def accepts(comfyui_dir: Path | None, flag: str) -> bool:
+    """Whether this ComfyUI's command line has ``flag``. ComfyUI exits at once on a flag it does not know, and
+    the config may pin an older release without the newer ones (--user-directory, --database-url). Its
+    options are declared in comfy/cli_args.py (in main.py for one that keeps them there, like the stand-in)."""
+    for name in ("comfy/cli_args.py", "main.py"):
+        if comfyui_dir is not None and (comfyui_dir / name).is_file():
+            with contextlib.suppress(OSError):
+                return f'"{flag}"' in (comfyui_dir / name).read_text(encoding="utf-8", errors="replace")
+    return False
+
+
+def user_folder_args(comfyui_dir: Path | None, user_dir: Path) -> list[str]:
+    """ComfyUI's user folder and its database there: 0.3.64 keeps comfyui.db in COMFYUI_DIR/user whatever
+    --user-directory says, so the database is named on its own."""
+    args = []
+    for flag, value in (("--user-directory", str(user_dir)), ("--database-url", f"sqlite:///{user_dir}/comfyui.db")):
+        if accepts(comfyui_dir, flag):
+            args += [flag, value]
+        else:
+            log.warning("This ComfyUI has no %s option: it keeps that state in %s", flag, comfyui_dir)
+    return args
+
+
+def prepare_folders(settings: Settings) -> None:
+    """Make the folders ComfyUI is given: it creates none of them, LoadImage's node info (so /object_info, and
+    every prompt using it) fails while the input folder is missing, and --user-directory must exist.
+
+    A worker's own folders (COMFYUI_LOCAL_STATE) start from what is on the volume: see ``_seed_user_folder``
+    and ``_link_volume_inputs``.
+    """
+    s = settings
+    for folder in (s.comfyui_input_dir, s.comfyui_output_dir, s.comfyui_temp_dir):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+    if s.comfyui_local_dir is None or s.comfyui_dir is None:
+        return
+    if s.comfyui_user_dir is not None and not s.comfyui_user_dir.exists():  # a restarted ComfyUI keeps its own
+        _seed_user_folder(s.comfyui_dir / "user", s.comfyui_user_dir)
+    if s.comfyui_input_dir is not None and s.comfyui_input_dir.is_relative_to(s.comfyui_local_dir):
+        _link_volume_inputs(s.comfyui_dir / "input", s.comfyui_input_dir)  # not a folder COMFYUI_INPUT_DIR names
+
+
+def _seed_user_folder(volume: Path, own: Path) -> None:
+    """The worker's user folder starts as a copy of ComfyUI's on the volume, less its databases: the settings
+    there (ComfyUI-Manager's network_mode, which provisioning writes; custom nodes' own) still apply, and what
+    ComfyUI writes stays with this worker."""
+    try:
+        if volume.is_dir():
+            shutil.copytree(volume, own, symlinks=True, ignore=shutil.ignore_patterns(*DATABASE_FILES))
+    except (OSError, shutil.Error) as exc:
+        log.warning("Could not copy all of %s into %s: %s", volume, own, exc)
+    own.mkdir(parents=True, exist_ok=True)
+
+
+def _link_volume_inputs(volume: Path, own: Path) -> None:
+    """What the volume's input folder holds is linked into the worker's own (the jobs' folders aside), so a
+    workflow still reads those files by name; what is added there later is linked at ComfyUI's next start."""
+    try:
+        entries = list(volume.iterdir()) if volume.is_dir() else []
+    except OSError as exc:
+        log.warning("Could not list %s: %s", volume, exc)
+        return
+    for entry in entries:
+        link = own / entry.name
+        if entry.name == JOBS_FOLDER or link.is_symlink() or link.exists():
+            continue
+        try:
+            link.symlink_to(entry.resolve())
+        except OSError as exc:
+            log.warning("Could not link %s into %s: %s", entry, own, exc)
 
 
 class ComfySupervisor:
@@ -58,6 +137,8 @@ class ComfySupervisor:
             args += ["--output-directory", str(s.comfyui_output_dir.resolve())]
         if s.comfyui_temp_dir is not None:  # ComfyUI writes temp files into <--temp-directory>/temp
             args += ["--temp-directory", str(s.comfyui_temp_dir.parent.resolve())]
+        if s.comfyui_user_dir is not None:
+            args += user_folder_args(s.comfyui_dir, s.comfyui_user_dir.resolve())
         if not s.comfyui_save_metadata:  # an API worker: no workflow inside every output file
             args.append("--disable-metadata")
         if "--cpu" not in s.comfyui_args and shutil.which("nvidia-smi") is None:
@@ -100,15 +181,7 @@ class ComfySupervisor:
         self._launch()
 
     def _launch(self) -> None:
-        # ComfyUI does not create folders given on its command line, and LoadImage's node info (so
-        # /object_info, and every prompt using it) fails while the input folder is missing.
-        for folder in (
-            self.settings.comfyui_input_dir,
-            self.settings.comfyui_output_dir,
-            self.settings.comfyui_temp_dir,
-        ):
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
+        prepare_folders(self.settings)
         command = self.command()
         log.info("Starting ComfyUI: %s", " ".join(command))
         env = dict(self.settings.comfyui_env, PYTHONUNBUFFERED="1")  # no worker secrets (settings.py)
@@ -136,7 +209,7 @@ class ComfySupervisor:
         """Stop what is left of our ComfyUI, start a new one and wait for it; return the seconds waited."""
         if self.process is None:
             raise ComfyUnavailableError("The worker did not start this ComfyUI, so it cannot restart it.")
-        self.stop(grace_s=1)  # it crashed or hangs: no point in a long goodbye
+        self._terminate(grace_s=1)  # it crashed or hangs: no point in a long goodbye
         self.restarts += 1
         self._log_tail.append(f"--- comfy-worker: restarting ComfyUI (restart #{self.restarts}) ---")
         self._launch()
@@ -186,6 +259,14 @@ class ComfySupervisor:
             time.sleep(0.1)
 
     def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the ComfyUI we started (``_terminate``), then remove this worker's own folder of ComfyUI's
+        state (COMFYUI_LOCAL_STATE), unless CLEANUP_JOB_FILES=false keeps it to look at."""
+        self._terminate(grace_s)
+        local = self.settings.comfyui_local_dir
+        if self.process is not None and local is not None and self.settings.cleanup_job_files:
+            shutil.rmtree(local, ignore_errors=True)  # links to the volume's inputs are unlinked, not followed
+
+    def _terminate(self, grace_s: float) -> None:
         """SIGTERM the ComfyUI we started, then SIGKILL after ``grace_s``."""
         process = self.process
         if process is None or process.poll() is not None:

@@ -3,6 +3,8 @@
 RunPod serverless mounts a network volume at ``/runpod-volume``; a RunPod pod mounts its volume at
 ``/workspace``; a local run uses ``./workspace`` beside ``start.sh`` (docker compose mounts it there). Every
 path can be overridden by env. Kept free of heavy imports: the warm-start gate reads it before anything else.
+What ComfyUI writes while it runs (its input, output, temp and user folders) is not here on serverless: each
+worker keeps it on its own disk (``settings.local_state_dir``), as every worker of an endpoint shares the volume.
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ class Worker:
         collected = outputs.collect(entry, include_temp=job.output.include_temp)
         attempt.temp_files = [(f.subfolder, f.filename) for f in collected.files if f.folder_type == "temp"]
         options = job.output
-        payloads = await self._in_time(
+        payloads, unread = await self._in_time(
             attempt,
             "reading the outputs",
             outputs.load,
@@ -272,7 +272,7 @@ class Worker:
         )
         attempt.lap("outputs_s")
         result = outputs.assemble(delivered, collected.texts)
-        warnings = attempt.warnings + warnings + prompt_warnings(queued.get("node_errors") or {})
+        warnings = attempt.warnings + unread + warnings + prompt_warnings(queued.get("node_errors") or {})
         if collected.skipped_temp:
             warnings.append(
                 f"{collected.skipped_temp} temp output(s) (PreviewImage and the like) were left out; "

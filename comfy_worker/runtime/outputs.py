@@ -156,6 +156,14 @@ class PixelBudget:
             self._condition.notify_all()
 
 
+def unreadable_temp_warning(file: OutputFile, error: OutputError) -> str:
+    return (
+        f"The temp output {file.relative_path} (node {file.node_id}) could not be read "
+        f"({error.__cause__ or error.message}) and is left out; the job's other outputs are delivered. Temp "
+        "files are previews, deleted whenever a ComfyUI using that temp folder starts or exits."
+    )
+
+
 def load(
     client: ComfyClient,
     folders: dict[str, Path],
@@ -163,13 +171,24 @@ def load(
     image_format: str,
     quality: int,
     max_pixels: int,
-) -> list[Payload]:
+) -> tuple[list[Payload], list[str]]:
     """Read every output file (in parallel: disk and Pillow's encoders release the GIL), converting still
-    images when a format other than ``png`` is asked for."""
+    images when a format other than ``png`` is asked for; return them and the warnings.
+
+    A temp output (PreviewImage...) that cannot be read is left out with a warning naming it: it is a preview,
+    asked for as an extra (``include_temp``), and ComfyUI deletes temp files whenever a ComfyUI using that
+    folder starts or exits, so losing one must not throw away the outputs the job was run for. A saved output
+    (SaveImage...) that cannot be read fails the job: it is what the job was run for, and a result without it
+    would look like a success that silently lost work."""
     budget = PixelBudget(max_pixels)
 
-    def one(file: OutputFile) -> Payload:
-        data = read_bytes(client, folders, file)
+    def one(file: OutputFile) -> Payload | str:
+        try:
+            data = read_bytes(client, folders, file)
+        except OutputError as exc:
+            if file.folder_type != "temp":
+                raise
+            return unreadable_temp_warning(file, exc)
         converted = convert_image(data, file, image_format, quality, budget)
         if converted is None:
             return Payload(file, file.filename, file.mime_type, data)
@@ -177,9 +196,11 @@ def load(
         return Payload(file, f"{file.filename.rsplit('.', 1)[0]}.{extension}", mime_type, new_data)
 
     if len(collected.files) <= 1:
-        return [one(file) for file in collected.files]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(collected.files))) as pool:
-        return list(pool.map(one, collected.files))
+        loaded = [one(file) for file in collected.files]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(collected.files))) as pool:
+            loaded = list(pool.map(one, collected.files))
+    return [p for p in loaded if isinstance(p, Payload)], [w for w in loaded if isinstance(w, str)]
 
 
 def _too_many_pixels(file: OutputFile, size: str, limit: int) -> OutputError:

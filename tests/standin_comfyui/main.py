@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sqlite3
 import sys
 import threading
 import time
@@ -252,6 +253,23 @@ async def serve(args: argparse.Namespace, paths: FolderPaths, argv: list[str]) -
     await server.pump()
 
 
+def open_database(url: str | None) -> sqlite3.Connection | None:
+    """The SQLite database ComfyUI opens at start and keeps open (``app/database/db.py``); one it cannot open
+    is an error in the log, not a failed start. ComfyUI's default is ``user/comfyui.db`` beside its code
+    (whatever ``--base-directory`` or ``--user-directory`` say); the stand-in opens one only when
+    ``--database-url`` names it, so that tests leave no database inside the repository."""
+    if url is None:
+        return None
+    if not url.startswith("sqlite:///"):
+        log.error("Failed to initialize database: Unsupported database URL '%s'.", url)
+        return None
+    try:
+        return sqlite3.connect(url.removeprefix("sqlite:///"), check_same_thread=False)
+    except sqlite3.Error as exc:
+        log.error("Failed to initialize database. %s", exc)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -265,11 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     log.info("Python version: %s", sys.version)
     log.info("ComfyUI version: 0.3.64 (stand-in)")
     log.debug("start-up took %.3f s before serving", time.perf_counter() - started)
+    database = open_database(args.database_url)
     try:
         asyncio.run(serve(args, paths, [sys.argv[0], *argv]))
     except KeyboardInterrupt:
         log.info("\nStopped server")
-    shutil.rmtree(paths.temp_dir, ignore_errors=True)
+    finally:
+        if database is not None:
+            database.close()
+    shutil.rmtree(paths.temp_dir, ignore_errors=True)  # at exit too, as ComfyUI's main.py does
     return 0
 
 
