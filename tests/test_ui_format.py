@@ -387,3 +387,11 @@ def test_a_root_id_that_equals_an_inner_id_is_refused() -> None:
         convert(inner, object_info())
     assert caught.value.details["duplicate_node_ids"] == {"1:1": ["EmptyImage", "ImageInvert"]}
 
+
+@pytest.mark.parametrize("name", ["model_free", "sd15_txt2img"])
+def test_the_ui_format_examples_are_twins_of_the_api_ones(name: str) -> None:
+    workflows = Path(__file__).parent.parent / "examples" / "workflows"
+    ui = json.loads((workflows / f"{name}_ui.json").read_text(encoding="utf-8"))
+    api = json.loads((workflows / f"{name}.json").read_text(encoding="utf-8"))
+    assert is_ui_format(ui)
+    assert convert(ui, object_info()).prompt == api

@@ -144,6 +144,23 @@ def test_ui_jobs_ask_comfyui_for_its_node_types_once(tmp_path: Path) -> None:
     assert len(asked) == 1
 
 
+def test_the_ui_format_example_runs(worker: WorkerProcess) -> None:
+    # examples/workflows/model_free_ui.json is model_free.json as *Save* writes it (tests/test_ui_format.py
+    # checks that it converts to exactly that prompt): the two make the same image
+    pixels = []
+    for name in ("model_free_ui.json", "model_free.json"):
+        workflow = json.loads((REPO / "examples" / "workflows" / name).read_text(encoding="utf-8"))
+        body = worker.runsync({"workflow": workflow})
+        assert body["status"] == "COMPLETED", body
+        output: dict[str, Any] = body["output"]  # type: ignore[assignment]
+        assert output["workflow_format"] == ("ui" if name.endswith("_ui.json") else "api")
+        [image] = output["images"]
+        decoded = Image.open(io.BytesIO(base64.b64decode(image["data"]))).convert("RGB")
+        assert decoded.size == (512, 512)
+        pixels.append(decoded.getpixel((0, 0)))
+    assert pixels[0] == pixels[1] == (204, 153, 101)  # EmptyImage's 0x336699, inverted (in float32)
+
+
 def ui_node(node_id: Any, node_type: str, links: list[tuple[str, str, int]], widgets: list[Any]) -> dict[str, Any]:
     inputs = [{"name": name, "type": kind, "link": link} for name, kind, link in links]
     return {"id": node_id, "type": node_type, "mode": 0, "inputs": inputs, "widgets_values": widgets}
