@@ -23,6 +23,14 @@ The rules, as the frontend applies them:
 - Text widgets with dynamic prompts lose their ``/* */`` and ``//`` comments, and ``{a|b|c}`` picks one
   option at random, as the frontend does at every *Queue*.
 
+Node ids must stay apart: two nodes that would get the same id in the API prompt (a duplicate id, or a root
+id such as ``3:1`` that equals a subgraph's inner node) are refused, where the frontend keeps one of them.
+
+The work is bounded and linear, as it runs inside a job (``convert`` takes the job's deadline and stops at
+it): links are followed iteratively and each one once, however long a chain of Reroutes or bypassed nodes;
+a dynamic-prompt text is parsed in one pass; and the expansion of subgraphs, whose size doubles with each
+level where a subgraph holds two instances of the next, stops at ``MAX_EXPANDED_NODES``.
+
 Stdlib only and free of the runtime, so the client and the bridge can convert on the user's machine too.
 """
 
@@ -30,11 +38,13 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfy_worker.errors import InputError, WorkflowError
+from comfy_worker.errors import InputError, JobTimeoutError, WorkflowError
 
 Workflow = dict[str, Any]
 
@@ -45,6 +55,13 @@ SUBGRAPH_INPUT_NODE, SUBGRAPH_OUTPUT_NODE = -10, -20
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
 SEED_NAMES = ("seed", "noise_seed")
+MAX_SUBGRAPH_DEPTH = 32
+# Nodes once subgraphs and group nodes are expanded (each instance counts its inner nodes). The largest template
+# ComfyUI 0.3.64 ships expands to 80 and large shared workflows have a few thousand: 100,000 leaves room for
+# any real workflow (a 50,000-node chain converts in about two seconds) while subgraphs that each hold two
+# instances of the next (2**depth nodes from a few KB: depth 21 took 2.1 GB) are refused after a bounded amount
+# of work, before they exhaust the job's time or the worker's memory.
+MAX_EXPANDED_NODES = 100_000
 
 
 def is_ui_format(workflow: Any) -> bool:
@@ -54,12 +71,13 @@ def is_ui_format(workflow: Any) -> bool:
 
 def node_types(workflow: Workflow) -> set[str]:
     """The node types a UI-format workflow needs from ComfyUI's ``/object_info``: every node's type, inside
-    subgraphs and group nodes too, less the frontend's own (virtual nodes, subgraph and group-node instances)."""
-    subgraphs = [d for d in (workflow.get("definitions") or {}).get("subgraphs") or [] if isinstance(d, dict)]
-    groups = [g for g in ((workflow.get("extra") or {}).get("groupNodes") or {}).values() if isinstance(g, dict)]
-    nodes = list(workflow.get("nodes") or [])
+    subgraphs and group nodes too, less the frontend's own (virtual nodes, subgraph and group-node instances).
+    Malformed parts are skipped here: ``convert`` refuses them with a clear error."""
+    subgraphs = [d for d in _list(_dict(workflow.get("definitions")).get("subgraphs")) if isinstance(d, dict)]
+    groups = [g for g in _dict(_dict(workflow.get("extra")).get("groupNodes")).values() if isinstance(g, dict)]
+    nodes = list(_list(workflow.get("nodes")))
     for container in (*subgraphs, *groups):
-        nodes += container.get("nodes") or []
+        nodes += _list(container.get("nodes"))
     own = {str(definition.get("id")) for definition in subgraphs}
     return {
         node["type"]
@@ -101,11 +119,23 @@ class _Link:
 
 @dataclass
 class _Graph:
-    """The root graph or one subgraph definition: its nodes and links by id."""
+    """The root graph or one subgraph definition: its nodes (in file order, and by id) and links by id."""
 
-    nodes: dict[str, dict[str, Any]]
+    node_list: list[dict[str, Any]]
     links: dict[int, _Link]
     definition: dict[str, Any] | None = None  # the subgraph definition (inputs, outputs), None for the root
+    nodes: dict[str, dict[str, Any]] = field(init=False)
+    outputs: dict[int, _Link] = field(init=False)  # the link into each slot of a subgraph's output node
+    widget_inputs: dict[Any, int] | None = None  # subgraph inputs that feed a widget inside (found once)
+
+    def __post_init__(self) -> None:
+        self.nodes = {}
+        for node in self.node_list:
+            self.nodes.setdefault(str(node["id"]), node)  # a duplicate id is refused before links are followed
+        self.outputs = {}
+        for link in self.links.values():
+            if _same_id(link.target_id, SUBGRAPH_OUTPUT_NODE):
+                self.outputs.setdefault(link.target_slot, link)
 
 
 @dataclass(frozen=True)
@@ -130,9 +160,20 @@ class _Resolved:
     value: Any = None
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One step of following a link back: into an input of a node, or out of an output of a node."""
+
+    into_input: bool
+    placed: _Placed
+    slot: int
+    kind: Any = None  # the type the consumer wants (picks a bypassed node's input), None: the input's own
+
+
 class _Converter:
-    def __init__(self, workflow: Workflow, object_info: Mapping[str, Any]) -> None:
+    def __init__(self, workflow: Workflow, object_info: Mapping[str, Any], deadline: float | None) -> None:
         self.object_info = object_info
+        self.deadline = deadline
         self.subgraphs: dict[str, _Graph] = {}
         for definition in (workflow.get("definitions") or {}).get("subgraphs") or []:
             self.subgraphs[str(definition["id"])] = _graph(definition, definition)
@@ -141,12 +182,22 @@ class _Converter:
         self.group_graphs: dict[int, _Graph] = {}  # id(instance node dict) -> its inner graph
         self.result = Conversion(prompt={})
         self.widget_values: dict[int, dict[str, Any]] = {}  # id(node dict) -> widget name -> value
+        self.widget_slots: dict[str, list[tuple[str, bool, Any]]] = {}  # node type -> its widgets
         self.instances: dict[str, _Placed] = {}  # execution id of each subgraph instance
+        self.linked_inputs: dict[int, dict[Any, int]] = {}  # id(instance node dict) -> input name -> index
+        self.resolved: dict[tuple[bool, str, int, str], _Resolved | None] = {}  # each step followed once
+        self.bypass_scans: dict[tuple[int, str, str], int] = {}
+
+    def check_time(self) -> None:
+        """Called in every loop whose length the workflow decides: a job's conversion ends with the job."""
+        _check_deadline(self.deadline)
 
     # -- the catalogue -----------------------------------------------------------------------------------
 
     def widgets(self, node_type: str) -> list[tuple[str, bool, Any]]:
         """(name, sent, default) for each widget slot of a node type, in ``widgets_values`` order."""
+        if node_type in self.widget_slots:
+            return self.widget_slots[node_type]
         definition = self.object_info[node_type]
         inputs = definition.get("input") or {}
         order = definition.get("input_order") or {}
@@ -166,6 +217,7 @@ class _Converter:
                     slots.append(("control_after_generate", False, "fixed"))
                 if any(options.get(option) for option in UPLOAD_OPTIONS):
                     slots.append(("upload", False, None))
+        self.widget_slots[node_type] = slots
         return slots
 
     def dynamic_prompt_widgets(self, node_type: str) -> set[str]:
@@ -226,12 +278,17 @@ class _Converter:
             for link in definition.get("links") or []
             if isinstance(link, list) and len(link) >= 4 and link[0] is not None
         }
-        used_inside = {origin for origin in internal.values()}
+        fed_slots: dict[Any, list[Any]] = {}
+        for target, slot in internal:
+            fed_slots.setdefault(target, []).append(slot)
+        used_inside = set(internal.values())
         external = {(entry[0], entry[1]) for entry in definition.get("external") or [] if isinstance(entry, list)}
         links: dict[int, _Link] = {}
         sub_inputs: list[dict[str, Any]] = []
-        outer_values = list(instance.get("widgets_values") or [])
+        outer_values = iter(list(instance.get("widgets_values") or []))
+        outer_left = len(instance.get("widgets_values") or [])
         for node in inner_nodes:
+            self.check_time()
             index = node["id"]
             slots = node.get("inputs") or []
             rewired = []
@@ -246,16 +303,20 @@ class _Converter:
                 rewired.append(dict(entry, link=link_id))
             node["inputs"] = rewired
             if str(node.get("type")) in self.object_info:
-                fed_inside = {slots[slot].get("name") for (target, slot) in internal if target == index}
+                fed_inside = {slots[slot].get("name") for slot in fed_slots.get(index, [])}
                 own = list(node.get("widgets_values") or [])
                 values = []
                 for position, (name, _sent, default) in enumerate(self.widgets(str(node["type"]))):
                     fallback = own[position] if position < len(own) else default
-                    values.append(fallback if name in fed_inside or not outer_values else outer_values.pop(0))
+                    if name in fed_inside or not outer_left:
+                        values.append(fallback)
+                    else:
+                        values.append(next(outer_values))
+                        outer_left -= 1
                 node["widgets_values"] = values
-        names = [entry["name"] for entry in sub_inputs]
+        repeated = Counter(entry["name"] for entry in sub_inputs)
         for entry in sub_inputs:
-            if names.count(entry["name"]) > 1:
+            if repeated[entry["name"]] > 1:
                 node = entry["node"]
                 title = node.get("title") or self.object_info.get(str(node.get("type")), {}).get("display_name")
                 entry["name"] = f"{title} {entry['name']}"
@@ -267,20 +328,56 @@ class _Converter:
                     links[len(links) + 1] = _Link(node["id"], slot, SUBGRAPH_OUTPUT_NODE, position)
                     position += 1
         definition_view = {"inputs": [{"name": entry["name"]} for entry in sub_inputs], "group": True}
-        return _Graph({str(node["id"]): node for node in inner_nodes}, links, definition_view)
+        return _Graph(inner_nodes, links, definition_view)
 
-    def placed_nodes(self, graph: _Graph, path: tuple[str, ...]) -> list[_Placed]:
-        """Every node of ``graph``, subgraph instances expanded in place (recursively)."""
-        placed = []
-        for node in graph.nodes.values():
+    def placed_nodes(self) -> list[_Placed]:
+        """Every node, subgraph and group-node instances expanded in place (depth first, each instance's inner
+        nodes after it), iteratively: at most ``MAX_EXPANDED_NODES``, and no two with the same id."""
+        placed: list[_Placed] = []
+        types: dict[str, list[str]] = {}  # execution id -> the types of the nodes that have it
+        stack: list[tuple[_Graph, tuple[str, ...], Iterator[dict[str, Any]]]] = [
+            (self.root, (), iter(self.root.node_list))
+        ]
+        while stack:
+            graph, path, nodes = stack[-1]
+            node = next(nodes, None)
+            if node is None:
+                stack.pop()
+                continue
+            self.check_time()
             here = _Placed(node, graph, path)
             placed.append(here)
+            if len(placed) > MAX_EXPANDED_NODES:
+                raise InputError(
+                    f"The workflow has more than {MAX_EXPANDED_NODES:,} nodes once its subgraphs and group nodes are "
+                    "expanded (each instance counts the nodes inside it), the most the worker converts "
+                    "(MAX_EXPANDED_NODES): no real workflow comes near it. Do subgraphs hold instances of one "
+                    "another many levels deep?",
+                    {"format": "ui", "max_expanded_nodes": MAX_EXPANDED_NODES},
+                )
+            types.setdefault(here.id, []).append(str(node.get("type")))
             inner = self.inner_graph(node)
             if inner is not None:
-                if len(path) > 32:
-                    raise InputError("The workflow's subgraphs nest more than 32 levels deep (a subgraph in itself?).")
+                if len(path) > MAX_SUBGRAPH_DEPTH:
+                    raise InputError(
+                        f"The workflow's subgraphs nest more than {MAX_SUBGRAPH_DEPTH} levels deep "
+                        "(a subgraph in itself?).",
+                        {"format": "ui", "node": here.id},
+                    )
                 self.instances[here.id] = here
-                placed += self.placed_nodes(inner, (*path, str(node["id"])))
+                stack.append((inner, (*path, str(node["id"])), iter(inner.node_list)))
+        duplicates = {node_id: kinds for node_id, kinds in types.items() if len(kinds) > 1}
+        if duplicates:
+            named = list(duplicates.items())[:20]
+            raise InputError(
+                "Several nodes of the workflow have the same id in the API prompt, where one would replace the "
+                "other: "
+                + "; ".join(f"{node_id} ({', '.join(kinds)})" for node_id, kinds in named)
+                + (f" and {len(duplicates) - len(named)} more" if len(duplicates) > len(named) else "")
+                + ". Give each node an id of its own in the file (and its links too); an id of the form "
+                "'<a>:<b>' is the id of node <b> inside subgraph instance <a>.",
+                {"format": "ui", "duplicate_node_ids": dict(named), "duplicate_count": len(duplicates)},
+            )
         return placed
 
     def is_sent(self, placed: _Placed) -> bool:
@@ -292,11 +389,35 @@ class _Converter:
             and node.get("mode", 0) not in (MUTED, BYPASSED)
         )
 
-    def resolve_input(self, placed: _Placed, slot: int, seen: set[str], kind: Any = None) -> _Resolved | None:
-        marker = f"{placed.id}[I]{slot}"
-        if marker in seen:
-            raise InputError(f"The workflow's links loop through node {placed.id} (input {slot}).")
-        seen.add(marker)
+    def resolve_input(self, placed: _Placed, slot: int) -> _Resolved | None:
+        """What input ``slot`` of a node takes: links followed back one step at a time, in a loop (a chain of a
+        thousand Reroutes is a thousand steps, not a thousand frames), each step's answer kept (inputs that
+        share a chain follow it once), and a step seen twice on one way is a loop."""
+        step: _Step | _Resolved | None = _Step(True, placed, slot)
+        walked: list[tuple[bool, str, int, str]] = []
+        on_the_way: set[tuple[bool, str, int]] = set()
+        while isinstance(step, _Step):
+            self.check_time()
+            key = (step.into_input, step.placed.id, step.slot, repr(step.kind))
+            if key in self.resolved:
+                step = self.resolved[key]
+                break
+            if key[:3] in on_the_way:
+                where = "input" if step.into_input else "output"
+                raise InputError(
+                    f"The workflow's links loop through node {key[1]} ({where} {step.slot}).",
+                    {"format": "ui", "node": key[1]},
+                )
+            on_the_way.add(key[:3])
+            walked.append(key)
+            step = self.from_input(step) if step.into_input else self.from_output(step)
+        for key in walked:
+            self.resolved[key] = step
+        return step
+
+    def from_input(self, step: _Step) -> _Step | _Resolved | None:
+        """Into an input: on to the output its link comes from (or out of the subgraph it is in)."""
+        placed, slot = step.placed, step.slot
         inputs = placed.node.get("inputs") or []
         if slot >= len(inputs) or inputs[slot].get("link") is None:
             return None
@@ -309,7 +430,7 @@ class _Converter:
                 {"format": "ui", "node": placed.id, "input": name},
             )
         if placed.path and _same_id(link.origin_id, SUBGRAPH_INPUT_NODE):
-            return self.resolve_subgraph_input(placed, link.origin_slot, seen)
+            return self.from_subgraph_input(placed, link.origin_slot)
         origin = placed.graph.nodes.get(str(link.origin_id))
         if origin is None:
             raise InputError(
@@ -317,10 +438,10 @@ class _Converter:
                 "(ComfyUI's frontend refuses it too): reconnect the input in ComfyUI and save again.",
                 {"format": "ui", "node": placed.id, "input": name},
             )
-        wanted = kind if kind is not None else inputs[slot].get("type")
-        return self.resolve_output(_Placed(origin, placed.graph, placed.path), link.origin_slot, wanted, seen)
+        wanted = step.kind if step.kind is not None else inputs[slot].get("type")
+        return _Step(False, _Placed(origin, placed.graph, placed.path), link.origin_slot, wanted)
 
-    def resolve_subgraph_input(self, placed: _Placed, slot: int, seen: set[str]) -> _Resolved | None:
+    def from_subgraph_input(self, placed: _Placed, slot: int) -> _Step | _Resolved | None:
         """A link from a subgraph's input node: continue outside, at the instance's input (or its widget)."""
         instance = self.instances[":".join(placed.path)]
         definition = placed.graph.definition or {}
@@ -328,17 +449,38 @@ class _Converter:
         if slot >= len(sub_inputs):
             return None
         name = sub_inputs[slot].get("name")
-        outer_inputs = instance.node.get("inputs") or []
-        for index, outer in enumerate(outer_inputs):
-            if outer.get("name") == name and outer.get("link") is not None:
-                return self.resolve_input(instance, index, seen)
+        index = self.linked_inputs_of(instance.node).get(name)
+        if index is not None:
+            return _Step(True, instance, index)
         if definition.get("group"):
             return None  # a group node's unlinked inputs keep the inner widget's value
-        widget_inputs = [entry.get("name") for entry in sub_inputs if self.feeds_widget(placed.graph, entry)]
+        position = self.widget_inputs_of(placed.graph).get(name)
         saved = instance.node.get("widgets_values")
-        if name in widget_inputs and isinstance(saved, list) and widget_inputs.index(name) < len(saved):
-            return _Resolved(value=saved[widget_inputs.index(name)])
+        if position is not None and isinstance(saved, list) and position < len(saved):
+            return _Resolved(value=saved[position])
         return None
+
+    def linked_inputs_of(self, node: dict[str, Any]) -> dict[Any, int]:
+        """A subgraph instance's linked inputs by name (the first of each name), found once per instance."""
+        if id(node) not in self.linked_inputs:
+            found: dict[Any, int] = {}
+            for index, outer in enumerate(node.get("inputs") or []):
+                if outer.get("link") is not None:
+                    found.setdefault(outer.get("name"), index)
+            self.linked_inputs[id(node)] = found
+        return self.linked_inputs[id(node)]
+
+    def widget_inputs_of(self, graph: _Graph) -> dict[Any, int]:
+        """The subgraph's inputs linked inside to a widget (the instance shows them as its widgets, in this
+        order), by name: where each one's value is in the instance's ``widgets_values``."""
+        if graph.widget_inputs is None:
+            graph.widget_inputs = {}
+            position = 0
+            for entry in (graph.definition or {}).get("inputs") or []:
+                if self.feeds_widget(graph, entry):
+                    graph.widget_inputs.setdefault(entry.get("name"), position)
+                    position += 1
+        return graph.widget_inputs
 
     def feeds_widget(self, graph: _Graph, sub_input: dict[str, Any]) -> bool:
         """Whether a subgraph input is linked inside to a widget (then the instance shows it as a widget)."""
@@ -351,37 +493,40 @@ class _Converter:
                     return True
         return False
 
-    def resolve_output(self, placed: _Placed, slot: int, kind: Any, seen: set[str]) -> _Resolved | None:
-        marker = f"{placed.id}[O]{slot}"
-        if marker in seen:
-            raise InputError(f"The workflow's links loop through node {placed.id} (output {slot}).")
-        seen.add(marker)
+    def from_output(self, step: _Step) -> _Step | _Resolved | None:
+        """Out of an output: a node that is sent is the answer; others pass the link on (or end it)."""
+        placed, slot, kind = step.placed, step.slot, step.kind
         node = placed.node
         node_type = str(node.get("type"))
         if node.get("mode", 0) == BYPASSED:
-            index = _bypass_slot(node, slot, kind)
+            index = self.bypass_slot(node, slot, kind)
             self.result.rewired.append(f"bypassed node {placed.id} ({node_type})")
-            return None if index < 0 else self.resolve_input(placed, index, seen)
+            return None if index < 0 else _Step(True, placed, index)
         inner = self.inner_graph(node)
         if inner is not None:
-            return self.resolve_subgraph_output(placed, inner, slot, kind, seen)
+            link = inner.outputs.get(slot)
+            origin = inner.nodes.get(str(link.origin_id)) if link else None
+            if link is None or origin is None:
+                return None
+            return _Step(False, _Placed(origin, inner, (*placed.path, str(node["id"]))), link.origin_slot, kind)
         if node_type in VIRTUAL_NODE_TYPES:
-            if slot < len(node.get("inputs") or []):
-                return self.resolve_input(placed, slot, seen, kind)
-            return None
+            return _Step(True, placed, slot, kind) if slot < len(node.get("inputs") or []) else None
         return _Resolved(origin=placed.id, slot=slot)
 
-    def resolve_subgraph_output(
-        self, instance: _Placed, inner: _Graph, slot: int, kind: Any, seen: set[str]
-    ) -> _Resolved | None:
-        path = (*instance.path, str(instance.node["id"]))
-        for link in inner.links.values():
-            if _same_id(link.target_id, SUBGRAPH_OUTPUT_NODE) and link.target_slot == slot:
-                origin = inner.nodes.get(str(link.origin_id))
-                if origin is None:
-                    return None
-                return self.resolve_output(_Placed(origin, inner, path), link.origin_slot, kind, seen)
-        return None
+    def bypass_slot(self, node: dict[str, Any], slot: int, kind: Any) -> int:
+        """Which input stands in for output ``slot`` of a bypassed node (-1: none), as the frontend picks it."""
+        inputs = node.get("inputs") or []
+        outputs = node.get("outputs") or []
+        output_type = outputs[slot].get("type") if slot < len(outputs) else None
+        if kind in ("*", ""):
+            return slot if len(inputs) > slot else 0
+        same_slot = inputs[slot].get("type") if slot < len(inputs) else None
+        if same_slot is not None and _types_match(same_slot, output_type) and _types_match(same_slot, kind):
+            return slot
+        key = (id(node), repr(output_type), repr(kind))
+        if key not in self.bypass_scans:  # the same for all the outputs of one type: the inputs are scanned once
+            self.bypass_scans[key] = _first_matching_input(inputs, output_type, kind)
+        return self.bypass_scans[key]
 
     # -- the conversion ------------------------------------------------------------------------------------
 
@@ -396,6 +541,7 @@ class _Converter:
                 continue
             for output in node.get("outputs") or []:
                 for link_id in output.get("links") or []:
+                    self.check_time()
                     link = placed.graph.links.get(int(link_id))
                     target = placed.graph.nodes.get(str(link.target_id)) if link else None
                     if link is None or target is None or str(target.get("type")) not in self.object_info:
@@ -413,9 +559,10 @@ class _Converter:
         dynamic = self.dynamic_prompt_widgets(node_type)
         inputs: dict[str, Any] = {}
         for name, value in self.values_of(node).items():
-            inputs[name] = _sendable(dynamic_prompt(value) if name in dynamic and isinstance(value, str) else value)
+            text = isinstance(value, str) and name in dynamic
+            inputs[name] = _sendable(dynamic_prompt(value, deadline=self.deadline) if text else value)
         for index, entry in enumerate(node.get("inputs") or []):
-            resolved = self.resolve_input(placed, index, set())
+            resolved = self.resolve_input(placed, index)
             if resolved is None:
                 continue
             if resolved.origin is not None:
@@ -426,7 +573,7 @@ class _Converter:
         return {"inputs": inputs, "class_type": node_type, "_meta": {"title": title}}
 
     def convert(self) -> Conversion:
-        placed_nodes = self.placed_nodes(self.root, ())
+        placed_nodes = self.placed_nodes()
         for placed in placed_nodes:
             if not isinstance(placed.node.get("type"), str) or not placed.node["type"]:
                 raise InputError(f"The UI-format node {placed.id} has no 'type': save the workflow again in ComfyUI.")
@@ -450,6 +597,7 @@ class _Converter:
         self.apply_primitives(placed_nodes)
         prompt = self.result.prompt
         for placed in placed_nodes:
+            self.check_time()
             if self.is_sent(placed):
                 prompt[placed.id] = self.entry(placed)
             elif placed.node.get("mode", 0) == MUTED:
@@ -464,10 +612,14 @@ class _Converter:
         return self.result
 
 
-def convert(workflow: Workflow, object_info: Mapping[str, Any]) -> Conversion:
-    """The API prompt ComfyUI's frontend would queue for this UI-format workflow; InputError if malformed."""
+def convert(workflow: Workflow, object_info: Mapping[str, Any], deadline: float | None = None) -> Conversion:
+    """The API prompt ComfyUI's frontend would queue for this UI-format workflow; InputError if malformed.
+
+    ``deadline`` (``time.monotonic()``): past it, the conversion stops with ``JobTimeoutError`` (a job's own
+    deadline, so that a conversion in a thread, which nothing can kill, ends with its job).
+    """
     try:
-        return _Converter(workflow, object_info).convert()
+        return _Converter(workflow, object_info, deadline).convert()
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InputError(
             f"The workflow looks like ComfyUI's UI format but could not be read ({type(exc).__name__}: {exc}). "
@@ -477,7 +629,7 @@ def convert(workflow: Workflow, object_info: Mapping[str, Any]) -> Conversion:
 
 
 def _graph(data: Mapping[str, Any], definition: dict[str, Any] | None) -> _Graph:
-    nodes = {str(node["id"]): node for node in data.get("nodes") or [] if isinstance(node, dict) and "id" in node}
+    nodes = [node for node in data.get("nodes") or [] if isinstance(node, dict) and "id" in node]
     links: dict[int, _Link] = {}
     for link in data.get("links") or []:
         if isinstance(link, list) and len(link) >= 5:
@@ -489,6 +641,14 @@ def _graph(data: Mapping[str, Any], definition: dict[str, Any] | None) -> _Graph
             continue
         links[int(link_id)] = _Link(origin, int(origin_slot), target, int(target_slot))
     return _Graph(nodes, links, definition)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _group_name(node_type: str) -> str | None:
@@ -529,16 +689,8 @@ def _types_match(first: Any, second: Any) -> bool:
     return bool(set(a.split(",")) & set(b.split(",")))
 
 
-def _bypass_slot(node: Mapping[str, Any], slot: int, kind: Any) -> int:
-    """Which input stands in for output ``slot`` of a bypassed node (-1: none), as the frontend picks it."""
-    inputs = node.get("inputs") or []
-    outputs = node.get("outputs") or []
-    output_type = outputs[slot].get("type") if slot < len(outputs) else None
-    if kind in ("*", ""):
-        return slot if len(inputs) > slot else 0
-    same_slot = inputs[slot].get("type") if slot < len(inputs) else None
-    if same_slot is not None and _types_match(same_slot, output_type) and _types_match(same_slot, kind):
-        return slot
+def _first_matching_input(inputs: list[dict[str, Any]], output_type: Any, kind: Any) -> int:
+    """A bypassed node's first input of the wanted type, else the first that matches it and the output's."""
     for index, entry in enumerate(inputs):
         if entry.get("type") == kind:
             return index
@@ -548,16 +700,98 @@ def _bypass_slot(node: Mapping[str, Any], slot: int, kind: Any) -> int:
     return -1
 
 
-_COMMENTS = re.compile(r"/\*[\s\S]*?\*/|//.*")
-_CHOICE = re.compile(r"\{([^{}]*)\}")
+_SPECIAL = re.compile(r"[\\{}|]")
+_LINE_END = re.compile("[\n\r\u2028\u2029]")  # where JavaScript's '.' stops
+_ESCAPED = re.compile(r"\\([{}|])")
+_Choice = list[list[Any]]  # a {a|b|c} block: its options, each a list of text and nested blocks
 
 
-def dynamic_prompt(text: str, rng: random.Random | None = None) -> str:
-    """The frontend's dynamic prompts: comments removed, ``{a|b|c}`` replaced by one option (innermost first)."""
+def dynamic_prompt(text: str, rng: random.Random | None = None, *, deadline: float | None = None) -> str:
+    """The frontend's dynamic prompts (its ``processDynamicPrompt``): comments removed, then each ``{a|b|c}``
+    replaced by one of its options, chosen at random, nested blocks inside the chosen option in turn; ``\\{``,
+    ``\\|`` and ``\\}`` stand for the characters themselves, a block left open runs to the end of the text, and a
+    ``}`` or ``|`` outside any block is text.
+
+    The frontend parses a block again at every level of nesting (work that grows with the square of the depth);
+    here the text is read once into a tree of blocks, then only the chosen options are walked, both in loops:
+    linear in the text's length, however deep it nests. The result is the frontend's (``tests/test_ui_format.py``
+    compares the two) but where the frontend unescapes once per level and this once in all, for a literal
+    backslash (``\\\\``) written just before ``{``, ``|`` or ``}``, and for a backslash that ends the text, which
+    stays one (the frontend writes ``\\undefined``).
+    """
     rng = rng or random.Random()  # noqa: S311 - prompt variety, not security
-    text = _COMMENTS.sub("", text)
-    while True:
-        replaced = _CHOICE.sub(lambda match: rng.choice(match.group(1).split("|")), text)
-        if replaced == text:
-            return text
-        text = replaced
+    text = _strip_comments(text, deadline)
+    top: list[Any] = []
+    blocks: list[_Choice] = []  # the blocks open at this point, innermost last
+    current = top
+    position = steps = 0
+    while (found := _SPECIAL.search(text, position)) is not None:
+        steps += 1
+        _check_deadline(deadline, steps)
+        if found.start() > position:
+            current.append(text[position : found.start()])
+        char, position = found.group(), found.end()
+        if char == "\\":
+            current.append(text[found.start() : position + 1])  # kept with its backslash, unescaped at the end
+            position += 1
+        elif char == "{":
+            block: _Choice = [[]]
+            current.append(block)
+            blocks.append(block)
+            current = block[-1]
+        elif not blocks:
+            current.append(char)
+        elif char == "|":
+            blocks[-1].append([])
+            current = blocks[-1][-1]
+        else:
+            blocks.pop()
+            current = blocks[-1][-1] if blocks else top
+    current.append(text[position:])
+    chosen: list[str] = []
+    walking: list[Iterator[Any]] = [iter(top)]
+    while walking:
+        piece = next(walking[-1], None)
+        if piece is None:
+            walking.pop()
+        elif isinstance(piece, str):
+            chosen.append(piece)
+        else:
+            steps += 1
+            _check_deadline(deadline, steps)
+            walking.append(iter(rng.choice(piece)))
+    return _ESCAPED.sub(r"\1", "".join(chosen))
+
+
+def _strip_comments(text: str, deadline: float | None) -> str:
+    """The frontend's ``text.replace(/\\/\\*[\\s\\S]*?\\*\\/|\\/\\/.*/g, "")`` in one pass: a ``/*`` with no
+    ``*/`` after it stays (and so does every later one: none has a ``*/`` after it either), and a ``//`` runs to
+    the end of its line."""
+    kept: list[str] = []
+    position = search = steps = 0
+    closed = True  # whether a "*/" may still come
+    while (start := text.find("/", search)) != -1:
+        steps += 1
+        _check_deadline(deadline, steps)
+        following = text[start + 1 : start + 2]
+        end = -1
+        if following == "*" and closed:
+            end = text.find("*/", start + 2)
+            closed = end != -1
+            end = end + 2 if closed else -1
+        elif following == "/":
+            line_end = _LINE_END.search(text, start + 2)
+            end = line_end.start() if line_end else len(text)
+        if end == -1:
+            search = start + 1
+            continue
+        kept.append(text[position:start])
+        position = search = end
+    kept.append(text[position:])
+    return "".join(kept)
+
+
+def _check_deadline(deadline: float | None, count: int = 0) -> None:
+    """Past the deadline, stop; ``count``: look only at every 4096th step of a loop over a text."""
+    if deadline is not None and count % 4096 == 0 and time.monotonic() > deadline:
+        raise JobTimeoutError("The UI-format conversion ran past the job's deadline.", {"format": "ui"})

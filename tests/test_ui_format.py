@@ -10,15 +10,18 @@ ComfyUI passes a node only the inputs it declares). Everything else must be iden
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import re
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from comfy_worker.errors import InputError, WorkflowError
+from comfy_worker.errors import InputError, JobTimeoutError, WorkflowError
 from comfy_worker.ui_format import convert, dynamic_prompt, is_ui_format, node_types
 
 CORPUS = Path(__file__).parent / "ui_format"
@@ -173,3 +176,222 @@ def test_node_types_are_what_comfyui_must_know() -> None:
     }
     assert node_types(case("group_node")) == {"EmptyImage", "ImageInvert", "ImageBlur", "RandomNoise", "SaveImage"}
     assert node_types(case("primitive_reroute_note_muted")) == {"EmptyImage", "SaveImage"}
+
+
+# -- adversarial workflows: bounded, linear work, and ids that would collide -------------------------------------
+
+
+def ui_node(
+    node_id: Any, node_type: str, inputs: tuple[Any, ...] | list[Any] = (), widgets: Any = (), mode: int = 0
+) -> dict[str, Any]:
+    """A UI-format node; ``inputs`` are (name, type, link id) triples."""
+    return {
+        "id": node_id,
+        "type": node_type,
+        "mode": mode,
+        "inputs": [{"name": name, "type": kind, "link": link} for name, kind, link in inputs],
+        "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}],
+        "widgets_values": list(widgets),
+    }
+
+
+def chain(middle: str, length: int, mode: int = 0) -> dict[str, Any]:
+    """EmptyImage, then ``length`` nodes of type ``middle`` one after the other, then SaveImage."""
+    nodes = [ui_node(1, "EmptyImage", widgets=[8, 8, 1, 0])]
+    links = []
+    for index in range(2, length + 3):
+        node_type = "SaveImage" if index == length + 2 else middle
+        name = "images" if node_type == "SaveImage" else ("" if middle == "Reroute" else "image")
+        widgets = ["chain"] if node_type == "SaveImage" else []
+        node_mode = mode if index < length + 2 else 0
+        nodes.append(ui_node(index, node_type, [(name, "IMAGE", index - 1)], widgets, node_mode))
+        links.append([index - 1, index - 1, 0, index, 0, "IMAGE"])
+    return {"nodes": nodes, "links": links}
+
+
+@pytest.mark.parametrize(("middle", "mode"), [("Reroute", 0), ("ImageInvert", 4), ("ImageInvert", 0)])
+def test_a_long_chain_converts_without_recursion(middle: str, mode: int) -> None:
+    # about 1,000 Reroutes gave RecursionError (an "internal" error): links are followed iteratively now
+    length = 50_000
+    prompt = convert(chain(middle, length, mode), object_info()).prompt
+    save = prompt[str(length + 2)]
+    if middle == "ImageInvert" and mode == 0:
+        assert len(prompt) == length + 2
+        assert save["inputs"]["images"] == [str(length + 1), 0]
+    else:  # Reroutes and bypassed nodes are wired through: SaveImage takes EmptyImage's image
+        assert set(prompt) == {"1", str(length + 2)}
+        assert save["inputs"]["images"] == ["1", 0]
+
+
+def test_many_consumers_of_a_long_reroute_chain_resolve_it_once() -> None:
+    workflow = chain("Reroute", 20_000)
+    end = workflow["nodes"][-1]
+    for extra in range(1, 2_001):  # 2,000 more SaveImage nodes on the chain's last Reroute
+        node_id = 100_000 + extra
+        link_id = 100_000 + extra
+        workflow["nodes"].append(ui_node(node_id, "SaveImage", [("images", "IMAGE", link_id)], [str(extra)]))
+        workflow["links"].append([link_id, end["id"] - 1, 0, node_id, 0, "IMAGE"])
+    prompt = convert(workflow, object_info()).prompt
+    assert len(prompt) == 2_002
+    assert {entry["inputs"]["images"][0] for node_id, entry in prompt.items() if node_id != "1"} == {"1"}
+
+
+def doubling_subgraphs(depth: int) -> dict[str, Any]:
+    """Subgraph k holds two instances of subgraph k+1; the last holds an EmptyImage: 2**depth leaves."""
+    definitions = []
+    for level in range(depth + 1):
+        inner = [ui_node(1, "EmptyImage", widgets=[8, 8, 1, 0])]
+        if level < depth:
+            inner = [ui_node(1, f"sg-{level + 1}"), ui_node(2, f"sg-{level + 1}")]
+        definitions.append({"id": f"sg-{level}", "name": f"level {level}", "nodes": inner, "links": [], "inputs": []})
+    return {"nodes": [ui_node(1, "sg-0")], "links": [], "definitions": {"subgraphs": definitions}}
+
+
+def test_the_expanded_node_count_is_bounded() -> None:
+    # depth 21 was a 7 KB request that took 32.7 s and 2.1 GB: refused once the expansion passes the limit
+    assert len(convert(doubling_subgraphs(10), object_info()).prompt) == 2**10
+    with pytest.raises(InputError) as caught:
+        convert(doubling_subgraphs(17), object_info())  # 2**17 leaves
+    assert "100,000" in caught.value.message and "MAX_EXPANDED_NODES" in caught.value.message
+    assert caught.value.details == {"format": "ui", "max_expanded_nodes": 100_000}
+
+
+def test_a_subgraph_inside_itself_is_refused() -> None:
+    workflow = doubling_subgraphs(0)
+    workflow["definitions"]["subgraphs"][0]["nodes"] = [ui_node(1, "sg-0")]
+    with pytest.raises(InputError, match="nest more than 32 levels"):
+        convert(workflow, object_info())
+
+
+def test_a_deep_dynamic_prompt_is_linear_work() -> None:
+    # 30,000 '{' then 30,000 '}' took 10.75 s (each pass removed one level); one pass now, at any depth
+    assert dynamic_prompt("{" * 100_000 + "}" * 100_000) == ""
+    assert dynamic_prompt("{a|" * 100_000 + "b" + "}" * 100_000, random.Random(1)) in {"a", "b"}
+    assert dynamic_prompt("/*a" * 100_000) == "/*a" * 100_000  # comments never closed are kept, as in JS
+    assert dynamic_prompt("a/*x*/b/*" + "*" * 100_000) == "ab/*" + "*" * 100_000
+
+
+def test_dynamic_prompts_parse_as_the_frontend_does() -> None:
+    # the frontend's processDynamicPrompt: escapes, a block left open runs to the end, a stray '}' or '|' stays
+    assert dynamic_prompt(r"a \{b\|c\} d") == "a {b|c} d"
+    assert dynamic_prompt("x {only", random.Random(0)) == "x only"
+    assert dynamic_prompt("a } b | c") == "a } b | c"
+    assert dynamic_prompt("{a|b|}", random.Random(5)) in {"a", "b", ""}
+    assert dynamic_prompt("line // gone\r\nkept") == "line \r\nkept"  # JS's '.' stops at \r too
+
+
+JS_COMMENTS = re.compile(r"/\*[\s\S]*?\*/|//[^\n\r\u2028\u2029]*")  # the frontend's, with JavaScript's '.'
+
+
+def frontend_dynamic_prompt(text: str, rng: random.Random) -> str:
+    """The frontend's processDynamicPrompt (utils/formatUtil.ts of 1.27.10), line by line: recursive, and it
+    parses each block again at every level."""
+    text = JS_COMMENTS.sub("", text)
+    position, result = 0, ""
+
+    def escape() -> str:
+        nonlocal position
+        position += 1
+        return "\\" + text[position - 1]
+
+    def block() -> str:
+        nonlocal position
+        options, choice, depth = [], "", 0
+        while position < len(text):
+            char = text[position]
+            position += 1
+            if char == "\\":
+                choice += escape()
+                continue
+            if char == "{":
+                depth += 1
+            elif char == "}":
+                if not depth:
+                    break
+                depth -= 1
+            elif char == "|" and not depth:
+                options.append(choice)
+                choice = ""
+                continue
+            choice += char
+        options.append(choice)
+        return frontend_dynamic_prompt(rng.choice(options), rng)
+
+    while position < len(text):
+        char = text[position]
+        position += 1
+        result += escape() if char == "\\" else block() if char == "{" else char
+    return re.sub(r"\\([{}|])", r"\1", result)
+
+
+def test_dynamic_prompts_match_the_frontends_own_code() -> None:
+    texts = random.Random(7)
+    compared = 0
+    while compared < 3_000:
+        text = "".join(texts.choice("ab{}|/*\n\r\\") for _ in range(texts.randrange(14)))
+        if "\\\\" in text or JS_COMMENTS.sub("", text).endswith("\\"):
+            continue  # the two documented differences: a literal backslash before {|}; a trailing backslash
+        seed = texts.randrange(1 << 30)
+        assert dynamic_prompt(text, random.Random(seed)) == frontend_dynamic_prompt(text, random.Random(seed)), text
+        compared += 1
+
+
+def test_the_conversion_stops_at_its_deadline() -> None:
+    with pytest.raises(JobTimeoutError):
+        convert(chain("ImageInvert", 1_000), object_info(), deadline=time.monotonic())
+    assert convert(chain("ImageInvert", 10), object_info(), deadline=time.monotonic() + 3600).prompt
+
+
+def test_a_malformed_container_is_not_an_internal_error() -> None:
+    # node_types runs before the conversion (to know what to ask ComfyUI): it raised AttributeError ("internal")
+    for broken in ({"definitions": ["x"]}, {"extra": ["x"]}, {"extra": {"groupNodes": ["x"]}}):
+        workflow = {"nodes": [ui_node(1, "EmptyImage")], "links": [], **broken}
+        assert node_types(workflow) == {"EmptyImage"}
+        with contextlib.suppress(InputError):  # the conversion may refuse it, with a clear error
+            convert(workflow, object_info())
+
+
+def saves(*ids: Any) -> dict[str, Any]:
+    nodes = [ui_node(1, "EmptyImage", widgets=[8, 8, 1, 0])]
+    links = []
+    for index, node_id in enumerate(ids, start=1):
+        nodes.append(ui_node(node_id, "SaveImage", [("images", "IMAGE", index)], [f"save{index}"]))
+        links.append([index, 1, 0, node_id, 0, "IMAGE"])
+    return {"nodes": nodes, "links": links}
+
+
+def test_duplicate_node_ids_are_refused_not_overwritten() -> None:
+    # three SaveImage nodes, two of them with id 3: the frontend's prompt keeps one of the two (graphToPrompt
+    # keys its output by id); the worker refuses, naming the id
+    with pytest.raises(InputError) as caught:
+        convert(saves(2, 3, 3), object_info())
+    assert "3 (SaveImage, SaveImage)" in caught.value.message
+    assert caught.value.details["duplicate_node_ids"] == {"3": ["SaveImage", "SaveImage"]}
+    with pytest.raises(InputError) as caught:
+        convert(saves(1), object_info())  # SaveImage 1 beside EmptyImage 1
+    assert caught.value.details["duplicate_node_ids"] == {"1": ["EmptyImage", "SaveImage"]}
+    with pytest.raises(InputError) as caught:
+        convert(saves(2, "2"), object_info())  # 2 and "2" are the same id in the API prompt
+    assert caught.value.details["duplicate_node_ids"] == {"2": ["SaveImage", "SaveImage"]}
+
+
+def test_a_root_id_that_equals_an_inner_id_is_refused() -> None:
+    workflow = doubling_subgraphs(0)  # instance 1 of sg-0 holds EmptyImage 1: its id is "1:1"
+    workflow["nodes"].append(ui_node("1:1", "EmptyImage", widgets=[16, 16, 1, 0]))
+    with pytest.raises(InputError) as caught:
+        convert(workflow, object_info())
+    assert "1:1" in caught.value.details["duplicate_node_ids"]
+    inner = doubling_subgraphs(0)
+    inner["definitions"]["subgraphs"][0]["nodes"].append(ui_node(1, "ImageInvert"))
+    with pytest.raises(InputError) as caught:
+        convert(inner, object_info())
+    assert caught.value.details["duplicate_node_ids"] == {"1:1": ["EmptyImage", "ImageInvert"]}
+
+
+@pytest.mark.parametrize("name", ["model_free", "sd15_txt2img"])
+def test_the_ui_format_examples_are_twins_of_the_api_ones(name: str) -> None:
+    workflows = Path(__file__).parent.parent / "examples" / "workflows"
+    ui = json.loads((workflows / f"{name}_ui.json").read_text(encoding="utf-8"))
+    api = json.loads((workflows / f"{name}.json").read_text(encoding="utf-8"))
+    assert is_ui_format(ui)
+    assert convert(ui, object_info()).prompt == api

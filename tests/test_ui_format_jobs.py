@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from comfy_worker import ui_format
 from comfy_worker.runtime.app import build_worker
 
 from .conftest import REPO
@@ -139,3 +142,105 @@ def test_ui_jobs_ask_comfyui_for_its_node_types_once(tmp_path: Path) -> None:
     finally:
         close_worker(worker)
     assert len(asked) == 1
+
+
+def test_the_ui_format_example_runs(worker: WorkerProcess) -> None:
+    # examples/workflows/model_free_ui.json is model_free.json as *Save* writes it (tests/test_ui_format.py
+    # checks that it converts to exactly that prompt): the two make the same image
+    pixels = []
+    for name in ("model_free_ui.json", "model_free.json"):
+        workflow = json.loads((REPO / "examples" / "workflows" / name).read_text(encoding="utf-8"))
+        body = worker.runsync({"workflow": workflow})
+        assert body["status"] == "COMPLETED", body
+        output: dict[str, Any] = body["output"]  # type: ignore[assignment]
+        assert output["workflow_format"] == ("ui" if name.endswith("_ui.json") else "api")
+        [image] = output["images"]
+        decoded = Image.open(io.BytesIO(base64.b64decode(image["data"]))).convert("RGB")
+        assert decoded.size == (512, 512)
+        pixels.append(decoded.getpixel((0, 0)))
+    assert pixels[0] == pixels[1] == (204, 153, 101)  # EmptyImage's 0x336699, inverted (in float32)
+
+
+def ui_node(node_id: Any, node_type: str, links: list[tuple[str, str, int]], widgets: list[Any]) -> dict[str, Any]:
+    inputs = [{"name": name, "type": kind, "link": link} for name, kind, link in links]
+    return {"id": node_id, "type": node_type, "mode": 0, "inputs": inputs, "widgets_values": widgets}
+
+
+def test_colliding_node_ids_are_a_validation_error(worker: WorkerProcess) -> None:
+    # three SaveImage nodes, two with id 3: the frontend's prompt (keyed by id) would have two outputs
+    nodes = [ui_node(1, "EmptyImage", [], [8, 8, 1, 0])]
+    nodes += [
+        ui_node(node_id, "SaveImage", [("images", "IMAGE", 1)], [f"s{index}"])
+        for index, node_id in enumerate((2, 3, 3))
+    ]
+    body = worker.runsync({"workflow": {"nodes": nodes, "links": [[1, 1, 0, 2, 0, "IMAGE"]]}})
+    assert body["status"] == "FAILED", body
+    error = json.loads(str(body["error"]))
+    assert error["error_type"] == "validation"
+    assert error["details"]["duplicate_node_ids"] == {"3": ["SaveImage", "SaveImage"]}
+
+
+def test_a_subgraph_bomb_is_refused_by_the_node_limit(worker: WorkerProcess) -> None:
+    # subgraphs that each hold two instances of the next: depth 21 took 32.7 s and 2.1 GB, past `timeout: 3`
+    definitions = [{"id": "sg-21", "nodes": [ui_node(1, "EmptyImage", [], [8, 8, 1, 0])], "links": []}]
+    for level in range(20, -1, -1):
+        inner = [ui_node(1, f"sg-{level + 1}", [], []), ui_node(2, f"sg-{level + 1}", [], [])]
+        definitions.append({"id": f"sg-{level}", "nodes": inner, "links": []})
+    workflow = {"nodes": [ui_node(1, "sg-0", [], [])], "links": [], "definitions": {"subgraphs": definitions}}
+    body = worker.runsync({"workflow": workflow, "timeout": 60})
+    assert body["status"] == "FAILED", body
+    error = json.loads(str(body["error"]))
+    assert error["error_type"] == "validation", error
+    assert "MAX_EXPANDED_NODES" in error["message"]
+    assert error["details"]["max_expanded_nodes"] == 100_000
+
+
+def test_a_deeply_nested_dynamic_prompt_converts_within_the_job(worker: WorkerProcess) -> None:
+    # 30,000 '{' then 30,000 '}' in a CLIPTextEncode took 10.75 s (quadratic) and outlived `timeout: 3`: the
+    # conversion is linear now, so this one, ten times the work of that one for the old code, reaches ComfyUI
+    # (which refuses the checkpoint the stand-in does not have) well within its minute
+    text = "a {" + "{" * 100_000 + "}" * 100_000 + "fox}"
+    nodes = [
+        ui_node(1, "CheckpointLoaderSimple", [], ["model.safetensors"]),
+        ui_node(2, "CLIPTextEncode", [("clip", "CLIP", 1)], [text]),
+        ui_node(3, "PreviewAny", [("source", "*", 2)], []),
+    ]
+    links = [[1, 1, 1, 2, 0, "CLIP"], [2, 2, 0, 3, 0, "CONDITIONING"]]
+    body = worker.runsync({"workflow": {"nodes": nodes, "links": links}, "timeout": 60})
+    assert body["status"] == "FAILED", body
+    error = json.loads(str(body["error"]))
+    assert error["error_type"] == "workflow_validation", error
+    assert "ckpt_name" in error["message"]
+
+
+def test_a_conversion_that_outlives_the_job_ends_it_with_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pure-Python conversion in a thread cannot be killed: the job passes it its deadline, gives up on it at
+    # that deadline (the job's timeout error names the conversion) and the conversion stops there by itself.
+    worker = build_worker(worker_settings(ComfyBackend.standin(), tmp_path, free_port()))
+    convert = ui_format.convert
+    stopped = threading.Event()
+
+    def slow(workflow: dict[str, Any], catalogue: dict[str, Any], deadline: float | None = None) -> Any:
+        """A conversion that would take longer than the job: it works until the deadline it is given."""
+        end = deadline if deadline is not None else time.monotonic() + 20
+        while time.monotonic() < end and not stopped.wait(0.05):
+            pass
+        try:
+            return convert(workflow, catalogue, deadline)
+        finally:
+            stopped.set()
+
+    try:
+        warm = asyncio.run(worker.run("warm", {"workflow": case("bypass_chain")}, lambda _message: None))
+        assert warm["workflow_format"] == "ui", warm  # ComfyUI is up and its node types are known
+        monkeypatch.setattr(ui_format, "convert", slow)
+        job = {"workflow": case("bypass_chain"), "timeout": 2}
+        result = asyncio.run(worker.run("slow-conversion", job, lambda _message: None))
+    finally:
+        close_worker(worker)
+    error = json.loads(result["error"])
+    assert error["error_type"] == "timeout", error
+    assert error["details"]["phase"] == "converting the UI-format workflow"
+    assert stopped.is_set()  # the conversion ended too (asyncio.run waited for its thread)

@@ -368,7 +368,9 @@ class Worker:
         """A workflow saved with ComfyUI's *Save* (UI format), converted as the frontend would queue it."""
         wanted = ui_format.node_types(job.workflow)  # frontend-only types are never in /object_info
         catalogue = await self._node_catalogue(attempt, wanted)
-        conversion = await asyncio.to_thread(ui_format.convert, job.workflow, catalogue)
+        conversion = await self._in_time(
+            attempt, "converting the UI-format workflow", ui_format.convert, job.workflow, catalogue, attempt.deadline
+        )
         attempt.workflow_format = "ui"
         attempt.warnings += [text for text in [conversion.warning()] if text]
         log.info("job %s: converted a UI-format workflow (%d nodes)", attempt.job_id, len(conversion.prompt))
