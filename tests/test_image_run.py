@@ -11,8 +11,10 @@ the reason when no Docker engine can be started (tests/docker_image.py); ``.ci/r
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -28,12 +30,14 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from PIL import Image
 
 from . import docker_image
 from .conftest import REPO
 from .docker_image import Container, build, build_args, build_context, runsync_inside, serve_git
 from .file_server import FileServer, Served, make_data
 from .git_repos import Repo, make_wheel, node_repo, real_comfyui_repo, standin_comfyui_repo
+from .runpod_platform import RunpodPlatform
 from .worker_process import ComfyBackend, free_port
 
 # The first build downloads PyTorch (about 3.8 GB): far longer than the suite's 600 s per test.
@@ -461,3 +465,136 @@ def test_a_config_asking_for_another_comfyui_version_installs_it_onto_the_volume
         f"/runpod-volume/.comfy-worker/venvs/{venv.name}/bin/python", "-c", "import newer_comfyui_requirement"
     )
     assert check.returncode == 0, check.stderr
+
+
+# --- an endpoint: several containers on one volume ------------------------------------------------------------
+
+FLEET_JOBS = 9
+
+
+def fleet_job(index: int, model_urls: list[str]) -> dict[str, Any]:
+    """Its own input image under a name every job uses, a per-job model (two URLs shared by all jobs), a
+    PreviewImage early and a SaveImage after a node that takes seconds (so workers boot and stop beside it)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), fleet_color(index)).save(buffer, "PNG")
+    slow = (
+        {"class_type": "ImageBlur", "inputs": {"image": ["6", 0], "blur_radius": 31, "sigma": 8.0}}
+        if REAL
+        else {"class_type": "StandinSleep", "inputs": {"image": ["6", 0], "seconds": 3.0, "steps": 0}}
+    )
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "input.png"}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        "6": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["1", 0],
+                "upscale_method": "nearest-exact",
+                "width": 2048,
+                "height": 2048,
+                "crop": "disabled",
+            },
+        },
+        "3": slow,
+        "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "fleet"}},
+    }
+    url = model_urls[index % len(model_urls)]
+    return {
+        "workflow": workflow,
+        "images": [{"name": "input.png", "image": base64.b64encode(buffer.getvalue()).decode()}],
+        "models": [{"url": url, "destination": "loras", "filename": Path(url).name}],
+        "output": {"include_temp": True},
+        "timeout": 600,
+    }
+
+
+def fleet_color(index: int) -> tuple[int, int, int]:
+    return (20 * index + 10, 200 - 15 * index, 77)
+
+
+def first_pixel(entry: dict[str, Any]) -> tuple[int, int, int]:
+    with Image.open(io.BytesIO(base64.b64decode(entry["data"]))) as image:
+        value: tuple[int, int, int] = image.convert("RGB").getpixel((0, 0))  # type: ignore[assignment]
+        return value
+
+
+def test_a_fleet_of_containers_on_one_volume_keeps_every_jobs_files_its_own(
+    setup: Setup, warm_volume: tuple[Path, Container, dict[str, Any]]
+) -> None:
+    """Three serverless containers on one volume take jobs while a fourth boots and stops again and again
+    (docker stop, docker kill), and one job-taking container is killed mid-job (its job is submitted again,
+    as the platform retries it): every job completes with both of its outputs, its own pixels and its model."""
+    volume, first, _ = warm_volume
+    first.stop()
+    models = {name: make_data(512 * 1024, seed=seed) for seed, name in enumerate(("fleet_a", "fleet_b"), start=3)}
+    for name, data in models.items():
+        setup.server.add(f"/{name}.safetensors", data)
+    urls = [setup.server.url(f"/{name}.safetensors") for name in models]
+    counts = {"jobs": FLEET_JOBS, "boots": 0, "stops": 0, "kills": 0, "resubmitted": 0}
+    with RunpodPlatform() as platform, RunpodPlatform(endpoint="idle") as idle:
+
+        def serverless(target: RunpodPlatform, pod_id: str) -> Container:
+            counts["boots"] += 1
+            env = {**target.env(pod_id), "PROGRESS_INTERVAL": "0", "INPUT_URL_ALLOWLIST": "127.0.0.1/32"}
+            return setup.container(volume, **env).start()
+
+        workers = [serverless(platform, f"fleet-{n}") for n in range(3)]
+        jobs = {platform.submit(fleet_job(index, urls)): index for index in range(FLEET_JOBS)}
+
+        def running(job: str) -> bool:  # in its slow node: its PreviewImage file is on that worker's disk
+            return not platform.results(job) and (platform.progress(job) or [{}])[-1].get("node_id") == "3"
+
+        def wait(what: str, ready: Any, timeout_s: float = 600) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not ready():
+                assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+                time.sleep(0.1)
+
+        def first_results() -> str:
+            return str([platform.results(job)[0] for job in jobs if platform.results(job)][:2])[:2000]
+
+        wait("job in its slow node", lambda: any(running(job) for job in jobs) or first_results() != "[]")
+        assert first_results() == "[]", f"jobs ended before any reached its slow node: {first_results()}"
+        [victim_job] = [job for job in jobs if running(job)][:1]
+        victim = next(w for w in workers if w.env["RUNPOD_POD_ID"] == platform.taken_by(victim_job))
+        docker_image.docker("kill", "--signal", "KILL", victim.name, timeout_s=60)
+        counts["kills"] += 1
+        index = jobs.pop(victim_job)
+        jobs[platform.submit(fleet_job(index, urls))] = index  # as the platform retries a job its worker lost
+        counts["resubmitted"] += 1
+        workers.append(serverless(platform, "fleet-3"))
+        cycle = 0
+        while not all(platform.results(job) for job in jobs):
+            churn = serverless(idle, f"churn-{cycle}")
+            pod = f"churn-{cycle}"  # polling for a job: its ComfyUI has booted (and emptied its temp folder)
+            wait(f"{pod} polling", lambda pod=pod: any(r.pod_id == pod for r in idle.requests("job-take")))
+            if cycle % 2:
+                docker_image.docker("kill", "--signal", "KILL", churn.name, timeout_s=60)
+                counts["kills"] += 1
+            else:
+                churn.stop(timeout_s=30)
+                counts["stops"] += 1
+            churn.remove()
+            cycle += 1
+        results = {job: platform.wait_result(job, timeout=60) for job in jobs}
+        for worker in workers:
+            worker.remove()
+    failed = {job: body.get("error", "")[:300] for job, body in results.items() if "error" in body}
+    docker_image.FIGURES.append(f"fleet: {counts}, failed: {len(failed)}")
+    assert failed == {}, failed
+    assert cycle >= 2, "the churning container never booted while jobs ran"
+    for job, body in results.items():
+        output = body["output"]
+        assert output["warnings"] == [], output["warnings"]
+        by_node = {entry["node_id"]: entry for entry in output["images"]}
+        assert sorted(by_node) == ["2", "5"], output["images"]
+        red, green, blue = fleet_color(jobs[job])
+        assert first_pixel(by_node["2"]) == (red, green, blue)  # its own input, not another job's input.png
+        inverted = (255 - red, 255 - green, 255 - blue)  # within ComfyUI's float32 rounding
+        assert all(abs(a - b) <= 1 for a, b in zip(first_pixel(by_node["5"]), inverted, strict=True))
+    cache = volume / "model-cache" / "loras"
+    for name, data in models.items():
+        assert (cache / f"{name}.safetensors").read_bytes() == data
+    assert not [p for p in volume.rglob("*") if p.name.endswith(".part")], "half-written files on the volume"
+    assert not (volume / "ComfyUI" / "temp").exists() or not list((volume / "ComfyUI" / "temp").rglob("*.png"))
