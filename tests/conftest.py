@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 TRANSCRIPTS = REPO / "tests" / "comfyui_transcripts"
 EXAMPLES = REPO / "examples"
 # What a real worker on this machine uses, which no test may touch: start.sh's default WORKER_PID_FILE (read by
-# apply_config.sh) and the default WORKSPACE of a checkout.
-REAL_WORKER_FILES = (Path("/tmp/comfy-worker.pid"), REPO / "workspace")
+# apply_config.sh; watched, since other test runs on the machine may write it too) and the default WORKSPACE of
+# this checkout (compared with how it was at the start).
+REAL_PID_FILE = Path("/tmp/comfy-worker.pid")
+REAL_WORKSPACE = REPO / "workspace"
 # The tiers a skip is counted in, by marker (the first that a test carries); S3 tests are known by their skip.
 TIERS = ("image", "comfyui", "s3", "slow")
 OPTIONAL = "optional:"  # a skip whose reason starts so is allowed in a tier of TEST_REQUIRE_TIERS
@@ -40,7 +42,9 @@ class RunState:
     marker: str
     subreaper: bool
     pid_dir: str
-    snapshot: dict[Path, object]
+    workspace: object  # session_checks.fingerprint of REAL_WORKSPACE at the start
+    pid_file: session_checks.PidFileWatch
+    current: str = "the start of the run"  # the test running now, for the pid file's watch
     skips: dict[str, list[str]] = field(default_factory=dict)  # tier -> the reason of each skip
     deselected: dict[str, int] = field(default_factory=dict)  # tier -> count
     problems: list[str] = field(default_factory=list)  # what failed the run, printed in the summary
@@ -57,8 +61,15 @@ def pytest_configure(config: pytest.Config) -> None:
     pid_dir = tempfile.mkdtemp(prefix="comfy-worker-tests-")
     os.environ["WORKER_PID_FILE"] = str(Path(pid_dir) / "comfy-worker.pid")
     subreaper = sys.platform == "linux" and session_checks.become_subreaper()
-    snapshot = {path: session_checks.fingerprint(path) for path in REAL_WORKER_FILES}
-    _RUN[:] = [RunState(marker, subreaper, pid_dir, snapshot)]
+    state = RunState(
+        marker,
+        subreaper,
+        pid_dir,
+        session_checks.fingerprint(REAL_WORKSPACE),
+        session_checks.PidFileWatch(REAL_PID_FILE, marker, lambda: state.current),
+    )
+    state.pid_file.start()
+    _RUN[:] = [state]
 
 
 @pytest.fixture(autouse=True)
@@ -163,16 +174,30 @@ def _check_processes(state: RunState) -> None:
     )
 
 
+def pytest_runtest_logstart(nodeid: str) -> None:
+    state = _state()
+    if state is not None:
+        state.current = nodeid
+
+
 def _check_real_worker_files(state: RunState) -> None:
-    for path, before in state.snapshot.items():
-        after = session_checks.fingerprint(path)
-        if after != before:
-            holds = f" (it holds {path.read_text(errors='replace')[:40]!r})" if path.is_file() else ""
+    state.current = "the end of the run (fixtures' teardown)"
+    state.pid_file.stop()
+    for content, cmdline, ours, during in state.pid_file.changes:
+        writer = f"pid {content} ({cmdline or 'gone'})"
+        if ours:
             state.problems.append(
-                f"{path} was {session_checks.describe_change(before, after)} during the run{holds}: a test used a "
-                "real worker's file (WORKER_PID_FILE, WORKSPACE) instead of its own (or another test run on this "
-                "machine at the same time did)"
+                f"{REAL_PID_FILE} was written during {during} by {writer}, a process of this run: a test must set "
+                "WORKER_PID_FILE to a file of its own"
             )
+        else:
+            state.notes.append(f"{REAL_PID_FILE} was written during {during} by {writer}, not of this run")
+    after = session_checks.fingerprint(REAL_WORKSPACE)
+    if after != state.workspace:
+        state.problems.append(
+            f"{REAL_WORKSPACE} was {session_checks.describe_change(state.workspace, after)} during the run: a "
+            "test used the checkout's default WORKSPACE instead of a folder of its own"
+        )
 
 
 @pytest.hookimpl(trylast=True)

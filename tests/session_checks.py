@@ -15,8 +15,10 @@ import ctypes
 import hashlib
 import os
 import signal
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +137,57 @@ def kill_and_reap(procs: list[Proc], timeout_s: float = 30.0) -> list[Proc]:
 # --- files a real worker on this machine uses ------------------------------------------------------------------
 
 
+class PidFileWatch:
+    """Watches a pid file (start.sh writes its pid there, and the worker it becomes keeps that pid) and tells
+    each write by a process of this run from one by another test run on the machine: the writer carries MARKER.
+
+    ``changes`` gets (pid, command line or "", whether it was ours, what ``where()`` said) for each new content."""
+
+    def __init__(self, path: Path, marker: str, where: Callable[[], str], interval_s: float = 0.05) -> None:
+        self.path = path
+        self.marker = marker
+        self.where = where
+        self.interval_s = interval_s
+        self.changes: list[tuple[str, str, bool, str]] = []
+        self._seen = self._stat()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pid-file-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._check()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            info = self.path.stat()
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_size
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._check()
+
+    def _check(self) -> None:
+        now = self._stat()
+        if now == self._seen or now is None:
+            self._seen = now
+            return
+        self._seen = now
+        try:
+            text = self.path.read_text(errors="replace").strip()
+        except OSError:
+            return
+        pid = int(text) if text.isdigit() else 0
+        proc = _read(pid) if pid else None
+        ours = pid > 0 and _has_marker(pid, self.marker)
+        self.changes.append((text[:40], proc.cmdline if proc else "", ours, self.where()))
+
+
 def fingerprint(path: Path) -> object:
     """What would show that ``path`` was created, deleted or changed: a file's mtime, size and hash; a
     folder's entries (relative path, kind, size, mtime), not following links."""
@@ -145,25 +198,31 @@ def fingerprint(path: Path) -> object:
     if not path.is_dir() or path.is_symlink():
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
         return ("file", info.st_mtime_ns, info.st_size, digest)
-    entries = [("", info.st_mtime_ns)]
+    entries = [(".", "dir", 0, info.st_mtime_ns)]
     for folder, dirs, files in os.walk(path):
         for name in [*dirs, *files]:
             full = Path(folder, name)
-            with_info = full.lstat()
-            kind = "dir" if full.is_dir() and not full.is_symlink() else "file"
-            size = 0 if kind == "dir" else with_info.st_size
-            entries.append((f"{full.relative_to(path)} {kind} {size}", with_info.st_mtime_ns))
+            entry = full.lstat()
+            is_dir = full.is_dir() and not full.is_symlink()
+            entries.append(
+                (
+                    str(full.relative_to(path)),
+                    "dir" if is_dir else "file",
+                    0 if is_dir else entry.st_size,
+                    entry.st_mtime_ns,
+                )
+            )
     return ("dir", sorted(entries))
 
 
 def describe_change(before: object, after: object) -> str:
+    """``created``, ``deleted``, or ``changed`` (with a folder's changed entries)."""
     if before is None:
         return "created"
     if after is None:
         return "deleted"
-    if before[0] == "dir" and after[0] == "dir":  # type: ignore[index]
-        old, new = dict(before[1]), dict(after[1])  # type: ignore[index]
-        changed = sorted(set(old.items()) ^ set(new.items()))
-        names = sorted({name.split(" ")[0] or "." for name, _ in changed})
-        return "changed: " + ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    if isinstance(before, tuple) and isinstance(after, tuple) and before[0] == after[0] == "dir":
+        names = sorted({entry[0] for entry in set(before[1]) ^ set(after[1])})
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        return "changed: " + ", ".join(names[:10]) + more
     return "changed"
