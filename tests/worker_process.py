@@ -85,7 +85,7 @@ class ComfyBackend:
 
     @classmethod
     def standin(cls) -> ComfyBackend:
-        return cls("standin", STANDIN_DIR, sys.executable, 30.0)
+        return cls("standin", STANDIN_DIR, sys.executable, 60.0)  # a loaded 2-core machine
 
     @classmethod
     def real(cls) -> ComfyBackend | None:
