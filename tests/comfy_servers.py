@@ -10,7 +10,6 @@ Only 127.0.0.1 is ever used.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -24,8 +23,6 @@ from pathlib import Path
 import requests
 
 from .processes import stop_group
-
-log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 STANDIN_MAIN = Path(__file__).resolve().parent / "standin_comfyui" / "main.py"

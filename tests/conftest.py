@@ -54,7 +54,7 @@ class RunState:
 _RUN: list[RunState] = []  # this session's, set in pytest_configure
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_configure() -> None:
     marker = session_checks.new_marker()
     os.environ[session_checks.MARKER] = marker  # every process started from here on carries it
     # A fallback for what runs before the per-test fixture below (module-scoped fixtures): never the real file.

@@ -1,7 +1,7 @@
 """Processes a test starts, each in a process group of its own, so that stopping one stops all it started.
 
-A worker starts ComfyUI, ``start.sh`` starts the worker and Jupyter, the downloader its threads' helpers: a
-signal to the first process alone leaves the others running when it dies or ignores the signal. So every
+A worker starts ComfyUI, ``start.sh`` the provisioning, the worker and Jupyter: a signal to the first process
+alone leaves the others running when it dies, is killed or ignores the signal. So every
 process a test starts is a session leader (``start_new_session=True``), and ``stop_group`` asks the leader to
 stop, then kills whatever is left of its group. ``tests/conftest.py`` fails the run when anything survives.
 """
