@@ -64,11 +64,12 @@ worker_python() {
   printf '%s\n' "$ROOT/.venv/bin/python"
 }
 
+# on_signal NAME: stop the children with SIGTERM whatever came: a script's background children ignore SIGINT.
 on_signal() {
   STOPPING="$1"
   log "stopping (SIG$1)"
   if ((${#CHILD_PIDS[@]})); then
-    kill "-$1" "${CHILD_PIDS[@]}" 2>/dev/null || true
+    kill -TERM "${CHILD_PIDS[@]}" 2>/dev/null || true
   fi
 }
 

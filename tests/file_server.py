@@ -2,7 +2,8 @@
 
 Each path is a ``Served`` file on disk (sent with sendfile, so the server keeps up with the client) or a
 ``Redirect`` (the Hub's 302 to its CDN). A file can be told to ignore ranges, go slowly, cut the connection at
-an offset, answer error statuses before succeeding, require a token, or name itself in Content-Disposition.
+an offset, hold the rest of its body back from an offset until the test releases it, answer error statuses
+before succeeding, require a token, or name itself in Content-Disposition.
 The server records every request (method, path, headers, client port) and the body bytes sent per path.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 CHUNK = 64 * 1024
+HOLD_LIMIT_S = 600.0
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Served:
     token: str | None = None  # require "Authorization: Bearer <token>"
     disposition: str | None = None
     fail_range_at: int | None = None  # a Range request that starts at this offset is answered 404
+    hold_at: int | None = None  # file offset where the body stops until ``release`` is set (a test's event) ...
+    release: threading.Event = field(default_factory=threading.Event)
     headers: dict[str, str] = field(default_factory=dict)
     last_modified: str = field(default_factory=lambda: formatdate(usegmt=True))
 
@@ -212,16 +216,34 @@ class _Handler(BaseHTTPRequestHandler):
             served.cuts -= 1
         try:
             with served.file.open("rb") as file:
-                if served.rate is None:
-                    self._sendfile(file.fileno(), start, stop, path)
-                else:
-                    self._slowly(file.fileno(), start, stop, served.rate, path)
+                offset = start
+                if served.hold_at is not None and start <= served.hold_at < stop:
+                    self._send(served, file.fileno(), start, served.hold_at, path)
+                    offset = self._hold(served, file.fileno(), served.hold_at, stop, path)
+                self._send(served, file.fileno(), offset, stop, path)
         except OSError:
             self.close_connection = True
             return
         if cut:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _send(self, served: Served, fd: int, start: int, stop: int, path: str) -> None:
+        if served.rate is None:
+            self._sendfile(fd, start, stop, path)
+        else:
+            self._slowly(fd, start, stop, served.rate, path)
+
+    def _hold(self, served: Served, fd: int, start: int, stop: int, path: str) -> int:
+        """... while one byte goes every 50 ms, so the client's reads return and it writes what it has to
+        disk. Returns the offset reached when released (or after HOLD_LIMIT_S, so a broken test cannot hang
+        the server)."""
+        offset = start
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while offset < stop and not served.release.wait(0.05) and time.monotonic() < deadline:
+            self._slowly(fd, offset, offset + 1, 1e9, path)
+            offset += 1
+        return offset
 
     def _sendfile(self, fd: int, start: int, stop: int, path: str) -> None:
         offset = start

@@ -53,6 +53,8 @@ from typing import Any, Self, TypeVar
 
 from aiohttp import web
 
+from .processes import stop_group
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -105,17 +107,10 @@ class SpawnedWorker:
         """Everything the worker wrote to stdout and stderr so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def terminate(self, grace_s: float = 10.0) -> int:
-        """SIGTERM (what the platform sends on scale-down), then SIGKILL after ``grace_s``; the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("worker %s ignored SIGTERM for %.1f s; killing it", self.pid, grace_s)
-                self.process.kill()
-                self.process.wait(timeout=5)
-        return self.process.returncode
+    def terminate(self, grace_s: float = 10.0, *, signalled: bool = False) -> int:
+        """SIGTERM (what the platform sends on scale-down; not again when ``signalled``), then SIGKILL after
+        ``grace_s`` for its whole process group (the ComfyUI it started too); the exit code."""
+        return stop_group(self.process, None if signalled else signal.SIGTERM, grace_s)
 
 
 class RunpodPlatform:
@@ -196,7 +191,7 @@ class RunpodPlatform:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
         for worker in self._workers:
-            worker.terminate(grace_s)
+            worker.terminate(grace_s, signalled=True)
         try:
             asyncio.run_coroutine_threadsafe(self._unserve(), self._loop).result(timeout=15)
         finally:
@@ -266,6 +261,7 @@ class RunpodPlatform:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         worker = SpawnedWorker(process, log_path, pod_id)
         self._workers.append(worker)

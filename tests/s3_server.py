@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import time
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from .processes import stop_group
 from .worker_process import REPO, free_port
 
 S3RVER = REPO / ".tools" / "node_modules" / ".bin" / "s3rver"
 ACCESS_KEY = "S3RVER"  # s3rver's built-in account
 SECRET_KEY = "S3RVER"
+SKIP_REASON = "s3rver is not installed: ./test.sh installs it into .tools with npm"  # the S3 tier's skip
 
 
 @dataclass
@@ -41,26 +44,25 @@ class S3Server:
 @contextlib.contextmanager
 def run_s3rver(data_dir: Path, bucket: str = "outputs", port: int | None = None) -> Iterator[S3Server]:
     if not S3RVER.exists():
-        pytest.skip("s3rver is not installed: ./test.sh installs it into .tools with npm")
+        pytest.skip(SKIP_REASON)
     port = port or free_port()
     command = [str(S3RVER), "-d", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "--silent"]
     process = subprocess.Popen(
-        [*command, "--configure-bucket", bucket], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*command, "--configure-bucket", bucket],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # node's start on a loaded machine
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"s3rver did not start: {process.stderr.read() if process.stderr else b''!r}")
+            if process.poll() is not None:  # read to the end only once it exited: it cannot block then
+                raise RuntimeError(f"s3rver exited with {process.returncode}: {process.communicate()[1]!r}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"s3rver did not listen on 127.0.0.1:{port} within 60 s")
             time.sleep(0.1)
         yield S3Server(f"http://127.0.0.1:{port}", bucket, process)
     finally:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5)
-        if process.poll() is None:
-            process.kill()
-        if process.stderr:
-            process.stderr.close()
+        stop_group(process, signal.SIGTERM, 5)

@@ -38,6 +38,7 @@ from comfy_worker.tools.client import (
 from comfy_worker.tools.jobapi import describe_progress
 
 from .conftest import EXAMPLES
+from .processes import stopped_on_exit
 from .s3_server import ACCESS_KEY, SECRET_KEY, run_s3rver
 from .worker_process import REPO, ComfyBackend, WorkerProcess, backend_params, serve_api
 
@@ -280,12 +281,14 @@ def test_hostile_output_names_and_urls_do_not_stop_the_other_outputs(tmp_path: P
 
 @dataclass
 class FakeRunPod:
-    """Replays scripted ``/status`` answers; records every request (method, path, Authorization)."""
+    """Replays scripted ``/status`` answers; records every request (method, path, Authorization); ``polled`` is
+    set at the first ``/status`` request."""
 
     statuses: list[dict[str, Any]]
     runsync: dict[str, Any] | None = None
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     url: str = ""
+    polled: threading.Event = field(default_factory=threading.Event)
 
     def answer(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
         if method == "POST" and path.endswith("/run"):
@@ -293,6 +296,7 @@ class FakeRunPod:
         if method == "POST" and path.endswith("/runsync"):
             return 200, self.runsync or {"id": "job-1", "status": "IN_QUEUE"}
         if method == "GET" and path.endswith("/status/job-1"):
+            self.polled.set()
             body = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
             return 200, {"id": "job-1", **body}
         if method == "POST" and path.endswith("/cancel/job-1"):
@@ -430,13 +434,18 @@ def test_ctrl_c_cancels_the_job(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while not any("/status/" in path for _, path, _ in fake.requests):
-            assert time.monotonic() < deadline and process.poll() is None, "the client never polled"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
+        with stopped_on_exit(process, grace_s=0):  # a failed wait below leaves no client (nor its pipes) behind
+            deadline = time.monotonic() + 180  # the client's imports on a loaded machine
+            while not fake.polled.wait(timeout=0.5):
+                if process.poll() is not None:
+                    pytest.fail(
+                        f"the client exited ({process.returncode}) before it polled:\n{process.communicate()[1]}"
+                    )
+                assert time.monotonic() < deadline, "the client never polled in 180 s"
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert ("POST", "/v2/ep1/cancel/job-1") in [(m, p) for m, p, _ in fake.requests]
     assert "cancelled job job-1" in stderr

@@ -6,6 +6,7 @@ loopback "Hub" through HF_ENDPOINT, which redirects LFS files to a loopback "CDN
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from comfy_worker.provision.downloads import (
 from comfy_worker.settings import SettingsError
 
 from .file_server import FileServer, hub_file, make_data
+from .processes import stopped_on_exit
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD_HUB = "http://127.0.0.1:9"  # the discard port: a test that reached "the Hub" by mistake fails, offline
@@ -111,11 +113,14 @@ def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
 
 
 def spawn(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """download_models.py in a process group of its own (``stopped_on_exit`` ends it on any way out)."""
     command = [sys.executable, str(REPO / "download_models.py"), *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
-def wait_for_progress(sidecar: Path, at_least: int, proc: subprocess.Popen[str], deadline_s: float = 30) -> None:
+def wait_for_progress(sidecar: Path, at_least: int, proc: subprocess.Popen[str], deadline_s: float = 180) -> None:
     """Wait until the sidecar says at least ``at_least`` bytes are on disk."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
@@ -258,25 +263,32 @@ def test_if_range_mismatch_mid_download_restarts(server: FileServer, tmp_path: P
     assert any(r.headers.get("if-range") == '"v1"' for r in server.gets("/w.bin"))
 
 
+def resumed_at(server: FileServer, path: str, after: int) -> list[int]:
+    """Where each ranged GET of ``path`` after the first ``after`` GETs started (the 1-byte probes left out)."""
+    ranges = [r.headers.get("range", "") for r in server.gets(path)[after:]]
+    return [int(r.removeprefix("bytes=").split("-")[0]) for r in ranges if r.startswith("bytes=") and r != "bytes=0-0"]
+
+
 def test_resume_across_processes_after_sigkill(server: FileServer, tmp_path: Path) -> None:
     data = make_data(6 * MIB)
-    served = server.add("/slow.safetensors", data, rate=3 * MIB)
+    half = len(data) // 2
+    served = server.add("/slow.safetensors", data, hold_at=half)  # the rest only once the process is killed
     config = write_config(tmp_path / "config.yml", [{"url": server.url("/slow.safetensors"), "destination": "vae"}])
     models = tmp_path / "models"
     env = cli_env(tmp_path)
-    proc = spawn("--config", str(config), "--models-dir", str(models), env=env)
-    wait_for_progress(models / "vae" / "slow.safetensors.part.json", len(data) // 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    first_run = server.bytes_sent["/slow.safetensors"]
-    assert first_run < len(data)
-    served.rate = None
+    with stopped_on_exit(spawn("--config", str(config), "--models-dir", str(models), env=env), grace_s=0) as proc:
+        wait_for_progress(models / "vae" / "slow.safetensors.part.json", half, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert server.bytes_sent["/slow.safetensors"] < len(data)
+    first_run = len(server.gets("/slow.safetensors"))
+    served.release.set()
     done = cli("--config", str(config), "--models-dir", str(models), env=env)
     assert done.returncode == 0, done.stderr
-    refetched = server.bytes_sent["/slow.safetensors"] - first_run
-    assert refetched < len(data) * 0.6  # only what was not on disk (plus at most ~1 s of data not in the sidecar)
+    # only what the sidecar did not have: it had the first half
+    [start] = resumed_at(server, "/slow.safetensors", first_run)
+    assert start >= half and f"resuming at {start} of {len(data)} bytes" in done.stderr
     assert (models / "vae" / "slow.safetensors").read_bytes() == data
-    assert "resuming at" in done.stderr
 
 
 # --- speed: segments, single stream ------------------------------------------------------------------------------
@@ -463,8 +475,12 @@ def test_four_processes_download_each_file_once(server: FileServer, tmp_path: Pa
     )
     models = tmp_path / "models"
     env = cli_env(tmp_path)
-    procs = [spawn("--config", str(config), "--models-dir", str(models), env=env) for _ in range(4)]
-    outputs = [p.communicate(timeout=60) for p in procs]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(stopped_on_exit(spawn("--config", str(config), "--models-dir", str(models), env=env)))
+            for _ in range(4)
+        ]
+        outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
     for path, data in files.items():
         assert server.bytes_sent[path] == len(data) + 1  # one probe byte, one download
@@ -527,22 +543,24 @@ def test_hf_gated_repo_names_hf_token(server: FileServer, tmp_path: Path) -> Non
 
 def test_hf_resume_after_kill(server: FileServer, cdn: FileServer, tmp_path: Path) -> None:
     data = make_data(6 * MIB, seed=9)
-    hub_file(server, cdn, "org/model", "big.safetensors", data, COMMIT, rate=3 * MIB)
+    half = len(data) // 2
+    hub_file(server, cdn, "org/model", "big.safetensors", data, COMMIT, hold_at=half)
     config = write_config(
         tmp_path / "c.yml",
         [{"url": "https://huggingface.co/org/model/resolve/main/big.safetensors", "destination": "unet"}],
     )
     models = tmp_path / "models"
     env = cli_env(tmp_path, HF_ENDPOINT=server.url(""), HF_TOKEN="hf_killtoken")
-    proc = spawn("--config", str(config), "--models-dir", str(models), env=env)
-    wait_for_progress(models / "unet" / "big.safetensors.part.json", len(data) // 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    with stopped_on_exit(spawn("--config", str(config), "--models-dir", str(models), env=env), grace_s=0) as proc:
+        wait_for_progress(models / "unet" / "big.safetensors.part.json", half, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
     [cdn_path] = cdn.routes
-    first_run = cdn.bytes_sent[cdn_path]
-    cdn.routes[cdn_path].rate = None  # type: ignore[union-attr]
+    first_run = len(cdn.gets(cdn_path))
+    cdn.routes[cdn_path].release.set()  # type: ignore[union-attr]
     done = cli("--config", str(config), "--models-dir", str(models), env=env)
     assert done.returncode == 0, done.stderr
-    assert cdn.bytes_sent[cdn_path] - first_run < len(data) * 0.6
+    [start] = resumed_at(cdn, cdn_path, first_run)
+    assert start >= half
     assert (models / "unet" / "big.safetensors").read_bytes() == data
     assert "hf_killtoken" not in done.stderr

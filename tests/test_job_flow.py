@@ -101,14 +101,17 @@ def test_timeout_interrupts_the_prompt_and_names_the_node(worker: Worker) -> Non
 
 def test_cancellation_interrupts_comfyui_and_reraises(worker: Worker) -> None:
     async def cancel_midway() -> None:
-        task = asyncio.create_task(worker.run("cancel-me", {"workflow": sleep_graph(30, prefix="cancel")}, print))
-        await asyncio.sleep(1.0)
+        task = asyncio.create_task(worker.run("cancel-me", {"workflow": sleep_graph(120, prefix="cancel")}, print))
+        deadline = time.monotonic() + 60
+        while not (await asyncio.to_thread(worker.client.queue))["queue_running"]:  # running in ComfyUI
+            assert time.monotonic() < deadline and not task.done(), "the job never started running"
+            await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     asyncio.run(cancel_midway())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # well before the 120 s the job would sleep without the interrupt
     while worker.client.queue()["queue_running"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert worker.client.queue() == {"queue_running": [], "queue_pending": []}

@@ -115,14 +115,21 @@ def test_error_result_is_a_json_string(deployment: Deployment) -> None:
 def test_progress_updates_are_posted(deployment: Deployment) -> None:
     graph = long_running(deployment.backend, steps=5)
     if graph is None:
-        pytest.skip("set SD15_CHECKPOINT to run a sampler with progress on the real ComfyUI")
+        pytest.skip("optional: set SD15_CHECKPOINT to run a sampler with progress on the real ComfyUI")
     job = deployment.platform.submit({"workflow": graph, "timeout": 300})
     body = deployment.platform.wait_result(job, timeout=300)
     assert body["output"]["status"] == "success", body
-    time.sleep(0.5)  # progress posts are sent from threads of their own and can trail the result
-    progress = deployment.platform.progress(job)
     sampler = "StandinSleep" if deployment.backend.name == "standin" else "KSampler"
-    steps = [p for p in progress if p.get("class_type") == sampler and "step" in p]
+
+    def steps_posted() -> list[dict[str, Any]]:
+        return [p for p in deployment.platform.progress(job) if p.get("class_type") == sampler and "step" in p]
+
+    # progress posts are sent from threads of their own and can trail the result
+    deadline = time.monotonic() + 60
+    while {p["step"] for p in steps_posted()} != {1, 2, 3, 4, 5} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    progress = deployment.platform.progress(job)
+    steps = steps_posted()
     assert {p["step"] for p in steps} == {1, 2, 3, 4, 5}, progress
     assert all(p["steps"] == 5 for p in steps)
     assert all(0 <= p["percent"] <= 100 for p in progress)
@@ -131,7 +138,7 @@ def test_progress_updates_are_posted(deployment: Deployment) -> None:
 def test_cancel_through_the_stop_channel_stops_comfyui(deployment: Deployment) -> None:
     graph = long_running(deployment.backend, steps=200)
     if graph is None:
-        pytest.skip("set SD15_CHECKPOINT to run a long sampler on the real ComfyUI")
+        pytest.skip("optional: set SD15_CHECKPOINT to run a long sampler on the real ComfyUI")
     job = deployment.platform.submit({"workflow": graph, "timeout": 600})
     deployment.platform.wait_progress(job, count=1, timeout=120)
     cancelled_at = time.monotonic()

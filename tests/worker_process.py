@@ -25,6 +25,8 @@ import requests
 from comfy_worker.runtime.job import Worker
 from comfy_worker.settings import Settings
 
+from .processes import stop_group
+
 REPO = Path(__file__).resolve().parents[1]
 STANDIN_DIR = REPO / "tests" / "standin_comfyui"
 # Every variable the worker reads starts with one of these: none of the developer's may leak into a test.
@@ -45,6 +47,7 @@ WORKER_ENV_PREFIXES = (
     "PROGRESS_",
     "LOG_LEVEL",
     "WORKER_PYTHON",
+    "WORKER_PID_FILE",
     "RP_API_",
     "WORKSPACE",
     "MODELS_DIR",
@@ -82,7 +85,7 @@ class ComfyBackend:
 
     @classmethod
     def standin(cls) -> ComfyBackend:
-        return cls("standin", STANDIN_DIR, sys.executable, 30.0)
+        return cls("standin", STANDIN_DIR, sys.executable, 60.0)  # a loaded 2-core machine
 
     @classmethod
     def real(cls) -> ComfyBackend | None:
@@ -142,7 +145,8 @@ class WorkerProcess:
 
 
 def worker_env(backend: ComfyBackend, root: Path, comfy_port: int, **extra: str) -> dict[str, str]:
-    """The environment a test worker runs with: only loopback, folders under ``root``."""
+    """The environment a test worker runs with: only loopback (ComfyUI and Jupyter too, where start.sh would
+    listen on 0.0.0.0), folders and the pid file under ``root``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(WORKER_ENV_PREFIXES)}
     env |= {
         "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
@@ -153,6 +157,9 @@ def worker_env(backend: ComfyBackend, root: Path, comfy_port: int, **extra: str)
         "COMFYUI_INPUT_DIR": str(root / "input"),
         "COMFYUI_OUTPUT_DIR": str(root / "output"),
         "COMFYUI_TEMP_DIR": str(root / "temp"),
+        "COMFYUI_LISTEN": "127.0.0.1",
+        "JUPYTER_LISTEN": "127.0.0.1",
+        "WORKER_PID_FILE": str(root / "worker.pid"),
         "COMFY_STARTUP_TIMEOUT": str(backend.boot_timeout_s),
         "PROGRESS_INTERVAL": "0",
         "LOG_LEVEL": "INFO",
@@ -190,14 +197,10 @@ def runsync_when_up(
             time.sleep(0.2)
 
 
-def stop(process: subprocess.Popen[bytes], grace_s: float = 15) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+def stop(process: subprocess.Popen[bytes], grace_s: float = 15, first_signal: int = signal.SIGINT) -> None:
+    """Ctrl-C (SIGINT) for ``handler.py``, SIGTERM for ``start.sh`` (what Docker sends; a shell's background
+    children ignore SIGINT), then SIGKILL for whatever is left of the process group (ComfyUI, Jupyter)."""
+    stop_group(process, first_signal, grace_s)
 
 
 @contextlib.contextmanager
@@ -219,7 +222,9 @@ def serve_api(backend: ComfyBackend, root: Path, **extra_env: str) -> Iterator[W
         "INFO",
     ]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     worker = WorkerProcess(process, env, root, log_path, env["COMFY_API_URL"], f"http://127.0.0.1:{api_port}")
     try:
         deadline = time.monotonic() + backend.boot_timeout_s + 30
