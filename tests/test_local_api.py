@@ -220,7 +220,7 @@ def test_four_large_outputs_with_a_higher_limit(backend: ComfyBackend, tmp_path:
 def test_checkpoint_txt2img(worker: WorkerProcess) -> None:
     checkpoint = os.environ.get("SD15_CHECKPOINT", "")
     if not checkpoint or worker.env["COMFYUI_DIR"].endswith("standin_comfyui"):
-        pytest.skip("optional: set SD15_CHECKPOINT to a checkpoint name in the real ComfyUI's models/checkpoints")
+        pytest.skip("set SD15_CHECKPOINT to a checkpoint name in the real ComfyUI's models/checkpoints")
     job = {
         "workflow": workflow("sd15_txt2img.json"),
         "overrides": [
@@ -290,7 +290,7 @@ def test_warmup_workflow_runs_before_the_first_job(tmp_path: Path) -> None:
 def test_missing_checkpoint_names_the_closest(worker: WorkerProcess) -> None:
     checkpoint = os.environ.get("SD15_CHECKPOINT", "")
     if not checkpoint or worker.env["COMFYUI_DIR"].endswith("standin_comfyui"):
-        pytest.skip("optional: set SD15_CHECKPOINT to a checkpoint name in the real ComfyUI's models/checkpoints")
+        pytest.skip("set SD15_CHECKPOINT to a checkpoint name in the real ComfyUI's models/checkpoints")
     misspelt = checkpoint.replace(".safetensors", "_v2.safetensors")
     job = {
         "workflow": workflow("sd15_txt2img.json"),

@@ -115,7 +115,7 @@ def test_error_result_is_a_json_string(deployment: Deployment) -> None:
 def test_progress_updates_are_posted(deployment: Deployment) -> None:
     graph = long_running(deployment.backend, steps=5)
     if graph is None:
-        pytest.skip("optional: set SD15_CHECKPOINT to run a sampler with progress on the real ComfyUI")
+        pytest.skip("set SD15_CHECKPOINT to run a sampler with progress on the real ComfyUI")
     job = deployment.platform.submit({"workflow": graph, "timeout": 300})
     body = deployment.platform.wait_result(job, timeout=300)
     assert body["output"]["status"] == "success", body
@@ -138,7 +138,7 @@ def test_progress_updates_are_posted(deployment: Deployment) -> None:
 def test_cancel_through_the_stop_channel_stops_comfyui(deployment: Deployment) -> None:
     graph = long_running(deployment.backend, steps=200)
     if graph is None:
-        pytest.skip("optional: set SD15_CHECKPOINT to run a long sampler on the real ComfyUI")
+        pytest.skip("set SD15_CHECKPOINT to run a long sampler on the real ComfyUI")
     job = deployment.platform.submit({"workflow": graph, "timeout": 600})
     deployment.platform.wait_progress(job, count=1, timeout=120)
     cancelled_at = time.monotonic()
