@@ -106,9 +106,11 @@ def kill_mid_job(worker: Worker) -> tuple[dict[str, Any], float]:
     return asyncio.run(scenario())
 
 
-def test_killed_mid_job_ten_times_in_a_row(worker: Worker) -> None:
+def test_killed_mid_job_again_and_again(worker: Worker) -> None:
+    """Ten kills in a row on the stand-in; three on the real ComfyUI, whose every restart is a 10-20 s boot."""
     node_class = long_graph(worker)[1]
-    for round_ in range(10):
+    rounds = 10 if is_standin(worker) else 3
+    for round_ in range(rounds):
         result, seconds = kill_mid_job(worker)
         error = error_of(result)
         assert error["error_type"] == "comfyui_crashed", error
@@ -122,7 +124,7 @@ def test_killed_mid_job_ten_times_in_a_row(worker: Worker) -> None:
         assert "refresh_worker" not in result
         after = run(worker, {"workflow": sleep_graph(0, prefix=f"after_{round_}")})
         assert after.get("status") == "success", after
-    assert worker.supervisor is not None and worker.supervisor.restarts == 10
+    assert worker.supervisor is not None and worker.supervisor.restarts == rounds
 
 
 def test_comfyui_dead_between_jobs_is_restarted(worker: Worker) -> None:
