@@ -39,6 +39,7 @@ READ_SIZE = 1024 * 1024  # most bytes one socket read returns
 FLUSH_AFTER_S = 0.5  # a slow stream still reaches the disk (and the sidecar) this often
 SAVE_EVERY_S = 1.0  # sidecar writes: at most this often per file (a kill re-fetches at most this much)
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+PARTIAL_SUFFIXES = (".part", ".part.json")  # beside a target while it downloads: the partial file, its sidecar
 
 
 class TransferError(Exception):
