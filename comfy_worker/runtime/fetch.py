@@ -26,6 +26,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import connection as urllib3_connection
 
 from comfy_worker.errors import InputError
+from comfy_worker.provision.transfer import RefusedConnection, refused_connection
 from comfy_worker.redact import redact_url, redact_urls
 from comfy_worker.storage import S3Storage
 
@@ -34,7 +35,7 @@ REFUSED_TYPES = ("text/html", "application/xhtml+xml")
 CONNECT_TIMEOUT_S = 10.0
 
 
-class ForbiddenAddressError(OSError):
+class ForbiddenAddressError(RefusedConnection):
     """A URL resolved to an address the worker may not reach."""
 
 
@@ -93,18 +94,6 @@ def _guarded(base: type[HTTPConnection], allowlist: tuple[Network, ...]) -> type
             )
 
     return Guarded
-
-
-def _find_forbidden(exc: BaseException) -> ForbiddenAddressError | None:
-    """The guard's refusal inside urllib3's wrapping (a redirect to a forbidden address)."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        current = seen.pop()
-        if isinstance(current, ForbiddenAddressError):
-            return current
-        nested = [getattr(current, "reason", None), current.__cause__, current.__context__, *current.args]
-        seen += [item for item in nested if isinstance(item, BaseException)]
-    return None
 
 
 def guarded_session(allowlist: tuple[Network, ...]) -> requests.Session:
@@ -170,7 +159,7 @@ class Fetcher:
         except ForbiddenAddressError as exc:
             raise InputError(f"{field}: {shown} is refused: {exc}", {"url": shown}) from exc
         except urllib3.exceptions.HTTPError as exc:
-            forbidden = _find_forbidden(exc)
+            forbidden = refused_connection(exc)
             reason = forbidden or (exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc)
             verb = "is refused" if forbidden else "could not be fetched"
             if time.monotonic() >= ends:

@@ -108,7 +108,7 @@ class ModelCache:
 
     def _check_hosts(self, models: Sequence[ModelConfig]) -> None:
         """Refuse internal addresses at once, with the input URLs' rule (the guarded session also checks every
-        redirect's connection, but a refused connection there looks like a network error and is retried)."""
+        redirect's connection, and the downloader reports such a refusal without retrying)."""
         for index, model in enumerate(models):
             try:
                 check_url(model.url, self.allowlist)
