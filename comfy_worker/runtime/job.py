@@ -27,7 +27,7 @@ from comfy_worker.comfy.supervisor import ComfySupervisor
 from comfy_worker.errors import ComfyCrashedError, InputError, JobTimeoutError, WorkerError, WorkflowError, json_text
 from comfy_worker.redact import Redactor
 from comfy_worker.runtime import cleanup, delivery, diagnostics, outputs, workflow
-from comfy_worker.runtime.fetch import Fetcher
+from comfy_worker.runtime.fetch import Fetcher, Stop
 from comfy_worker.runtime.follow import Follower, Progress, ProgressSink
 from comfy_worker.runtime.schema import JobInput, parse_job_input
 from comfy_worker.settings import FREE_MODES, Settings
@@ -54,6 +54,7 @@ class _Attempt:
     workflow_format: str = "api"  # "ui" when the workflow came as ComfyUI's UI format and was converted
     secrets: list[str] = field(default_factory=list)  # the job's own (its API key), masked in its result
     pins: Pins | None = None  # the cached models it uses, kept from eviction until it ends
+    stop: Stop = field(default_factory=Stop)  # set at its end: ends its fetches
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     temp_files: list[tuple[str, str]] = field(default_factory=list)
@@ -145,6 +146,7 @@ class Worker:
             )
             return await self._error_result(error, attempt)
         finally:
+            attempt.stop.set()
             if attempt.pins is not None:
                 attempt.pins.release()
             self.recovery.job_finished()
@@ -324,6 +326,7 @@ class Worker:
                     image.url,
                     f"images[{index}].url",
                     attempt.deadline,
+                    attempt.stop,
                 )
             subfolder = cleanup.input_subfolder(attempt.folder, image.subfolder)
             await self._in_time(
