@@ -215,17 +215,17 @@ def test_check_address_allows_public_and_listed() -> None:
 
 
 def test_s3_urls_use_the_workers_bucket(tmp_path: Path) -> None:
-    with run_s3rver(tmp_path / "s3", bucket="inputs") as s3:
+    with run_s3rver(tmp_path / "s3", bucket="outputs") as s3:  # on loopback: the bucket is not SSRF-guarded
         settings = Settings.from_env(s3.env())
         assert settings.s3 is not None
         storage_fetcher = Fetcher((), 2_000_000, 10, storage=S3Storage(settings.s3))
         assert storage_fetcher.storage is not None
-        storage_fetcher.storage.client.put_object(Bucket="inputs", Key="in/cat.png", Body=PNG)
-        assert storage_fetcher.fetch("s3://inputs/in/cat.png", "f") == PNG
-        with pytest.raises(InputError, match="failed"):
-            storage_fetcher.fetch("s3://inputs/in/nothing.png", "f")
+        storage_fetcher.storage.client.put_object(Bucket="outputs", Key="inputs/in/cat.png", Body=PNG)
+        assert storage_fetcher.fetch("s3://outputs/inputs/in/cat.png", "f") == PNG
+        with pytest.raises(InputError, match="cannot be read"):
+            storage_fetcher.fetch("s3://outputs/inputs/in/nothing.png", "f")
     with pytest.raises(InputError, match="need the worker's bucket"):
-        fetcher().fetch("s3://inputs/in/cat.png", "f")
+        fetcher().fetch("s3://outputs/inputs/in/cat.png", "f")
 
 
 GRAPH = {

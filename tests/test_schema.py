@@ -186,3 +186,10 @@ def test_an_image_name_with_a_lone_surrogate_is_refused() -> None:
     error = rejected({"workflow": WORKFLOW, "images": [{"name": "in/\ud800.png", "image": PNG_1PX}]})
     assert "images[0].name: holds a lone surrogate" in error.message
     error.message.encode("utf-8")  # the error itself is text a job result can carry
+
+
+def test_an_output_prefix_under_the_s3_inputs_folder_is_refused() -> None:
+    for prefix in ("inputs", "inputs/team", "./inputs/x", "/inputs"):
+        error = rejected({"workflow": WORKFLOW, "output": {"s3_prefix": prefix}})
+        assert "output.s3_prefix: must not start with inputs/" in error.message, prefix
+    assert parse(output={"s3_prefix": "inputs-old/x"}).output.s3_prefix == "inputs-old/x"

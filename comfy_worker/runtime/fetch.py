@@ -6,7 +6,8 @@ to (the first one and every redirect's, checked when the socket is opened, after
 DNS rebinding) must be a public one unless INPUT_URL_ALLOWLIST names it. Downloads are capped in size and in
 total time (a server sending one byte every few seconds, headers included, never trips a per-read timeout,
 so a watchdog shuts the fetch's sockets at the deadline), and an HTML page (a link to a viewer, not the file)
-is refused with a hint.
+is refused with a hint. ``s3://`` reads only where the operator lets jobs read (``storage``), with a
+presigned GET that runs under the same deadline.
 
 The job's ``Stop`` (its deadline or its end) ends its fetches and model downloads at once: it shuts every
 socket they opened, so no thread keeps reading for a job that is over.
@@ -23,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import botocore.exceptions
 import requests
 import requests.adapters
 import urllib3
@@ -195,7 +195,7 @@ class Fetcher:
         given up at once when ``stop`` is set (the job ended)."""
         scheme = urlsplit(url).scheme.lower()
         if scheme == "s3":
-            return self._fetch_s3(url, field)
+            return self._fetch_s3(url, field, deadline, stop)
         if scheme not in ("http", "https"):
             raise InputError(
                 f"{field}: only http, https and s3 URLs can be fetched, not {scheme or redact_url(url)!r}."
@@ -299,19 +299,28 @@ class Fetcher:
             {"url": url, "bytes": size},
         )
 
-    def _fetch_s3(self, url: str, field: str) -> bytes:
+    def _fetch_s3(self, url: str, field: str, deadline: float | None, stop: Stop | None) -> bytes:
+        """An object where the operator lets jobs read (``S3Storage.readable``), by a presigned GET: the bucket
+        is the worker's own endpoint (not guarded, never redirected) and the read runs under the job's deadline.
+        Anything unreadable (not allowed, no such bucket or key, access denied) is one message, which says
+        nothing about what exists."""
         if self.storage is None:
             raise InputError(f"{field}: s3:// URLs need the worker's bucket settings (BUCKET_NAME and keys).")
         parts = urlsplit(url)
-        try:
-            head = self.storage.client.head_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
-            if head["ContentLength"] > self.max_bytes:
-                raise self._too_large(url, field, head["ContentLength"])
-            body = self.storage.client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
-            data: bytes = body.read()
-            return data
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise InputError(f"{field}: fetching {url} failed: {exc}", {"url": url}) from exc
+        bucket, key = parts.netloc, parts.path.removeprefix("/")
+        shown = redact_url(url)
+        unreadable = InputError(
+            f"{field}: {shown} cannot be read: jobs may read s3:// objects only under "
+            f"{', '.join(self.storage.readable_locations())} (INPUT_S3_ALLOWLIST), and only ones that exist.",
+            {"url": shown},
+        )
+        if parts.query or parts.fragment or not self.storage.readable(bucket, key):
+            raise unreadable
+        response = self._get(self.storage.presigned_get(bucket, key), shown, field, deadline, stop, None)
+        if response.raw.status in (301, 307, 400, 403, 404):  # another region, a bad name, denied, missing
+            response.close()
+            raise unreadable
+        return self._body(response, shown, field, refuse_pages=False)
 
 
 class _Response:

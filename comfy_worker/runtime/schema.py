@@ -27,6 +27,8 @@ from pydantic import ValidationError as PydanticValidationError
 from comfy_worker.errors import InputError, field_path
 from comfy_worker.provision.config import ModelConfig
 from comfy_worker.provision.transfer import PARTIAL_SUFFIXES
+from comfy_worker.settings import INPUT_PREFIX
+from comfy_worker.storage import sanitize_prefix
 
 MAX_RESOLUTION = 16384  # ComfyUI's own MAX_RESOLUTION for width/height inputs
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF  # KSampler's seed range
@@ -198,6 +200,13 @@ class OutputOptions(_Model):
     format: Literal["png", "webp", "jpeg"] = Field("png", description="Still images: as written, or converted.")
     quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality.")
     s3_prefix: str | None = Field(None, min_length=1, max_length=200, description="Key prefix for this job.")
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _not_inputs(cls, prefix: str | None) -> str | None:
+        if prefix is not None and f"{sanitize_prefix(prefix)}/".startswith(INPUT_PREFIX):
+            raise ValueError(f"must not start with {INPUT_PREFIX}: jobs read their s3:// inputs there")
+        return prefix
 
 
 class JobInput(_Model):
