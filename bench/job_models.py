@@ -25,7 +25,6 @@ from pathlib import Path
 
 from comfy_worker.provision.config import ModelConfig
 from comfy_worker.provision.download_options import DownloadOptions
-from comfy_worker.runtime.fetch import guarded_session
 from comfy_worker.runtime.models import ModelCache
 from tests.file_server import FileServer
 
@@ -51,7 +50,7 @@ def main() -> None:
                 filename=f"{name}.safetensors",
                 sha256=hashlib.sha256(data).hexdigest(),
             )
-        options = DownloadOptions(progress_bar=False, session=lambda: guarded_session(LOOPBACK))
+        options = DownloadOptions(progress_bar=False)  # the cache guards its own sessions (LOOPBACK allowed)
         cache = ModelCache(root / "cache", int(2.5 * size), 100 * size, options, 60.0, LOOPBACK)
         figures: dict[str, object] = {"file_mb": args.size_mb, "cap_mb": round(2.5 * args.size_mb)}
         for label, name in (

@@ -31,6 +31,9 @@ class S3Settings:
     key_template: str = "{job_id}/{filename}"
     presign_expiry_s: int = 86400
     public_url: str | None = None
+    # (bucket, key prefix ending in "/" or empty) where s3:// inputs may read: INPUT_S3_ALLOWLIST, by default
+    # the bucket's inputs/ folder, where outputs never go (output.s3_prefix may not start with inputs/)
+    readable: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:  # never print the secret
         return f"S3Settings(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r}, region={self.region!r})"
@@ -319,4 +322,22 @@ def s3_from_env(env: Mapping[str, str]) -> S3Settings | None:
         key_template=template,
         presign_expiry_s=expiry,
         public_url=env.get("BUCKET_PUBLIC_URL", "").strip() or None,
+        readable=_s3_locations(env.get("INPUT_S3_ALLOWLIST", ""), bucket),
     )
+
+
+INPUT_PREFIX = "inputs/"  # where s3:// inputs are read by default, in the output bucket
+
+
+def _s3_locations(raw: str, bucket: str) -> tuple[tuple[str, str], ...]:
+    """INPUT_S3_ALLOWLIST's ``bucket`` or ``bucket/folder`` entries; empty: the output bucket's inputs/."""
+    locations = []
+    for number, item in enumerate((i.strip() for i in raw.split(",")), start=1):
+        if not item:
+            continue
+        name, _, prefix = item.removeprefix("s3://").partition("/")
+        prefix = prefix.strip("/")
+        if not name or (prefix and any(part in ("", ".", "..") for part in prefix.split("/"))):
+            raise SettingsError(f"INPUT_S3_ALLOWLIST: item {number} ({item!r}) is not bucket or bucket/folder")
+        locations.append((name, f"{prefix}/" if prefix else ""))
+    return tuple(locations) or ((bucket, INPUT_PREFIX),)

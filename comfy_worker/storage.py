@@ -4,6 +4,11 @@ One interface (``upload_many``) behind which boto3 does the work: multipart for 
 manager), retries with backoff on transient errors (botocore's standard retry mode), several files in
 parallel. URLs are presigned GET URLs, or plain ones under ``BUCKET_PUBLIC_URL`` for a public bucket.
 Credentials come from the settings and are never logged or returned.
+
+Jobs read ``s3://`` inputs with the same credentials, which may reach much more than a job should see (other
+buckets, other jobs' outputs): ``readable`` allows only the locations of INPUT_S3_ALLOWLIST (by default the
+bucket's ``inputs/`` folder), and the read itself is a presigned GET that the fetcher runs under the job's
+deadline (``runtime.fetch``), so no botocore timeout or retry outlasts the job.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MAX_PARALLEL_UPLOADS = 8
 _SAFE_KEY_PART = re.compile(r"[^A-Za-z0-9._/-]+")
+READ_URL_EXPIRY_S = 300  # a presigned GET for one input: used at once
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,24 @@ class S3Storage:
                 {"key": item.key, "bucket": self.settings.bucket, "endpoint_url": self.settings.endpoint_url},
             ) from exc
         return self.url_for(item.key)
+
+    def readable(self, bucket: str, key: str) -> bool:
+        """Whether a job may read ``s3://bucket/key``: under an allowed location, and a plain key (no empty,
+        '.' or '..' segment that an HTTP client or an S3-compatible server could resolve to another key)."""
+        parts = key.split("/")
+        if not key or any(part in ("", ".", "..") for part in parts) or any(ord(c) < 32 for c in key):
+            return False
+        return any(bucket == name and key.startswith(prefix) for name, prefix in self.settings.readable)
+
+    def readable_locations(self) -> list[str]:
+        return [f"s3://{name}/{prefix}" for name, prefix in self.settings.readable]
+
+    def presigned_get(self, bucket: str, key: str) -> str:
+        """A short-lived GET URL for one object (computed locally: no request is made)."""
+        url: str = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=READ_URL_EXPIRY_S
+        )
+        return url
 
     def upload_many(self, items: list[Upload]) -> list[str]:
         """Upload in parallel; the first failure is raised once the others have finished."""

@@ -22,7 +22,7 @@ from PIL import Image
 
 from comfy_worker.errors import InputError
 from comfy_worker.runtime.app import build_worker
-from comfy_worker.runtime.fetch import Fetcher, ForbiddenAddressError, check_address
+from comfy_worker.runtime.fetch import Fetcher, ForbiddenAddressError, Stop, check_address
 from comfy_worker.settings import Settings
 from comfy_worker.storage import S3Storage
 
@@ -81,6 +81,13 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(b"x")
                     self.wfile.flush()
                     time.sleep(0.2)
+        elif self.path == "/trickle-headers":  # headers that never end, one byte every 0.2 s
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(1000):
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                    time.sleep(0.2)
         elif self.path == "/bad-length":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -133,6 +140,33 @@ def test_a_trickling_server_is_cut_off_at_the_total_deadline(server: str) -> Non
         fetcher().fetch(f"{server}/trickle", "images[0].url", deadline=time.monotonic() + 0.5)
 
 
+def test_trickling_headers_are_cut_off_at_the_deadline_too(server: str) -> None:
+    slow = Fetcher(LOOPBACK, max_bytes=2_000_000, timeout_s=1, storage=None)
+    started = time.monotonic()
+    with pytest.raises(InputError, match="did not arrive within INPUT_URL_TIMEOUT"):
+        slow.fetch(f"{server}/trickle-headers", "images[0].url")
+    assert time.monotonic() - started < 1 + TIMEOUT_MARGIN_S, "a per-read timeout never ends headers that trickle"
+
+
+def test_the_jobs_stop_ends_a_fetch_at_once(server: str) -> None:
+    stop = Stop()
+    failures: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            fetcher().fetch(f"{server}/trickle", "images[0].url", time.monotonic() + 60, stop)
+        except InputError as exc:
+            failures.append(exc)
+
+    running = threading.Thread(target=fetch)
+    running.start()
+    time.sleep(0.3)  # mid-body (or before it: either way the stop must end it)
+    stop.set()
+    running.join(timeout=TIMEOUT_MARGIN_S)
+    assert not running.is_alive(), "the fetch went on after the job's stop"
+    assert len(failures) == 1
+
+
 def test_limits_and_types(server: str) -> None:
     refused(f"{server}/page", "is a web page (text/html), not a file")
     refused(f"{server}/big", "larger than INPUT_URL_MAX_MB")
@@ -181,17 +215,17 @@ def test_check_address_allows_public_and_listed() -> None:
 
 
 def test_s3_urls_use_the_workers_bucket(tmp_path: Path) -> None:
-    with run_s3rver(tmp_path / "s3", bucket="inputs") as s3:
+    with run_s3rver(tmp_path / "s3", bucket="outputs") as s3:  # on loopback: the bucket is not SSRF-guarded
         settings = Settings.from_env(s3.env())
         assert settings.s3 is not None
         storage_fetcher = Fetcher((), 2_000_000, 10, storage=S3Storage(settings.s3))
         assert storage_fetcher.storage is not None
-        storage_fetcher.storage.client.put_object(Bucket="inputs", Key="in/cat.png", Body=PNG)
-        assert storage_fetcher.fetch("s3://inputs/in/cat.png", "f") == PNG
-        with pytest.raises(InputError, match="failed"):
-            storage_fetcher.fetch("s3://inputs/in/nothing.png", "f")
+        storage_fetcher.storage.client.put_object(Bucket="outputs", Key="inputs/in/cat.png", Body=PNG)
+        assert storage_fetcher.fetch("s3://outputs/inputs/in/cat.png", "f") == PNG
+        with pytest.raises(InputError, match="cannot be read"):
+            storage_fetcher.fetch("s3://outputs/inputs/in/nothing.png", "f")
     with pytest.raises(InputError, match="need the worker's bucket"):
-        fetcher().fetch("s3://inputs/in/cat.png", "f")
+        fetcher().fetch("s3://outputs/inputs/in/cat.png", "f")
 
 
 GRAPH = {

@@ -23,7 +23,6 @@ import requests
 from comfy_worker.errors import InputError
 from comfy_worker.provision.config import ModelConfig
 from comfy_worker.provision.download_options import DownloadOptions
-from comfy_worker.runtime.fetch import guarded_session
 from comfy_worker.runtime.models import ModelCache
 
 from .file_server import FileServer, make_data
@@ -162,20 +161,20 @@ def test_model_fields_are_validated(worker: WorkerProcess) -> None:
 
 
 def test_an_internal_address_is_refused(tmp_path: Path, files: FileServer) -> None:
-    cache = ModelCache(tmp_path / "cache", 10**9, 10**9, guarded_options(allowlist=()), 30.0, allowlist=())
+    cache = ModelCache(tmp_path / "cache", 10**9, 10**9, download_options(), 30.0, allowlist=())
     wanted = ModelConfig(url=files.url("/m/own.safetensors"), destination="loras", filename="own.safetensors")
     with pytest.raises(InputError) as caught:
         cache.prepare([wanted], lambda *_: None)
     assert "127.0.0.1" in caught.value.message and "INPUT_URL_ALLOWLIST" in caught.value.message
 
 
-def guarded_options(allowlist: tuple[Any, ...]) -> DownloadOptions:
-    return DownloadOptions(progress_bar=False, progress_interval_s=0.1, session=lambda: guarded_session(allowlist))
+def download_options() -> DownloadOptions:
+    return DownloadOptions(progress_bar=False, progress_interval_s=0.1)  # the cache guards its own sessions
 
 
 def test_progress_says_which_file_and_how_far(tmp_path: Path, files: FileServer) -> None:
     allowlist = (ipaddress.ip_network(LOOPBACK),)
-    cache = ModelCache(tmp_path / "cache", 10**9, 10**9, guarded_options(allowlist), 30.0, allowlist)
+    cache = ModelCache(tmp_path / "cache", 10**9, 10**9, download_options(), 30.0, allowlist)
     files.add("/slow/lora.bin", make_data(384 * KB, 31), rate=384 * KB)  # 64 KiB every 1/6 s
     reports: list[tuple[str, int, int | None]] = []
     wanted = ModelConfig(url=files.url("/slow/lora.bin"), destination="loras", filename="slow.safetensors")
@@ -190,7 +189,7 @@ def test_a_model_in_use_is_not_evicted_and_a_renamed_url_replaces_the_old_file(
     tmp_path: Path, files: FileServer
 ) -> None:
     allowlist = (ipaddress.ip_network(LOOPBACK),)
-    cache = ModelCache(tmp_path / "cache", 25 * KB, 10**9, guarded_options(allowlist), 30.0, allowlist)
+    cache = ModelCache(tmp_path / "cache", 25 * KB, 10**9, download_options(), 30.0, allowlist)
     files.add("/p/a.bin", make_data(20 * KB, 21))
     files.add("/p/b.bin", make_data(20 * KB, 22))
     files.add("/p/a2.bin", make_data(8 * KB, 23))
@@ -202,7 +201,7 @@ def test_a_model_in_use_is_not_evicted_and_a_renamed_url_replaces_the_old_file(
     loras = tmp_path / "cache" / "loras"
     assert {path.name for path in loras.iterdir()} == {"a.safetensors", "b.safetensors"}
     renamed = ModelConfig(url=files.url("/p/a2.bin"), destination="loras", filename="a.safetensors")
-    with pytest.raises(InputError, match="a running job uses"):
+    with pytest.raises(InputError, match="being downloaded or used by a running job"):
         cache.prepare([renamed], lambda *_: None)
     in_use.release()
     cache.prepare([renamed], lambda *_: None).release()  # now the newer file takes the name; b goes (LRU)
@@ -215,7 +214,7 @@ def test_two_workers_asking_for_one_model_fetch_it_once(tmp_path: Path, files: F
     files.add("/shared/big.bin", make_data(512 * KB, 41), rate=1024 * KB)
     wanted = ModelConfig(url=files.url("/shared/big.bin"), destination="loras", filename="shared.safetensors")
     caches = [  # two workers on one volume: separate objects, one cache folder
-        ModelCache(tmp_path / "cache", 10**9, 10**9, guarded_options(allowlist), 30.0, allowlist) for _ in range(2)
+        ModelCache(tmp_path / "cache", 10**9, 10**9, download_options(), 30.0, allowlist) for _ in range(2)
     ]
     with ThreadPoolExecutor(2) as pool:
         pins = list(pool.map(lambda cache: cache.prepare([wanted], lambda *_: None), caches))

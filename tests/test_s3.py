@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -23,12 +24,13 @@ import pytest
 import requests
 from PIL import Image
 
-from comfy_worker.errors import StorageError
+from comfy_worker.errors import InputError, StorageError
+from comfy_worker.runtime.fetch import Fetcher
 from comfy_worker.settings import S3Settings, Settings, SettingsError
 from comfy_worker.storage import S3Storage, Upload, render_key, sanitize_prefix
 
 from .s3_server import ACCESS_KEY, SECRET_KEY, S3Server, run_s3rver
-from .worker_process import REPO, ComfyBackend, serve_api
+from .worker_process import REPO, TIMEOUT_MARGIN_S, ComfyBackend, serve_api
 
 
 @pytest.fixture
@@ -157,6 +159,73 @@ def test_s3_settings_from_the_environment() -> None:
                 "S3_URL_EXPIRY": "999999",
             }
         )
+
+
+def s3_fetcher(env: dict[str, str]) -> Fetcher:
+    settings = Settings.from_env(env).s3
+    assert settings is not None
+    return Fetcher((), 10**6, 10, S3Storage(settings))
+
+
+def test_s3_inputs_are_read_only_where_the_operator_allows(s3: S3Server) -> None:
+    client = client_for(s3)
+    client.create_bucket(Bucket="private")
+    client.put_object(Bucket="private", Key="tenantA/secret.png", Body=b"tenant A's secret")
+    client.put_object(Bucket=s3.bucket, Key="job-2/out.png", Body=b"another job's output")
+    client.put_object(Bucket=s3.bucket, Key="inputs/cat.png", Body=b"an input")
+    fetcher = s3_fetcher(s3.env())  # by default: the output bucket's inputs/ folder, where no output goes
+    assert fetcher.fetch(f"s3://{s3.bucket}/inputs/cat.png", "images[0].url") == b"an input"
+    messages = set()
+    for url in (
+        "s3://private/tenantA/secret.png",  # another bucket the credentials reach
+        f"s3://{s3.bucket}/job-2/out.png",  # another job's output
+        "s3://nonexistent/x.png",  # no such bucket
+        f"s3://{s3.bucket}/inputs/missing.png",  # no such key
+        f"s3://{s3.bucket}/inputs/../job-2/out.png",  # a key an HTTP client or a server may resolve elsewhere
+        f"s3://{s3.bucket}/inputs//cat.png",
+    ):
+        with pytest.raises(InputError) as refused:
+            fetcher.fetch(url, "images[0].url")
+        messages.add(refused.value.message.replace(url, "<url>"))
+    assert len(messages) == 1, messages  # forbidden, missing or no bucket: one message, nothing about existence
+    [message] = messages
+    assert f"s3://{s3.bucket}/inputs/" in message and "INPUT_S3_ALLOWLIST" in message, message
+    allowing = s3_fetcher(s3.env(INPUT_S3_ALLOWLIST="private/tenantA"))
+    assert allowing.fetch("s3://private/tenantA/secret.png", "f") == b"tenant A's secret"
+    with pytest.raises(InputError, match="cannot be read"):  # the allowlist replaces the default
+        allowing.fetch(f"s3://{s3.bucket}/inputs/cat.png", "f")
+
+
+def test_the_s3_input_allowlist_is_parsed() -> None:
+    base = {"BUCKET_NAME": "outputs", "BUCKET_ACCESS_KEY_ID": "k", "BUCKET_SECRET_ACCESS_KEY": "s"}
+    assert S3Storage(S3Settings("outputs", "k")).readable("outputs", "inputs/a.png") is False  # nothing listed
+    default = Settings.from_env(base).s3
+    assert default is not None and default.readable == (("outputs", "inputs/"),)
+    listed = Settings.from_env({**base, "INPUT_S3_ALLOWLIST": "s3://uploads/team/a/, media, outputs/in"}).s3
+    assert listed is not None and listed.readable == (("uploads", "team/a/"), ("media", ""), ("outputs", "in/"))
+    storage = S3Storage(listed)
+    assert storage.readable("outputs", "in/x.png") and not storage.readable("outputs", "inputs/x.png")
+    assert storage.readable("media", "any/key.png") and not storage.readable("media", "a/./b.png")
+    for wrong in ("/prefix", "bucket/../other", "bucket/a//b"):
+        with pytest.raises(SettingsError, match="INPUT_S3_ALLOWLIST: item 1"):
+            Settings.from_env({**base, "INPUT_S3_ALLOWLIST": wrong})
+
+
+def test_an_s3_read_ends_at_the_jobs_deadline() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connections queue up; nothing ever answers
+        env = {
+            "BUCKET_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+            "BUCKET_NAME": "outputs",
+            "BUCKET_ACCESS_KEY_ID": "k",
+            "BUCKET_SECRET_ACCESS_KEY": "s",
+        }
+        settings = Settings.from_env(env).s3
+        assert settings is not None
+        fetcher = Fetcher((), 10**6, 60, S3Storage(settings))
+        started = time.monotonic()
+        with pytest.raises(InputError, match="did not arrive within INPUT_URL_TIMEOUT"):
+            fetcher.fetch("s3://outputs/inputs/x.png", "images[0].url", deadline=time.monotonic() + 1)
+        assert time.monotonic() - started < 1 + TIMEOUT_MARGIN_S, "botocore's own timeouts and retries outlast it"
 
 
 GRAPH = {

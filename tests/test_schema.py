@@ -148,3 +148,48 @@ def test_images_over_the_size_limit_are_refused_before_decoding() -> None:
     parse_job_input(
         {"workflow": WORKFLOW, "images": [{"name": "a.png", "image": image}]}, timeout_max=60, image_max_bytes=4096
     )
+
+
+def lora(filename: str, url: str = "https://example.test/file/10", destination: str = "loras") -> dict[str, str]:
+    return {"url": url, "destination": destination, "filename": filename}
+
+
+def test_one_job_may_not_name_a_model_file_twice() -> None:
+    # two URLs under one name: the cache would record one URL for the other's bytes
+    twice = [lora("dd.safetensors"), lora("dd.safetensors", url="https://example.test/file/20?seed=3")]
+    error = rejected({"workflow": WORKFLOW, "models": twice})
+    assert "models: loras/dd.safetensors appears more than once" in error.message
+    parse(models=[lora("dd.safetensors"), lora("dd.safetensors", destination="checkpoints")])  # two files
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "expected"),
+    [
+        (lora("a\nINFO forged log line.safetensors"), "filename", "contains a control character"),
+        (lora("a\t.safetensors"), "filename", "contains a control character"),
+        (lora("a.safetensors.part"), "filename", "must not end in .part or .part.json"),
+        (lora("a.safetensors.part.json"), "filename", "must not end in .part or .part.json"),
+        (lora("\ud800.safetensors"), "filename", "holds a lone surrogate"),
+        (lora("a.safetensors", destination="loras/x\ny"), "destination", "contains a control character"),
+        (lora("a.safetensors", destination="loras/\udc80"), "destination", "holds a lone surrogate"),
+    ],
+)
+def test_model_names_that_would_break_logs_or_the_downloader_are_refused(
+    model: dict[str, str], field: str, expected: str
+) -> None:
+    error = rejected({"workflow": WORKFLOW, "models": [model]})
+    [problem] = error.details["errors"]
+    assert problem["field"] == f"models[0].{field}" and expected in problem["message"], error.details
+
+
+def test_an_image_name_with_a_lone_surrogate_is_refused() -> None:
+    error = rejected({"workflow": WORKFLOW, "images": [{"name": "in/\ud800.png", "image": PNG_1PX}]})
+    assert "images[0].name: holds a lone surrogate" in error.message
+    error.message.encode("utf-8")  # the error itself is text a job result can carry
+
+
+def test_an_output_prefix_under_the_s3_inputs_folder_is_refused() -> None:
+    for prefix in ("inputs", "inputs/team", "./inputs/x", "/inputs"):
+        error = rejected({"workflow": WORKFLOW, "output": {"s3_prefix": prefix}})
+        assert "output.s3_prefix: must not start with inputs/" in error.message, prefix
+    assert parse(output={"s3_prefix": "inputs-old/x"}).output.s3_prefix == "inputs-old/x"

@@ -21,9 +21,11 @@ This module is the orchestration: options (``download_options``), URL sources (`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +39,7 @@ from comfy_worker.provision.config import ModelConfig
 from comfy_worker.provision.download_options import DownloadError, DownloadOptions
 from comfy_worker.provision.progress import Board, mb
 from comfy_worker.provision.sources import Source, explain, resolve, source_of
-from comfy_worker.provision.transfer import Remote, TransferError, fetch
+from comfy_worker.provision.transfer import Cancelled, Remote, TransferError, fetch
 from comfy_worker.provision.verify import check_part, check_space, present, remember_sha256, wrong_sha256
 from comfy_worker.redact import Redactor, redact_url
 
@@ -64,10 +66,11 @@ class PlannedDownload:
 
 
 class _Downloader:
-    """One download_models call: shared options, locks and progress board."""
+    """One download_models call: shared options, locks, progress board and the caller's cancel."""
 
-    def __init__(self, models_dir: Path, options: DownloadOptions, board: Board) -> None:
-        self.models_dir, self.options, self.board = models_dir, options, board
+    def __init__(self, models_dir: Path, options: DownloadOptions, board: Board, cancelled: threading.Event) -> None:
+        self.models_dir, self.options, self.board, self.cancelled = models_dir, options, board, cancelled
+        self.tuning = dataclasses.replace(options.tuning, cancelled=cancelled)
         self.locks = models_dir / ".locks"
         self.locks.mkdir(parents=True, exist_ok=True)
         self.soft_locks = options.lock == "soft" or (options.lock == "auto" and not flock_works(self.locks))
@@ -115,13 +118,15 @@ class _Downloader:
             if present(target, source.model.sha256, self.models_dir):
                 return self._present(source, target)
         else:
-            remote = resolve(source, self.options)
+            remote = resolve(source, self.options, self.cancelled)
             target = folder / (remote.filename or urlsplit(source.model.url).path.rsplit("/", 1)[-1] or "download")
         folder.mkdir(parents=True, exist_ok=True)
         with self.hold(target):
             if present(target, source.model.sha256, self.models_dir):
                 return self._present(source, target)  # another worker finished it while this one waited
-            return self._fetch(source, target, remote or resolve(source, self.options))
+            if self.cancelled.is_set():  # cancelled while it waited for the lock
+                raise Cancelled("stopped: the download was cancelled (the job ended or ran out of time)")
+            return self._fetch(source, target, remote or resolve(source, self.options, self.cancelled))
 
     def _present(self, source: Source, target: Path) -> ModelResult:
         log.info("%s: present", target)
@@ -146,9 +151,9 @@ class _Downloader:
             remote = fetch(
                 remote,
                 part,
-                self.options.tuning,
+                self.tuning,
                 progress.add,
-                lambda: resolve(source, self.options),
+                lambda: resolve(source, self.options, self.cancelled),
                 progress.resume,
             )
             fetched = progress.done - progress.baseline
@@ -168,14 +173,20 @@ class _Downloader:
         return ModelResult(source.model, target, "downloaded", None, target.stat().st_size, digest)
 
 
-def download_models(models: Sequence[ModelConfig], models_dir: Path, options: DownloadOptions) -> list[ModelResult]:
+def download_models(
+    models: Sequence[ModelConfig],
+    models_dir: Path,
+    options: DownloadOptions,
+    cancelled: threading.Event | None = None,
+) -> list[ModelResult]:
     """Download every model to ``models_dir / destination / name``, DOWNLOAD_CONCURRENCY files at a time.
 
-    Never raises for one model: each result says downloaded, present or failed (with the reason).
+    Never raises for one model: each result says downloaded, present or failed (with the reason). Setting
+    ``cancelled`` (a job's deadline or end) fails what is left at the next chunk or wait; parts stay to resume.
     """
     models_dir.mkdir(parents=True, exist_ok=True)
     with Board(options) as board, ThreadPoolExecutor(options.concurrency, thread_name_prefix="download") as pool:
-        downloader = _Downloader(models_dir, options, board)
+        downloader = _Downloader(models_dir, options, board, cancelled or threading.Event())
         results = list(pool.map(downloader.run, models))
     for result in results:
         if result.status == "failed":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import email.message
 import re
-import time
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -21,7 +21,14 @@ from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
 from comfy_worker.provision.config import ModelConfig
 from comfy_worker.provision.download_options import DownloadError, DownloadOptions
-from comfy_worker.provision.transfer import HttpStatusError, Remote, RetryableError, TransferError
+from comfy_worker.provision.transfer import (
+    Cancelled,
+    HttpStatusError,
+    Remote,
+    RetryableError,
+    TransferError,
+    refused_connection,
+)
 from comfy_worker.redact import redact_url
 
 HF_HOSTS = frozenset({"huggingface.co", "hf.co", "www.huggingface.co"})
@@ -68,16 +75,21 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
-def resolve(source: Source, options: DownloadOptions) -> Remote:
-    """Ask the server about the file (size, version, ranges, name), retrying connection errors and 5xx."""
+def resolve(source: Source, options: DownloadOptions, cancelled: threading.Event | None = None) -> Remote:
+    """Ask the server about the file (size, version, ranges, name), retrying connection errors and 5xx, until
+    ``cancelled`` is set (a job's deadline or end: its session's sockets are shut then, which ends a probe)."""
+    cancelled = cancelled or threading.Event()
     for attempt in range(options.retries + 1):
         try:
             return _hf_remote(source, options) if source.hf_repo else _probe(source, options)
         except RetryableError as exc:
+            if cancelled.is_set():
+                break
             if attempt == options.retries:
                 raise DownloadError(f"{source.display_url}: {exc} (gave up after {options.retries} retries)") from None
-            time.sleep(min(options.retry_backoff_s * 2**attempt, 30.0))
-    raise AssertionError("unreachable")
+            if cancelled.wait(min(options.retry_backoff_s * 2**attempt, 30.0)):
+                break
+    raise Cancelled("stopped: the download was cancelled (the job ended or ran out of time)")
 
 
 def _hf_remote(source: Source, options: DownloadOptions) -> Remote:
@@ -136,6 +148,9 @@ def _probe(source: Source, options: DownloadOptions) -> Remote:
         ):
             return _remote_from_probe(source, headers, response)
     except (requests.ConnectionError, requests.Timeout) as exc:
+        refused = refused_connection(exc)  # a redirect to an address the session's guard refuses: final
+        if refused is not None:
+            raise TransferError(f"refused to connect: {refused}") from None
         raise RetryableError(f"connection error: {type(exc).__name__}") from None
 
 

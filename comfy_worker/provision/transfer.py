@@ -7,8 +7,10 @@ segment) and a new process continues each segment where it stopped. ``If-Range``
 server whose file changed answer 200 instead of 206, which restarts the download from zero instead of mixing two
 versions. A server without Range support gets one stream (a restart then re-fetches from zero).
 
-Errors: ``TransferError`` (not retryable: 4xx, disk full, changed file twice), ``HttpStatusError`` (a status
-code, subclass of TransferError). Connection errors and 5xx/429 are retried here with backoff, resuming.
+Errors: ``TransferError`` (not retryable: 4xx, disk full, changed file twice, a connection the session's guard
+refuses), ``HttpStatusError`` (a status code, subclass of TransferError), ``Cancelled`` (the caller set
+``TransferTuning.cancelled``: a job's deadline or end; the part is kept for a resume). Connection errors and
+5xx/429 are retried here with backoff, resuming.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ READ_SIZE = 1024 * 1024  # most bytes one socket read returns
 FLUSH_AFTER_S = 0.5  # a slow stream still reaches the disk (and the sidecar) this often
 SAVE_EVERY_S = 1.0  # sidecar writes: at most this often per file (a kill re-fetches at most this much)
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+PARTIAL_SUFFIXES = (".part", ".part.json")  # beside a target while it downloads: the partial file, its sidecar
 
 
 class TransferError(Exception):
@@ -51,12 +54,55 @@ class HttpStatusError(TransferError):
         self.status = status
 
 
+class Cancelled(TransferError):
+    """The caller stopped the transfer (``TransferTuning.cancelled``): not retried, the part stays for a resume."""
+
+
+class RefusedConnection(OSError):
+    """A connection the session itself refused to open (the worker's SSRF guard: a redirect to an internal
+    address): final, never retried."""
+
+
+def refused_connection(exc: BaseException) -> RefusedConnection | None:
+    """The guard's refusal inside the wrapping of requests and urllib3, or None when the cause is another."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, RefusedConnection):
+            return current
+        nested = [getattr(current, "reason", None), current.__cause__, current.__context__, *current.args]
+        seen += [item for item in nested if isinstance(item, BaseException)]
+    return None
+
+
 class RetryableError(Exception):
     """A connection error or a 5xx: try again from where the segment stopped."""
 
 
 class _Stopped(Exception):
     """Another segment of the file failed: this one stops too (its progress stays in the sidecar)."""
+
+
+class _Halt:
+    """Why a segment stops before its end: another segment of the file failed, or the caller cancelled."""
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self.failed = threading.Event()
+        self.cancelled = cancelled
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled("stopped: the download was cancelled (the job ended or ran out of time)")
+        if self.failed.is_set():
+            raise _Stopped
+
+    def pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds before a retry, ending (as ``check`` does) as soon as either is set."""
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            self.check()
+            self.failed.wait(min(left, 0.2))
+        self.check()
 
 
 class _Restart(Exception):
@@ -101,6 +147,7 @@ class TransferTuning:
     backoff_s: float = 1.0
     timeout_s: float = 60.0
     session: Callable[[], requests.Session] = field(default=requests.Session, repr=False, compare=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
 
 class Sidecar:
@@ -220,7 +267,7 @@ def _fetch_segments(
     fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         pending = [s for s in sidecar.segments if s.remaining != 0]
-        stop = threading.Event()  # set by the first segment that fails: the others stop at their next chunk
+        stop = _Halt(tuning.cancelled)  # the first segment that fails sets it: the others stop at their next chunk
         if len(pending) <= 1:
             for segment in pending:
                 _run_segment(remote, fd, segment, sidecar, tuning, on_bytes, stop)
@@ -245,7 +292,7 @@ def _run_segment(
     sidecar: Sidecar,
     tuning: TransferTuning,
     on_bytes: Callable[[int], None],
-    stop: threading.Event,
+    stop: _Halt,
 ) -> None:
     """Fetch one segment, retrying with backoff; every failure without progress counts against the retries.
 
@@ -254,7 +301,7 @@ def _run_segment(
     try:
         _fetch_one_segment(remote, fd, segment, sidecar, tuning, on_bytes, stop)
     except BaseException:
-        stop.set()
+        stop.failed.set()
         raise
 
 
@@ -265,7 +312,7 @@ def _fetch_one_segment(
     sidecar: Sidecar,
     tuning: TransferTuning,
     on_bytes: Callable[[int], None],
-    stop: threading.Event,
+    stop: _Halt,
 ) -> None:
     failures = 0
     with tuning.session() as session:
@@ -276,6 +323,7 @@ def _fetch_one_segment(
                 if segment.end < 0:
                     return  # unknown size: the server's EOF is the end
             except RetryableError as exc:
+                stop.check()  # a connection shut because the caller cancelled is not retried
                 failures = 0 if segment.done > before else failures + 1
                 if failures > tuning.retries:
                     raise TransferError(
@@ -289,8 +337,7 @@ def _fetch_one_segment(
                     segment.start + segment.done,
                     delay,
                 )
-                if stop.wait(delay):
-                    raise _Stopped from None
+                stop.pause(delay)
     sidecar.record(segment, 0, force=True)
 
 
@@ -301,10 +348,9 @@ def _stream_segment(
     segment: Segment,
     sidecar: Sidecar,
     on_bytes: Callable[[int], None],
-    stop: threading.Event,
+    stop: _Halt,
 ) -> None:
-    if stop.is_set():
-        raise _Stopped
+    stop.check()
     if not remote.ranges and segment.done:
         # No ranges: a retry re-reads from the first byte, so the bytes already counted are counted again.
         on_bytes(-segment.done)
@@ -327,8 +373,7 @@ def _stream_segment(
                 on_bytes(len(data))
                 if segment.remaining < 0 and segment.end >= 0:
                     raise TransferError(f"{remote.display_url}: the server sent more bytes than the range asked for")
-                if stop.is_set():
-                    raise _Stopped
+                stop.check()
     except (
         requests.ConnectionError,
         requests.Timeout,
@@ -337,7 +382,11 @@ def _stream_segment(
         ConnectionError,
         TimeoutError,
     ) as exc:
+        refused = refused_connection(exc)
+        if refused is not None:
+            raise TransferError(f"refused to connect: {refused}") from None
         raise RetryableError(f"connection error: {type(exc).__name__}") from None
+    stop.check()  # a connection shut by a cancel ends like a file of unknown size: that end is not the file's
     if segment.end >= 0 and segment.remaining > 0:
         raise RetryableError(f"connection closed with {segment.remaining} bytes of the segment left")
 

@@ -85,12 +85,10 @@ def model_cache(settings: Settings) -> ModelCache | None:
     if settings.model_cache_dir is None:
         return None
     from comfy_worker.provision.download_options import DownloadOptions
-    from comfy_worker.runtime.fetch import guarded_session
     from comfy_worker.runtime.models import GB, ModelCache
 
     options = dataclasses.replace(
         DownloadOptions.from_env(os.environ),
-        session=lambda: guarded_session(settings.input_url_allowlist),
         progress_interval_s=max(settings.progress_interval_s, 0.5),
         progress_bar=False,
     )

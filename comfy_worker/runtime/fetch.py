@@ -4,20 +4,26 @@ A worker that fetches whatever URL a job names could be made to read internal se
 endpoint, ComfyUI itself on 127.0.0.1, anything on the private network. So every address a connection goes
 to (the first one and every redirect's, checked when the socket is opened, after DNS, which also defeats
 DNS rebinding) must be a public one unless INPUT_URL_ALLOWLIST names it. Downloads are capped in size and in
-total time (a server sending one byte every few seconds never trips a per-read timeout, so a watchdog closes
-the response at the deadline), and an HTML page (a link to a viewer, not the file) is refused with a hint.
+total time (a server sending one byte every few seconds, headers included, never trips a per-read timeout,
+so a watchdog shuts the fetch's sockets at the deadline), and an HTML page (a link to a viewer, not the file)
+is refused with a hint. ``s3://`` reads only where the operator lets jobs read (``storage``), with a
+presigned GET that runs under the same deadline.
+
+The job's ``Stop`` (its deadline or its end) ends its fetches and model downloads at once: it shuts every
+socket they opened, so no thread keeps reading for a job that is over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import botocore.exceptions
 import requests
 import requests.adapters
 import urllib3
@@ -26,6 +32,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import connection as urllib3_connection
 
 from comfy_worker.errors import InputError
+from comfy_worker.provision.transfer import RefusedConnection, refused_connection
 from comfy_worker.redact import redact_url, redact_urls
 from comfy_worker.storage import S3Storage
 
@@ -34,8 +41,37 @@ REFUSED_TYPES = ("text/html", "application/xhtml+xml")
 CONNECT_TIMEOUT_S = 10.0
 
 
-class ForbiddenAddressError(OSError):
+class ForbiddenAddressError(RefusedConnection):
     """A URL resolved to an address the worker may not reach."""
+
+
+class Stop(threading.Event):
+    """The end of a job's work: its deadline passed, or the job ended (done, failed, cancelled).
+
+    Its input fetches and model downloads watch it, and register what must happen then: their sockets shut
+    (a blocked read returns at once, not at a timeout), pins that arrive late released. ``on_set`` runs a
+    callback at once when the stop is already set, so nothing registered late is forgotten.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def set(self) -> None:
+        with self._lock:
+            super().set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            with contextlib.suppress(OSError):
+                callback()
 
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are an IPv4 address
@@ -81,58 +117,68 @@ def check_url(url: str, allowlist: tuple[Network, ...]) -> None:
     check_address(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), allowlist)
 
 
-def _guarded(base: type[HTTPConnection], allowlist: tuple[Network, ...]) -> type[HTTPConnection]:
-    class Guarded(base):  # type: ignore[valid-type,misc]
+def _shut(*sockets: socket.socket | None) -> None:
+    for sock in sockets:
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed already
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _connection(
+    base: type[HTTPConnection], allowlist: tuple[Network, ...] | None, stop: Stop | None
+) -> type[HTTPConnection]:
+    """``base`` whose sockets pass the guard (``allowlist``; None: the worker's own bucket, not guarded) and
+    are shut when ``stop`` is set (the raw socket, and the TLS one that wraps it once it exists)."""
+
+    class Connection(base):  # type: ignore[valid-type,misc]
         def _new_conn(self) -> socket.socket:
-            address = check_address(self._dns_host, self.port, allowlist)
-            return urllib3_connection.create_connection(
-                (address, self.port),
+            if stop is not None and stop.is_set():
+                raise ConnectionAbortedError("stopped: the job ended or ran out of time")
+            host = self._dns_host if allowlist is None else check_address(self._dns_host, self.port, allowlist)
+            sock = urllib3_connection.create_connection(
+                (host, self.port),
                 self.timeout,
                 source_address=self.source_address,
                 socket_options=self.socket_options,
             )
+            if stop is not None:
+                stop.on_set(lambda: _shut(sock, getattr(self, "sock", None)))
+            return sock
 
-    return Guarded
-
-
-def _find_forbidden(exc: BaseException) -> ForbiddenAddressError | None:
-    """The guard's refusal inside urllib3's wrapping (a redirect to a forbidden address)."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        current = seen.pop()
-        if isinstance(current, ForbiddenAddressError):
-            return current
-        nested = [getattr(current, "reason", None), current.__cause__, current.__context__, *current.args]
-        seen += [item for item in nested if isinstance(item, BaseException)]
-    return None
+    return Connection
 
 
-def guarded_session(allowlist: tuple[Network, ...]) -> requests.Session:
-    """A requests session whose every connection (redirects included) passes the same guard as input URLs:
-    for models a job asks to download with the provisioning downloader (which speaks requests)."""
+def guarded_session(allowlist: tuple[Network, ...], stop: Stop | None = None) -> requests.Session:
+    """A requests session whose every connection (redirects included) passes the same guard as input URLs,
+    and is shut when ``stop`` is set: for the models a job asks to download with the provisioning downloader
+    (which speaks requests)."""
     session = requests.Session()
-    adapter = _GuardedAdapter(allowlist)
+    adapter = _GuardedAdapter(allowlist, stop)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
 
 
 class _GuardedAdapter(requests.adapters.HTTPAdapter):
-    def __init__(self, allowlist: tuple[Network, ...]) -> None:
+    def __init__(self, allowlist: tuple[Network, ...], stop: Stop | None) -> None:
         self.allowlist = allowlist
+        self.stop = stop
         super().__init__()
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _guarded_pools(self.allowlist)
+        self.poolmanager.pool_classes_by_scheme = _pools(self.allowlist, self.stop)
 
 
-def _guarded_pools(allowlist: tuple[Network, ...]) -> dict[str, type[HTTPConnectionPool]]:
-    http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": _guarded(HTTPConnection, allowlist)})
-    https_pool = type(
-        "GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": _guarded(HTTPSConnection, allowlist)}
-    )
-    return {"http": http_pool, "https": https_pool}
+def _pools(allowlist: tuple[Network, ...] | None, stop: Stop | None) -> dict[str, type[HTTPConnectionPool]]:
+    return {
+        "http": type(
+            "GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": _connection(HTTPConnection, allowlist, stop)}
+        ),
+        "https": type(
+            "GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": _connection(HTTPSConnection, allowlist, stop)}
+        ),
+    }
 
 
 class Fetcher:
@@ -143,51 +189,77 @@ class Fetcher:
         self.timeout_s = timeout_s
         self.storage = storage
         self.allowlist = allowlist
-        self._pool = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout_s),
-            retries=urllib3.Retry(total=2, redirect=5, backoff_factor=0.5, raise_on_redirect=True),
-        )
-        self._pool.pool_classes_by_scheme = _guarded_pools(allowlist)
 
-    def fetch(self, url: str, field: str, deadline: float | None = None) -> bytes:
-        """The file at ``url``, within INPUT_URL_TIMEOUT in all and before ``deadline`` (``time.monotonic``)."""
+    def fetch(self, url: str, field: str, deadline: float | None = None, stop: Stop | None = None) -> bytes:
+        """The file at ``url``, within INPUT_URL_TIMEOUT in all and before ``deadline`` (``time.monotonic``);
+        given up at once when ``stop`` is set (the job ended)."""
         scheme = urlsplit(url).scheme.lower()
         if scheme == "s3":
-            return self._fetch_s3(url, field)
+            return self._fetch_s3(url, field, deadline, stop)
         if scheme not in ("http", "https"):
             raise InputError(
                 f"{field}: only http, https and s3 URLs can be fetched, not {scheme or redact_url(url)!r}."
             )
         shown = redact_url(url)  # a presigned URL's signature is a credential: never in an error
+        try:  # fail fast on the first address; redirects are checked as their connections open
+            check_url(url, self.allowlist)
+        except ForbiddenAddressError as exc:
+            raise InputError(f"{field}: {shown} is refused: {exc}", {"url": shown}) from exc
+        response = self._get(url, shown, field, deadline, stop, self.allowlist)
+        return self._body(response, shown, field, refuse_pages=True)
+
+    def _get(
+        self,
+        url: str,
+        shown: str,
+        field: str,
+        deadline: float | None,
+        stop: Stop | None,
+        allowlist: tuple[Network, ...] | None,
+    ) -> _Response:
+        """GET ``url`` with its own connections (guarded by ``allowlist``; None: the worker's bucket, which
+        may be private, without redirects), all shut at the deadline or when ``stop`` is set."""
         budget = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
         if budget <= 0:
             raise self._too_slow(shown, field)
         ends = time.monotonic() + budget
-        try:  # fail fast on the first address; redirects are checked as their connections open
-            check_url(url, self.allowlist)
-            timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, budget), read=budget)
-            response = self._pool.request("GET", url, preload_content=False, timeout=timeout)
-        except ForbiddenAddressError as exc:
-            raise InputError(f"{field}: {shown} is refused: {exc}", {"url": shown}) from exc
+        own = Stop()  # this fetch's: set at its deadline, by the job's stop, and when it is done
+        if stop is not None:
+            stop.on_set(own.set)
+        watchdog = threading.Timer(budget, own.set)
+        watchdog.daemon = True
+        watchdog.start()
+        pool = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, budget), read=budget),
+            retries=urllib3.Retry(total=2, redirect=5, backoff_factor=0.5, raise_on_redirect=True),
+        )
+        pool.pool_classes_by_scheme = _pools(allowlist, own)
+        try:
+            response = pool.request("GET", url, preload_content=False, redirect=allowlist is not None)
         except urllib3.exceptions.HTTPError as exc:
-            forbidden = _find_forbidden(exc)
+            watchdog.cancel()
+            own.set()
+            pool.clear()
+            forbidden = refused_connection(exc)
+            if forbidden is None and time.monotonic() >= ends:
+                raise self._too_slow(shown, field) from exc
             reason = forbidden or (exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc)
             verb = "is refused" if forbidden else "could not be fetched"
-            if time.monotonic() >= ends:
-                raise self._too_slow(shown, field) from exc
             raise InputError(f"{field}: {shown} {verb}: {redact_urls(str(reason))}", {"url": shown}) from exc
-        watchdog = threading.Timer(ends - time.monotonic(), response.shutdown)
-        watchdog.start()
+        return _Response(response, pool, own, watchdog, ends)
+
+    def _body(self, response: _Response, shown: str, field: str, refuse_pages: bool) -> bytes:
         try:
-            return self._read(response, shown, field)
+            data = self._read(response.raw, shown, field, refuse_pages)
+            if response.stop.is_set():  # its sockets were shut (the deadline): what came is not the whole file
+                raise ConnectionAbortedError("cut off")
+            return data
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            if time.monotonic() >= ends:
+            if response.stop.is_set() or time.monotonic() >= response.ends:
                 raise self._too_slow(shown, field) from exc
             raise InputError(f"{field}: {shown} could not be fetched: {redact_urls(str(exc))}", {"url": shown}) from exc
         finally:
-            watchdog.cancel()
-            response.close()  # no keep-alive: a refused body is not drained, and fetches are one-offs
-            response.release_conn()
+            response.close()
 
     def _too_slow(self, url: str, field: str) -> InputError:
         return InputError(
@@ -196,13 +268,13 @@ class Fetcher:
             {"url": url, "timeout_s": self.timeout_s},
         )
 
-    def _read(self, response: Any, url: str, field: str) -> bytes:
+    def _read(self, response: Any, url: str, field: str, refuse_pages: bool) -> bytes:
         if response.status != 200:
             raise InputError(
                 f"{field}: {url} answered HTTP {response.status}.", {"url": url, "status": response.status}
             )
         content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if content_type in REFUSED_TYPES:
+        if refuse_pages and content_type in REFUSED_TYPES:
             raise InputError(
                 f"{field}: {url} is a web page ({content_type}), not a file: use the file's direct download link.",
                 {"url": url, "content_type": content_type},
@@ -227,16 +299,39 @@ class Fetcher:
             {"url": url, "bytes": size},
         )
 
-    def _fetch_s3(self, url: str, field: str) -> bytes:
+    def _fetch_s3(self, url: str, field: str, deadline: float | None, stop: Stop | None) -> bytes:
+        """An object where the operator lets jobs read (``S3Storage.readable``), by a presigned GET: the bucket
+        is the worker's own endpoint (not guarded, never redirected) and the read runs under the job's deadline.
+        Anything unreadable (not allowed, no such bucket or key, access denied) is one message, which says
+        nothing about what exists."""
         if self.storage is None:
             raise InputError(f"{field}: s3:// URLs need the worker's bucket settings (BUCKET_NAME and keys).")
         parts = urlsplit(url)
-        try:
-            head = self.storage.client.head_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
-            if head["ContentLength"] > self.max_bytes:
-                raise self._too_large(url, field, head["ContentLength"])
-            body = self.storage.client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
-            data: bytes = body.read()
-            return data
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise InputError(f"{field}: fetching {url} failed: {exc}", {"url": url}) from exc
+        bucket, key = parts.netloc, parts.path.removeprefix("/")
+        shown = redact_url(url)
+        unreadable = InputError(
+            f"{field}: {shown} cannot be read: jobs may read s3:// objects only under "
+            f"{', '.join(self.storage.readable_locations())} (INPUT_S3_ALLOWLIST), and only ones that exist.",
+            {"url": shown},
+        )
+        if parts.query or parts.fragment or not self.storage.readable(bucket, key):
+            raise unreadable
+        response = self._get(self.storage.presigned_get(bucket, key), shown, field, deadline, stop, None)
+        if response.raw.status in (301, 307, 400, 403, 404):  # another region, a bad name, denied, missing
+            response.close()
+            raise unreadable
+        return self._body(response, shown, field, refuse_pages=False)
+
+
+class _Response:
+    """One fetch's response with what it holds: its pool, its stop and the watchdog; ``close`` ends them."""
+
+    def __init__(self, raw: Any, pool: urllib3.PoolManager, stop: Stop, watchdog: threading.Timer, ends: float):
+        self.raw, self.pool, self.stop, self.watchdog, self.ends = raw, pool, stop, watchdog, ends
+
+    def close(self) -> None:
+        self.watchdog.cancel()
+        self.raw.close()  # no keep-alive: a refused body is not drained, and fetches are one-offs
+        self.raw.release_conn()
+        self.stop.set()
+        self.pool.clear()

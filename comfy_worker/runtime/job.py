@@ -27,7 +27,7 @@ from comfy_worker.comfy.supervisor import ComfySupervisor
 from comfy_worker.errors import ComfyCrashedError, InputError, JobTimeoutError, WorkerError, WorkflowError, json_text
 from comfy_worker.redact import Redactor
 from comfy_worker.runtime import cleanup, delivery, diagnostics, outputs, workflow
-from comfy_worker.runtime.fetch import Fetcher
+from comfy_worker.runtime.fetch import Fetcher, Stop
 from comfy_worker.runtime.follow import Follower, Progress, ProgressSink
 from comfy_worker.runtime.schema import JobInput, parse_job_input
 from comfy_worker.settings import FREE_MODES, Settings
@@ -35,7 +35,7 @@ from comfy_worker.storage import S3Storage
 from comfy_worker.ui_format import is_ui_format
 
 if TYPE_CHECKING:  # the cache brings the provisioning downloader: loaded only by workers that use it (app)
-    from comfy_worker.runtime.models import ModelCache, Pins
+    from comfy_worker.runtime.models import ModelCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,7 +53,7 @@ class _Attempt:
     prompt_id: str | None = None
     workflow_format: str = "api"  # "ui" when the workflow came as ComfyUI's UI format and was converted
     secrets: list[str] = field(default_factory=list)  # the job's own (its API key), masked in its result
-    pins: Pins | None = None  # the cached models it uses, kept from eviction until it ends
+    stop: Stop = field(default_factory=Stop)  # set at its end: ends its fetches and downloads, unpins its models
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     temp_files: list[tuple[str, str]] = field(default_factory=list)
@@ -145,8 +145,7 @@ class Worker:
             )
             return await self._error_result(error, attempt)
         finally:
-            if attempt.pins is not None:
-                attempt.pins.release()
+            attempt.stop.set()
             self.recovery.job_finished()
             if self.settings.cleanup_job_files:
                 await asyncio.to_thread(cleanup.remove_job_files, self.folders, attempt.folder, attempt.temp_files)
@@ -216,7 +215,7 @@ class Worker:
         await self._check_node_types(graph, attempt)
         attempt.lap("prepare_s")
         if job.models:
-            attempt.pins = await self._fetch_models(job, attempt, progress)
+            await self._fetch_models(job, attempt, progress)
             attempt.lap("models_s")
         await self._upload_inputs(job, attempt)
         attempt.lap("upload_s")
@@ -324,13 +323,14 @@ class Worker:
                     image.url,
                     f"images[{index}].url",
                     attempt.deadline,
+                    attempt.stop,
                 )
             subfolder = cleanup.input_subfolder(attempt.folder, image.subfolder)
             await self._in_time(
                 attempt, "uploading input images", self.client.upload_image, image.filename, data, subfolder
             )
 
-    async def _fetch_models(self, job: JobInput, attempt: _Attempt, progress: ProgressSink) -> Pins:
+    async def _fetch_models(self, job: JobInput, attempt: _Attempt, progress: ProgressSink) -> None:
         """The job's ``models``, downloaded into the model cache (or found there) before anything is queued."""
         if self.models is None:
             raise InputError("models: this worker has no model cache: set MODEL_CACHE_DIR (start.sh sets it).")
@@ -339,9 +339,16 @@ class Worker:
             percent = round(100 * done / total, 1) if total else None
             progress({"status": "downloading models", "file": name, "bytes": done, "total": total, "percent": percent})
 
-        pins = await self._in_time(attempt, "downloading the job's models", self.models.prepare, job.models, report)
+        pins = await self._in_time(
+            attempt,
+            "downloading the job's models",
+            self.models.prepare,
+            job.models,
+            report,
+            attempt.deadline,
+            attempt.stop,
+        )
         log.info("job %s: models ready: %s", attempt.job_id, ", ".join(pins.files))
-        return pins
 
     def _extra_data(self, job: JobInput) -> dict[str, Any]:
         """What ComfyUI hands the nodes' hidden inputs: the Comfy.org key that partner API nodes bill to."""

@@ -26,6 +26,9 @@ from pydantic import ValidationError as PydanticValidationError
 
 from comfy_worker.errors import InputError, field_path
 from comfy_worker.provision.config import ModelConfig
+from comfy_worker.provision.transfer import PARTIAL_SUFFIXES
+from comfy_worker.settings import INPUT_PREFIX
+from comfy_worker.storage import sanitize_prefix
 
 MAX_RESOLUTION = 16384  # ComfyUI's own MAX_RESOLUTION for width/height inputs
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF  # KSampler's seed range
@@ -33,7 +36,16 @@ MAX_NAME_LENGTH = 255
 MAX_DEPTH = 64  # API-format workflows nest 4 levels deep; deeper is a mistake or an attack on recursion
 _DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MB = 1024 * 1024
+
+
+def check_text(value: str) -> None:
+    """Refuse a lone surrogate (JSON's ``"\\ud800"``): no file name or UTF-8 text can hold one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate (\\ud800-\\udfff), which is not text a file name can hold") from None
 
 
 def check_json_value(value: Any) -> None:
@@ -64,6 +76,21 @@ class JobModel(ModelConfig):
 
     filename: str = Field(description="The file's name, as the workflow names it (e.g. in LoraLoader).")
 
+    @field_validator("filename", "destination")
+    @classmethod
+    def _plain_text(cls, value: str) -> str:
+        check_text(value)
+        if _CONTROL.search(value):
+            raise ValueError("contains a control character (a newline, a tab...)")
+        return value
+
+    @field_validator("filename")
+    @classmethod
+    def _not_partial(cls, filename: str) -> str:
+        if filename.endswith(PARTIAL_SUFFIXES):
+            raise ValueError("must not end in .part or .part.json (the names of a download in progress)")
+        return filename
+
     @field_validator("optional")
     @classmethod
     def _required(cls, value: bool) -> bool:
@@ -85,6 +112,7 @@ class InputImage(_Model):
     def _safe_name(cls, name: str) -> str:
         if not name or not name.strip():
             raise ValueError("must not be empty")
+        check_text(name)
         if len(name) > MAX_NAME_LENGTH:
             raise ValueError(f"is longer than {MAX_NAME_LENGTH} characters")
         if "\x00" in name:
@@ -173,6 +201,13 @@ class OutputOptions(_Model):
     quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality.")
     s3_prefix: str | None = Field(None, min_length=1, max_length=200, description="Key prefix for this job.")
 
+    @field_validator("s3_prefix")
+    @classmethod
+    def _not_inputs(cls, prefix: str | None) -> str | None:
+        if prefix is not None and f"{sanitize_prefix(prefix)}/".startswith(INPUT_PREFIX):
+            raise ValueError(f"must not start with {INPUT_PREFIX}: jobs read their s3:// inputs there")
+        return prefix
+
 
 class JobInput(_Model):
     """``event["input"]`` of a job."""
@@ -237,6 +272,12 @@ class JobInput(_Model):
             if image.name in seen:
                 raise ValueError(f"images: the name {image.name!r} appears more than once")
             seen.add(image.name)
+        files: set[str] = set()
+        for model in self.models:
+            file = f"{model.destination}/{model.filename}"
+            if file in files:
+                raise ValueError(f"models: {file} appears more than once (one file, one URL)")
+            files.add(file)
         if (self.width is None) != (self.height is None):
             raise ValueError("width and height must be given together")
         for id_field, value_field in (
