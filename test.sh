@@ -40,7 +40,9 @@ use_real_comfyui() {
     return 1
   fi
   while IFS= read -r line; do
-    export "${line?}"
+    if [[ "$line" =~ ^[A-Z0-9_]+= ]]; then
+      export "${line?}"
+    fi
   done <<<"$found"
 }
 

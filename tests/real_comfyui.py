@@ -109,14 +109,12 @@ def _venv(root: Path, source: Path, tarball_sha: str) -> Path:
         return python
     shutil.rmtree(venv, ignore_errors=True)
     log.info("Making ComfyUI's Python environment %s (PyTorch, then ComfyUI's requirements)", venv)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    # pip, not uv: pip finds this machine's local copy of the torch wheels (uv would download them).
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", *TORCH], check=True, timeout=3600, stdin=subprocess.DEVNULL
-    )
-    pyenv.pip_install(
-        str(python), [source / "requirements.txt", pyenv.COMFYUI_EXTRA_REQUIREMENTS], leave_out=["torchaudio"]
-    )
+    quiet = {"stdout": sys.stderr, "stdin": subprocess.DEVNULL}  # stdout is for the variables test.sh reads
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, **quiet)
+    # pip, not uv: pip also looks in the machine's own wheel folders (its configuration), uv does not.
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *TORCH], check=True, timeout=3600, **quiet)
+    requirements = [source / "requirements.txt", pyenv.COMFYUI_EXTRA_REQUIREMENTS]
+    pyenv.pip_install(str(python), requirements, leave_out=["torchaudio"])
     (venv / ".ready").write_text("")
     return python
 
@@ -128,7 +126,8 @@ def _checkpoint(root: Path, source: Path, python: Path) -> str:
         log.info("Writing the random-weight SD1.5 checkpoint %s", made)
         partial = made.with_name(made.name + ".part")
         env = {**os.environ, "COMFYUI_DIR": str(source)}
-        subprocess.run([str(python), str(MAKE_CHECKPOINT), str(partial)], env=env, check=True, timeout=1800, cwd=root)
+        command = [str(python), str(MAKE_CHECKPOINT), str(partial)]
+        subprocess.run(command, env=env, check=True, timeout=1800, cwd=root, stdout=sys.stderr)
         partial.rename(made)
     link = source / "models" / "checkpoints" / CHECKPOINT_NAME
     if not link.is_file():
