@@ -9,15 +9,16 @@ can log in to a serverless worker to read it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
 import platform
 import signal
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +89,8 @@ def model_cache(settings: Settings) -> ModelCache | None:
     from comfy_worker.runtime.fetch import guarded_session
     from comfy_worker.runtime.models import GB, ModelCache
 
-    options = dataclasses.replace(
-        DownloadOptions.from_env(os.environ),
+    options = DownloadOptions.of(
+        settings.downloads,
         session=lambda: guarded_session(settings.input_url_allowlist),
         progress_interval_s=max(settings.progress_interval_s, 0.5),
         progress_bar=False,
@@ -102,6 +103,26 @@ def model_cache(settings: Settings) -> ModelCache | None:
         options.lock_timeout_s,
         settings.input_url_allowlist,
     )
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Every setting, read and checked once before anything starts; a SettingsError names the variable.
+
+    Besides the values themselves: MODEL_CACHE_DIR must be a folder the worker can write (start.sh puts it on the
+    volume), or every job that brings a model would fail with an unexplained OS error.
+    """
+    settings = Settings.from_env(env)
+    cache = settings.model_cache_dir
+    if cache is not None:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cache):
+                pass
+        except OSError as exc:
+            raise SettingsError(
+                f"MODEL_CACHE_DIR={str(cache)!r} is not a folder the worker can write to: {exc.strerror or exc}"
+            ) from None
+    return settings
 
 
 def warm_up(worker: Worker, path: Path) -> None:
@@ -173,11 +194,9 @@ def _exit_on_sigterm(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-def serve_error(error: WorkerError) -> None:
+def serve_error(error: WorkerError, redact: Redactor) -> None:
     """Take jobs and fail each with ``error`` (a worker that cannot run them must still say why)."""
     import runpod
-
-    redact = Redactor(secrets_from_env(os.environ))
 
     def handler(_job: dict[str, Any]) -> dict[str, Any]:
         return {"error": redact(json_text(error.to_dict()))}
@@ -189,21 +208,22 @@ def serve_error(error: WorkerError) -> None:
 def main() -> None:
     """``python handler.py [runpod SDK flags]``: run the worker (see docs/job-api.md)."""
     skip_slow_cpu_probe()
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        # Exiting would make RunPod restart the worker forever; answer every job with the reason instead.
-        setup_logging("INFO", Redactor(secrets_from_env(os.environ)))
-        log.error("Invalid configuration: %s. Every job fails with this error until the variable is fixed.", exc)
-        serve_error(ConfigurationError(f"Invalid configuration: {exc}"))
-        return
-    redact = Redactor(settings.secrets)
+    redact = Redactor(secrets_from_env(os.environ))
     sys.stdout = RedactingStream(sys.stdout, redact)  # the runpod SDK prints its own log lines
     sys.stderr = RedactingStream(sys.stderr, redact)
+    try:
+        settings = load_settings(os.environ)
+    except SettingsError as exc:
+        # Exiting would make RunPod restart the worker forever; answer every job with the reason instead.
+        setup_logging("INFO", redact)
+        os.environ["RUNPOD_LOG_LEVEL"] = "INFO"  # the SDK refuses a bad one at import, and logs inputs at DEBUG
+        log.error("Invalid configuration: %s. Every job fails with this error until the variable is fixed.", exc)
+        serve_error(ConfigurationError(f"Invalid configuration: {exc}"), redact)
+        return
     setup_logging(settings.log_level, redact)
     # The runpod SDK logs at DEBUG by default, every job's input and whole output (base64) included; it reads
-    # its level when imported (below, while ComfyUI boots). --rp_log_level still wins.
-    os.environ.setdefault("RUNPOD_LOG_LEVEL", settings.log_level)
+    # its level when imported (below, while ComfyUI boots), in its own names. --rp_log_level still wins.
+    os.environ["RUNPOD_LOG_LEVEL"] = settings.runpod_log_level
     supervisor = ComfySupervisor(settings)
     supervisor.launch_early()
     worker = build_worker(settings, supervisor)
