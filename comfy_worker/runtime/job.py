@@ -154,12 +154,17 @@ class Worker:
     async def _in_time(self, attempt: _Attempt, doing: str, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` in a thread, given up at the job's deadline (the call's own timeouts end the thread).
 
-        A call that fails once the deadline has passed (a fetch cut off by it) is the job's timeout too.
+        The deadline's own timer firing is the job's timeout by construction, told by where the TimeoutError
+        came from, never by reading the clock: an event loop's timers may fire a little early (uvloop's count
+        whole milliseconds). A call that fails once the deadline has passed (a fetch cut off by it) is the job's
+        timeout too.
         """
+        deadline = asyncio.timeout(attempt.deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(asyncio.to_thread(call, *args), attempt.deadline - time.monotonic())
+            async with deadline:
+                return await asyncio.to_thread(call, *args)
         except (TimeoutError, WorkerError) as exc:
-            if time.monotonic() < attempt.deadline:
+            if not deadline.expired() and time.monotonic() < attempt.deadline:
                 raise  # the call's own failure, not the job's time running out
             raise attempt.timed_out(doing) from exc
 
