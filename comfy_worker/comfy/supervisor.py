@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from comfy_worker.errors import ComfyUnavailableError
-from comfy_worker.redact import redact_url
+from comfy_worker.redact import Redactor, redact_url
 from comfy_worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,8 +32,11 @@ CHATTY_LINES = ("Adding extra search path",)  # ComfyUI's lines logged at DEBUG 
 class ComfySupervisor:
     """Start/attach, readiness and the log tail of one ComfyUI."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redact: Redactor | None = None) -> None:
         self.settings = settings
+        # the worker's: the running job's own secrets are masked in ComfyUI's lines as they come, so none stays
+        # in the log tail that a later job's error reports
+        self.redact = redact or Redactor(settings.secrets)
         self.process: subprocess.Popen[str] | None = None
         self.attached = False
         self.restarts = 0
@@ -147,7 +150,7 @@ class ComfySupervisor:
         assert process.stdout is not None
         with process.stdout:
             for raw in process.stdout:
-                line = raw.rstrip("\n")
+                line = self.redact(raw.rstrip("\n"))
                 self._log_tail.append(line)
                 # one line per model folder at every start (dozens): kept for errors, not worth the log
                 comfy_log.log(logging.DEBUG if line.startswith(CHATTY_LINES) else logging.INFO, "%s", line)

@@ -42,8 +42,12 @@ def setup_logging(level: str, redact: Redactor | None = None) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) -> Worker:
-    """Start or attach to ComfyUI and connect to it; a failure is kept and reported by every job."""
+def build_worker(
+    settings: Settings, supervisor: ComfySupervisor | None = None, redact: Redactor | None = None
+) -> Worker:
+    """Start or attach to ComfyUI and connect to it; a failure is kept and reported by every job.
+
+    ``redact`` is the log's (main's): the worker adds each running job's own secrets to it."""
     from comfy_worker.comfy.client import ComfyClient
     from comfy_worker.comfy.events import EventStream
     from comfy_worker.errors import ComfyUnavailableError, WorkerError
@@ -61,7 +65,8 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
         storage,
     )
     models = model_cache(settings)
-    supervisor = supervisor or ComfySupervisor(settings)
+    redact = redact or Redactor(settings.secrets)
+    supervisor = supervisor or ComfySupervisor(settings, redact)
     try:
         supervisor.start_or_attach(client)
         import runpod  # noqa: F401  - imported while ComfyUI boots: the two overlap
@@ -76,9 +81,17 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
     except WorkerError as exc:
         log.error("ComfyUI is unavailable; every job will fail with this error: %s", exc.message)
         return Worker(
-            settings, client, events, supervisor, startup_error=exc, fetcher=fetcher, storage=storage, models=models
+            settings,
+            client,
+            events,
+            supervisor,
+            startup_error=exc,
+            fetcher=fetcher,
+            storage=storage,
+            models=models,
+            redact=redact,
         )
-    return Worker(settings, client, events, supervisor, fetcher=fetcher, storage=storage, models=models)
+    return Worker(settings, client, events, supervisor, fetcher=fetcher, storage=storage, models=models, redact=redact)
 
 
 def model_cache(settings: Settings) -> ModelCache | None:
@@ -224,9 +237,9 @@ def main() -> None:
     # The runpod SDK logs at DEBUG by default, every job's input and whole output (base64) included; it reads
     # its level when imported (below, while ComfyUI boots), in its own names. --rp_log_level still wins.
     os.environ["RUNPOD_LOG_LEVEL"] = settings.runpod_log_level
-    supervisor = ComfySupervisor(settings)
+    supervisor = ComfySupervisor(settings, redact)
     supervisor.launch_early()
-    worker = build_worker(settings, supervisor)
+    worker = build_worker(settings, supervisor, redact)
     if settings.warmup_workflow is not None and worker.startup_error is None:
         warm_up(worker, settings.warmup_workflow)
     import runpod

@@ -91,6 +91,7 @@ class Worker:
         fetcher: Fetcher,
         storage: S3Storage | None = None,
         models: ModelCache | None = None,
+        redact: Redactor | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -107,7 +108,7 @@ class Worker:
         self._object_info: dict[str, Any] | None = None
         self.recovery = Recovery(supervisor, client, events, settings.restart_attempts, self._forget_node_types)
         self.follower = Follower(client, events, supervisor)
-        self.redact = Redactor(settings.secrets)
+        self.redact = redact or Redactor(settings.secrets)  # the log's too (app): a job's secrets are held in it
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
             for name, folder in (
@@ -125,6 +126,7 @@ class Worker:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
         attempt = _Attempt(job_id, started=time.monotonic(), folder=cleanup.job_folder(str(uuid.uuid4())))
         self.recovery.job_started()
+        release_secrets = self.redact.hold(attempt.secrets)  # masked in every log line until the job ends
         try:
             result = await self._execute(attempt, raw_input, progress)
             return result | await asyncio.to_thread(self._after_job)
@@ -145,6 +147,7 @@ class Worker:
             )
             return await self._error_result(error, attempt)
         finally:
+            release_secrets()
             if attempt.pins is not None:
                 attempt.pins.release()
             self.recovery.job_finished()
