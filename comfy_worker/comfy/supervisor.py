@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 comfy_log = logging.getLogger("comfyui")
-CHATTY_LINES = ("Adding extra search path",)  # ComfyUI's lines logged at DEBUG only
+# ComfyUI's lines logged at DEBUG only (kept in the log tail for errors): one per model folder at every start,
+# alembic's database migration check (also at every start), and the refusal of a prompt, which the worker's
+# own warning says better
+CHATTY_LINES = re.compile(r"Adding extra search path |INFO +\[alembic[.\]]|invalid prompt: ")
 
 
 class ComfySupervisor:
@@ -152,8 +156,7 @@ class ComfySupervisor:
             for raw in process.stdout:
                 line = self.redact(raw.rstrip("\n"))
                 self._log_tail.append(line)
-                # one line per model folder at every start (dozens): kept for errors, not worth the log
-                comfy_log.log(logging.DEBUG if line.startswith(CHATTY_LINES) else logging.INFO, "%s", line)
+                comfy_log.log(logging.DEBUG if CHATTY_LINES.match(line) else logging.INFO, "%s", line)
 
     def log_tail(self, lines: int | None = None) -> list[str]:
         tail = list(self._log_tail)
