@@ -242,6 +242,10 @@ def main() -> None:
     worker = build_worker(settings, supervisor, redact)
     if settings.warmup_workflow is not None and worker.startup_error is None:
         warm_up(worker, settings.warmup_workflow)
+    from comfy_worker.runtime.diagnostics import provisioning_banner
+
+    for line in provisioning_banner(worker.provisioning):  # the last lines before the SDK's: what is read first
+        log.warning("%s", line)
     import runpod
 
     signal.signal(signal.SIGHUP, lambda _signum, _frame: worker.request_restart())

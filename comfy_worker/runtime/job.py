@@ -199,7 +199,8 @@ class Worker:
             self.provisioning,
         )
         redact = self.redact.adding(attempt.secrets)
-        payload = redact.deep(error.to_dict() | {"prompt_id": attempt.prompt_id, "diagnostics": report}, urls=True)
+        payload = error.to_dict() | {"prompt_id": attempt.prompt_id, "diagnostics": report}
+        payload = redact.deep(payload | diagnostics.provisioning_field(self.provisioning), urls=True)
         result = {"error": json_text(payload)}
         if error is self.startup_error or error is self.recovery.failed:
             return result | {"refresh_worker": True}
@@ -288,9 +289,7 @@ class Worker:
             )
         if not collected.files and not collected.texts:
             warnings.append("The workflow finished but produced no outputs (is there a SaveImage node?).")
-        if self.provisioning is not None:
-            failed = self.provisioning.get("failed", []) + self.provisioning.get("optional_failed", [])
-            warnings += [f"Provisioning: {item['kind']} {item['name']} failed: {item['error']}" for item in failed]
+        warnings += diagnostics.provisioning_warnings(self.provisioning)
         result |= {
             "status": "success",
             "prompt_id": prompt_id,
@@ -298,7 +297,7 @@ class Worker:
             "execution_time_seconds": round(time.monotonic() - attempt.started, 3),
             "timings": {name: round(value, 4) for name, value in attempt.timings.items()},
             "warnings": warnings,
-        }
+        } | diagnostics.provisioning_field(self.provisioning)
         log.info(
             "job %s: done in %.2fs, %d file(s)", attempt.job_id, result["execution_time_seconds"], len(collected.files)
         )
