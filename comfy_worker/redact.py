@@ -10,15 +10,20 @@ leak it. Every value of an environment variable whose name says it is a secret i
 - in the worker's log records, tracebacks included (``RedactingFilter``), and in everything printed to
   stdout/stderr, where the runpod SDK writes its own lines (``RedactingStream``).
 
+A job's own secrets (its ``comfy_org_api_key``) are masked in its result, and in every log line while it runs
+(``Redactor.hold``): the worker's, the SDK's and ComfyUI's, whose lines the worker relays and keeps for errors.
+
 URLs lose their credentials (``redact_url``, the one URL redactor) wherever they reach a log line or an error.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -46,14 +51,36 @@ def _escaped_forms(secret: str) -> set[str]:
 
 class Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
-        forms = {form for secret in secrets for form in _escaped_forms(secret)}
-        self.secrets = tuple(sorted(forms, key=len, reverse=True))
+        self.secrets = _forms(secrets)
+        self._held: dict[int, list[str]] = {}  # running jobs' own secrets, read at every call
+        self._keys = itertools.count()
+        self._lock = threading.Lock()
 
     def __call__(self, text: str) -> str:
-        for secret in self.secrets:
+        for secret in self._current():
             if secret in text:
                 text = text.replace(secret, MASK)
         return KEY_SHAPES.sub(MASK, text)
+
+    def hold(self, secrets: list[str]) -> Callable[[], None]:
+        """Mask ``secrets`` too (the list as it is at each call: a job adds its key once it is parsed) until the
+        returned function is called: a running job's own, in every line logged meanwhile, from any thread."""
+        with self._lock:
+            key = next(self._keys)
+            self._held[key] = secrets
+
+        def release() -> None:
+            with self._lock:
+                self._held.pop(key, None)
+
+        return release
+
+    def _current(self) -> tuple[str, ...]:
+        with self._lock:
+            held = [secret for secrets in self._held.values() for secret in secrets if len(secret) >= MIN_SECRET_LENGTH]
+        if not held:
+            return self.secrets
+        return tuple(sorted({*self.secrets, *_forms(held)}, key=len, reverse=True))
 
     def adding(self, secrets: Iterable[str]) -> Redactor:
         """This redactor with more secrets (a job's own API key, for that job's result)."""
@@ -73,6 +100,12 @@ class Redactor:
         if value is None or isinstance(value, bool | int | float):
             return value
         return self.deep(str(value), urls)  # what JSON encoding would write with default=str
+
+
+def _forms(secrets: Iterable[str]) -> tuple[str, ...]:
+    """Every form of every secret, longest first (so overlaps mask fully)."""
+    forms = {form for secret in secrets for form in _escaped_forms(secret)}
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 class RedactingFilter(logging.Filter):

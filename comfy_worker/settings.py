@@ -15,9 +15,10 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
+from comfy_worker.fsutil import DEFAULT_LOCK_DEADLINE_S
 from comfy_worker.redact import SECRET_NAME, redact_url, secrets_from_env
 
 
@@ -116,6 +117,90 @@ def _path(env: Mapping[str, str], name: str, default: Path | None) -> Path | Non
     return Path(raw).expanduser() if raw else default
 
 
+# LOG_LEVEL's values (logging's names, and WARN, the runpod SDK's) -> the name the runpod SDK's own logger takes
+# for RUNPOD_LOG_LEVEL: it knows NOTSET, TRACE, DEBUG, INFO, WARN and ERROR, and refuses anything else at import.
+LOG_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARN", "ERROR": "ERROR", "CRITICAL": "ERROR"}
+LOG_LEVEL_ALIASES = {"WARN": "WARNING"}
+RUNPOD_LOG_LEVELS = ("NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR")
+
+
+def log_level(env: Mapping[str, str]) -> str:
+    """LOG_LEVEL as ``logging`` names it: the one parser, for the worker and for provisioning."""
+    raw = env.get("LOG_LEVEL", "").strip() or "INFO"
+    level = LOG_LEVEL_ALIASES.get(raw.upper(), raw.upper())
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL={raw!r} is not one of DEBUG, INFO, WARNING (or WARN), ERROR, CRITICAL")
+    return level
+
+
+def runpod_log_level(env: Mapping[str, str], level: str) -> str:
+    """The runpod SDK's level: RUNPOD_LOG_LEVEL (logging's names are understood too), else LOG_LEVEL's."""
+    raw = env.get("RUNPOD_LOG_LEVEL", "").strip() or LOG_LEVELS[level]
+    name = LOG_LEVEL_ALIASES.get(raw.upper(), raw.upper())
+    sdk_name = LOG_LEVELS.get(name, name)
+    if sdk_name not in RUNPOD_LOG_LEVELS:
+        raise SettingsError(
+            f"RUNPOD_LOG_LEVEL={raw!r} is not one of {', '.join(RUNPOD_LOG_LEVELS)} (nor DEBUG, INFO, WARNING, "
+            "ERROR, CRITICAL)"
+        )
+    return sdk_name
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """The model downloads' variables (docs/environment.md), for provisioning and for the models jobs bring.
+
+    ``provision.download_options.DownloadOptions`` adds how a download runs (its HTTP session, progress, size
+    limit) to these."""
+
+    concurrency: int = 4
+    connections: int = 8
+    progress_interval_s: float = 10.0
+    hf_token: str | None = field(default=None, repr=False)
+    host_tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    hf_endpoint: str = "https://huggingface.co"
+    segment_threshold: int = 64 * 1024 * 1024
+    retries: int = 5
+    retry_backoff_s: float = 1.0
+    lock: Literal["auto", "flock", "soft"] = "auto"
+    lock_timeout_s: float = DEFAULT_LOCK_DEADLINE_S  # a lock holder silent this long is given up on
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Self:
+        """Parse the environment (a plain mapping, so tests pass dicts); raise SettingsError on bad values."""
+        hosts = _host_tokens(env.get("DOWNLOAD_TOKENS", ""))
+        civitai = env.get("CIVITAI_TOKEN", "").strip()
+        if civitai:
+            hosts.setdefault("civitai.com", civitai)
+        lock = env.get("DOWNLOAD_LOCK", "auto").strip().lower() or "auto"
+        if lock not in ("auto", "flock", "soft"):
+            raise SettingsError(f"DOWNLOAD_LOCK={lock!r} is not one of auto, flock, soft")
+        return cls(
+            concurrency=env_int(env, "DOWNLOAD_CONCURRENCY", cls.concurrency, minimum=1),
+            connections=env_int(env, "DOWNLOAD_CONNECTIONS", cls.connections, minimum=1),
+            progress_interval_s=env_float(env, "DOWNLOAD_PROGRESS_INTERVAL", cls.progress_interval_s, minimum=0.1),
+            hf_token=env.get("HF_TOKEN", "").strip() or None,
+            host_tokens=hosts,
+            hf_endpoint=(env.get("HF_ENDPOINT", "").strip() or cls.hf_endpoint).rstrip("/"),
+            segment_threshold=int(env_float(env, "DOWNLOAD_SEGMENT_MIN_MB", 64.0, minimum=1.0) * 1024 * 1024),
+            retries=env_int(env, "DOWNLOAD_RETRIES", cls.retries),
+            lock=lock,  # type: ignore[arg-type]
+            lock_timeout_s=env_float(env, "PROVISION_LOCK_TIMEOUT", DEFAULT_LOCK_DEADLINE_S, minimum=1.0),
+        )
+
+
+def _host_tokens(raw: str) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    for number, item in enumerate((i.strip() for i in raw.split(",")), start=1):
+        if not item:
+            continue
+        host, sep, token = item.partition("=")
+        if not sep or not host.strip() or not token.strip():
+            raise SettingsError(f"DOWNLOAD_TOKENS: item {number} is not host=token")  # never echo the value
+        tokens[host.strip().lower()] = token.strip()
+    return tokens
+
+
 @dataclass(frozen=True)
 class Settings:
     """The worker's configuration; see the README's "Environment variables" table."""
@@ -141,6 +226,7 @@ class Settings:
     progress_interval_s: float = 1.0
     log_tail_lines: int = 200
     log_level: str = "INFO"
+    runpod_log_level: str = "INFO"
     warmup_workflow: Path | None = None
     free_after_job: str = "none"
     cleanup_job_files: bool = True
@@ -154,6 +240,7 @@ class Settings:
     model_cache_max_gb: float = 50.0
     model_url_max_gb: float = 20.0
     s3: S3Settings | None = None
+    downloads: DownloadSettings = field(default_factory=DownloadSettings, repr=False)
     refresh_min_free_ram_gb: float = 0.0
     refresh_min_free_vram_gb: float = 0.0
     comfy_org_api_key: str | None = field(default=None, repr=False)
@@ -190,9 +277,7 @@ class Settings:
         job_timeout_max = env_float(env, "JOB_TIMEOUT_MAX", cls.job_timeout_max_s, minimum=1.0)
         if job_timeout > job_timeout_max:
             raise SettingsError(f"JOB_TIMEOUT={job_timeout:g} is above JOB_TIMEOUT_MAX={job_timeout_max:g}")
-        level = env.get("LOG_LEVEL", cls.log_level).strip().upper() or cls.log_level
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise SettingsError(f"LOG_LEVEL={level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        level = log_level(env)
         return cls(
             comfy_api_url=url,
             comfyui_dir=comfyui_dir,
@@ -215,6 +300,7 @@ class Settings:
             progress_interval_s=env_float(env, "PROGRESS_INTERVAL", cls.progress_interval_s),
             log_tail_lines=env_int(env, "COMFY_LOG_TAIL_LINES", cls.log_tail_lines, minimum=1),
             log_level=level,
+            runpod_log_level=runpod_log_level(env, level),
             warmup_workflow=_path(env, "WARMUP_WORKFLOW", None),
             free_after_job=free_after_job,
             cleanup_job_files=_bool(env, "CLEANUP_JOB_FILES", cls.cleanup_job_files),
@@ -230,6 +316,7 @@ class Settings:
             model_cache_max_gb=env_float(env, "MODEL_CACHE_MAX_GB", cls.model_cache_max_gb, minimum=1e-6),
             model_url_max_gb=env_float(env, "MODEL_URL_MAX_GB", cls.model_url_max_gb, minimum=1e-6),
             s3=s3_from_env(env),
+            downloads=DownloadSettings.from_env(env),
             refresh_min_free_ram_gb=env_float(env, "REFRESH_MIN_FREE_RAM_GB", cls.refresh_min_free_ram_gb),
             refresh_min_free_vram_gb=env_float(env, "REFRESH_MIN_FREE_VRAM_GB", cls.refresh_min_free_vram_gb),
             comfy_org_api_key=env.get("COMFY_ORG_API_KEY", "").strip() or None,

@@ -132,6 +132,12 @@ def test_a_misspelt_model_name_gets_the_closest_files() -> None:
     ) in error.message
     assert error.details["node_errors"][0]["closest"] == ["xl/sd_xl_base_1.0.safetensors"]
     assert error.details["node_errors"][0]["model_folder"] == "checkpoints"
+    # and how to get a model the worker does not have, once
+    assert error.message.endswith(
+        "closest: xl/sd_xl_base_1.0.safetensors). To use a model this worker does not have: add it under 'models:' "
+        "in config.yml (installed at the next start), or bring it with the job's 'models' (input.models, see "
+        "docs/job-api.md#models-by-url)."
+    ), error.message
 
 
 def test_every_missing_node_type_in_one_error() -> None:

@@ -64,7 +64,7 @@ LATER_DEFAULTS = {"BUCKET_REGION": "`us-east-1`", "WORKSPACE": "`/runpod-volume`
 NOT_ENV = {
     "CANCELLED", "COMPLETED", "FAILED", "IN_PROGRESS", "TIMED_OUT",  # RunPod job states
     "GET", "POST", "HEAD",  # HTTP methods, git's HEAD
-    "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL",  # log levels
+    "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "WARN", "NOTSET", "TRACE",  # log levels (logging's, runpod's)
     "JPEG", "RGB", "RGBA", "WEBP", "LLM", "UNIQUE_ID",  # Pillow, model folders, ComfyUI types
     "STRING", "INT", "FLOAT", "BOOLEAN", "COMBO",  # ComfyUI widget types (ui_format)
     "KB", "MB", "GB",  # units
@@ -214,7 +214,12 @@ class PythonReads:
             # a local helper(name, ...) whose default this test cannot evaluate
             if isinstance(func, ast.Name) and func.id in self.name_helpers and args and (name := var_name(args[0])):
                 return name, ast.Call(func=ast.Name("computed"), args=[], keywords=[])
-        if isinstance(node, ast.Subscript) and is_env(node.value) and (name := var_name(node.slice)):
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.ctx, ast.Load)  # os.environ["N"] = value gives a library its variable
+            and is_env(node.value)
+            and (name := var_name(node.slice))
+        ):
             return name, None
         if (
             isinstance(node, ast.Compare)

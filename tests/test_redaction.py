@@ -169,3 +169,39 @@ def test_comfyui_gets_no_worker_secrets(tmp_path: Path) -> None:
         assert "SOME_SERVICE_PASSWORD" in names, "COMFYUI_PASS_ENV passes what it names"
     finally:
         close_worker(worker)
+
+
+JOB_SECRET = "jobkey_SECRETVALUE_9876"  # a job's comfy_org_api_key, not shaped like a Comfy.org key
+
+
+def test_a_jobs_own_key_is_masked_in_the_log_while_it_runs(tmp_path: Path) -> None:
+    """The result was masked, but the worker's WARNING read ``Invalid image file: jobkey_SECRETVALUE_9876.png``,
+    and ComfyUI's own line kept it in the log tail that a later job's error carries."""
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": f"{JOB_SECRET}.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
+    with serve_api(ComfyBackend.standin(), tmp_path, LOG_LEVEL="DEBUG") as worker:
+        failed = worker.runsync({"workflow": workflow, "comfy_org_api_key": JOB_SECRET})
+        later = worker.runsync({"workflow": {"1": {"class_type": "StandinFail", "inputs": {"message": "later"}}}})
+        log = worker.log()
+    assert failed["status"] == "FAILED" and later["status"] == "FAILED", (failed, later)
+    assert JOB_SECRET not in json.dumps(failed) + json.dumps(later)
+    warning = [line for line in log.splitlines() if "WARNING comfy_worker" in line and "workflow_validation" in line]
+    assert warning and "Invalid image file: ***.png" in warning[0], warning
+    comfy_lines = [line for line in log.splitlines() if "comfyui:" in line and "Invalid image file" in line]
+    assert comfy_lines and all("Invalid image file: ***.png" in line for line in comfy_lines), comfy_lines
+    tail = json.loads(str(later["error"]))["diagnostics"]["comfyui_log_tail"]
+    assert any("Invalid image file: ***.png" in line for line in tail), tail
+    assert JOB_SECRET not in log
+
+
+def test_a_held_secret_is_masked_until_it_is_released() -> None:
+    redact = Redactor([HF_TOKEN])
+    secrets: list[str] = []
+    release = redact.hold(secrets)
+    secrets.append(JOB_SECRET)  # the job's key is known once its input is parsed
+    assert redact(f"{JOB_SECRET} {HF_TOKEN} {json.dumps(JOB_SECRET)}") == '*** *** "***"'
+    release()
+    assert redact(f"{JOB_SECRET} {HF_TOKEN}") == f"{JOB_SECRET} ***", "another job's lines are not blanked"
+    assert redact.hold(["short"]) and redact("short") == "short"  # too short to mask without blanking words

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from comfy_worker.comfy.supervisor import ComfySupervisor
-from comfy_worker.settings import Settings, SettingsError
+from comfy_worker.runtime.app import load_settings
+from comfy_worker.settings import LOG_LEVEL_ALIASES, LOG_LEVELS, Settings, SettingsError
 
 
 def test_defaults() -> None:
@@ -119,3 +122,64 @@ def test_comfyui_gets_absolute_paths_from_a_relative_comfyui_dir(
 def test_comfyui_saves_metadata_only_when_asked() -> None:
     s = Settings.from_env({"COMFYUI_DIR": "/c", "COMFYUI_SAVE_METADATA": "true"})
     assert "--disable-metadata" not in ComfySupervisor(s).command()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("DOWNLOAD_CONCURRENCY", "0", "DOWNLOAD_CONCURRENCY='0' must be at least 1"),
+        ("DOWNLOAD_CONNECTIONS", "x", "DOWNLOAD_CONNECTIONS='x' is not an integer"),
+        ("DOWNLOAD_SEGMENT_MIN_MB", "0", "DOWNLOAD_SEGMENT_MIN_MB='0' must be at least 1"),
+        ("DOWNLOAD_RETRIES", "-5", "DOWNLOAD_RETRIES='-5' must be at least 0"),
+        ("DOWNLOAD_LOCK", "maybe", "DOWNLOAD_LOCK='maybe' is not one of auto, flock, soft"),
+        ("DOWNLOAD_TOKENS", "garbage", "DOWNLOAD_TOKENS: item 1 is not host=token"),
+        ("DOWNLOAD_PROGRESS_INTERVAL", "0", "DOWNLOAD_PROGRESS_INTERVAL='0' must be at least 0.1"),
+        ("PROVISION_LOCK_TIMEOUT", "never", "PROVISION_LOCK_TIMEOUT='never' is not a number"),
+        ("MODEL_CACHE_DIR", "/proc/nope", "MODEL_CACHE_DIR='/proc/nope' is not a folder the worker can write to"),
+        ("MODEL_CACHE_DIR", "/proc/self", "MODEL_CACHE_DIR='/proc/self' is not a folder the worker can write to"),
+        ("RUNPOD_LOG_LEVEL", "chatty", "RUNPOD_LOG_LEVEL='chatty' is not one of"),
+    ],
+)
+def test_every_setting_is_read_before_the_worker_starts(name: str, value: str, expected: str, tmp_path: Path) -> None:
+    """The download options were read after start-up, outside the guard that turns a bad value into a job error:
+    each of these stopped the worker (a crash loop on RunPod, where start.sh always sets MODEL_CACHE_DIR)."""
+    env = {"MODEL_CACHE_DIR": str(tmp_path / "cache"), name: value}
+    with pytest.raises(SettingsError, match=re.escape(expected)):
+        load_settings(env)
+
+
+def test_the_download_settings_are_the_workers() -> None:
+    env = {"DOWNLOAD_CONNECTIONS": "3", "DOWNLOAD_TOKENS": "example.org=tok-123456", "PROVISION_LOCK_TIMEOUT": "30"}
+    downloads = Settings.from_env(env).downloads
+    assert (downloads.connections, downloads.lock_timeout_s) == (3, 30.0)
+    assert downloads.host_tokens == {"example.org": "tok-123456"}
+    assert "tok-123456" not in repr(Settings.from_env(env))
+
+
+def test_model_cache_dir_is_made_at_start(tmp_path: Path) -> None:
+    settings = load_settings({"MODEL_CACHE_DIR": str(tmp_path / "a" / "cache")})
+    assert settings.model_cache_dir is not None and settings.model_cache_dir.is_dir()
+    assert list(settings.model_cache_dir.iterdir()) == [], "the write test leaves nothing behind"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SettingsError, match=r"MODEL_CACHE_DIR=.*file' is not a folder the worker can write to"):
+        load_settings({"MODEL_CACHE_DIR": str(tmp_path / "file")})
+
+
+@pytest.mark.parametrize("value", ["DEBUG", "info", "WARNING", "warn", "ERROR", "CRITICAL", " Warning "])
+def test_every_log_level_is_one_the_runpod_sdk_takes(value: str) -> None:
+    """LOG_LEVEL=WARNING was handed on as RUNPOD_LOG_LEVEL, which the SDK's logger refuses at import."""
+    from runpod.serverless.modules.rp_logger import _validate_log_level
+
+    settings = Settings.from_env({"LOG_LEVEL": value})
+    assert settings.log_level in LOG_LEVELS
+    assert _validate_log_level(settings.runpod_log_level) == settings.runpod_log_level
+    assert logging.getLevelName(settings.log_level) != f"Level {settings.log_level}"  # logging knows it too
+
+
+def test_runpod_log_level_in_loggings_names_is_understood() -> None:
+    from runpod.serverless.modules.rp_logger import _validate_log_level
+
+    for value, expected in (("WARNING", "WARN"), ("critical", "ERROR"), ("TRACE", "TRACE"), ("", "INFO")):
+        settings = Settings.from_env({"RUNPOD_LOG_LEVEL": value})
+        assert settings.runpod_log_level == _validate_log_level(expected)
+    assert set(LOG_LEVEL_ALIASES.values()) <= set(LOG_LEVELS)

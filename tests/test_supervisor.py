@@ -1,5 +1,5 @@
 """The ComfyUI process as the worker's log shows it: how long ComfyUI took from its launch, and a log a person
-can read (ComfyUI's per-folder lines at DEBUG, its output forwarded once)."""
+can read (ComfyUI's chatter at DEBUG: per-folder lines, alembic's, refused prompts; its output forwarded once)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,26 @@ def test_the_wait_is_counted_from_comfyuis_launch(tmp_path: Path) -> None:
     assert waited >= 1.5  # counted from the launch, not from when the worker started waiting
 
 
-def test_comfyuis_per_folder_lines_are_debug_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+CHATTER = [
+    "Adding extra search path checkpoints /volume/models/checkpoints",
+    "INFO  [alembic.runtime.migration] Context impl SQLiteImpl.",
+    "INFO  [alembic.runtime.migration] Will assume non-transactional DDL.",
+    "INFO  [alembic.runtime.migration] Running upgrade  -> e9c714da8d57, init",
+    "invalid prompt: {'type': 'prompt_outputs_failed_validation', 'message': 'Prompt outputs failed validation'}",
+]
+WORTH_READING = [
+    "To see the GUI go to: http://x",
+    "Prompt executed in 0.42 seconds",
+    "ERROR [alembic.runtime.migration] the upgrade failed",  # not chatter: a failing migration is news
+]
+
+
+def test_comfyuis_chatter_is_debug_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Dozens of per-folder lines and alembic's migration check at every start, and ComfyUI's own line for a
+    refused prompt, which repeats the worker's warning: at DEBUG, and still in the tail for error reports."""
     settings = worker_settings(ComfyBackend.standin(), tmp_path, free_port())
     supervisor = ComfySupervisor(settings)
-    lines = "Adding extra search path checkpoints /volume/models/checkpoints\nTo see the GUI go to: http://x\n"
+    lines = "".join(f"{line}\n" for line in CHATTER + WORTH_READING)
     process = subprocess.Popen(
         [sys.executable, "-c", f"import sys; sys.stdout.write({lines!r})"], stdout=subprocess.PIPE, text=True
     )
@@ -43,8 +59,25 @@ def test_comfyuis_per_folder_lines_are_debug_only(tmp_path: Path, caplog: pytest
         supervisor._pump_log(process)
     process.wait(timeout=10)
     levels = {record.getMessage(): record.levelno for record in caplog.records if record.name == "comfyui"}
-    assert levels == {
-        "Adding extra search path checkpoints /volume/models/checkpoints": logging.DEBUG,
-        "To see the GUI go to: http://x": logging.INFO,
-    }
-    assert supervisor.log_tail()[0].startswith("Adding extra search path")  # kept for error reports
+    assert levels == {line: logging.DEBUG for line in CHATTER} | {line: logging.INFO for line in WORTH_READING}
+    assert supervisor.log_tail() == CHATTER + WORTH_READING  # kept for error reports
+
+
+def test_the_standins_start_has_comfyuis_alembic_lines_at_debug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = worker_settings(ComfyBackend.standin(), tmp_path, free_port())
+    supervisor = ComfySupervisor(settings)
+    client = ComfyClient(settings.comfy_api_url, client_id="test")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="comfyui"):
+            supervisor.launch_early()
+            supervisor.wait_ready(client)
+    finally:
+        supervisor.stop()
+        client.close()
+    assert supervisor._reader is not None
+    supervisor._reader.join(timeout=10)  # its last lines in
+    alembic = [record for record in caplog.records if "[alembic." in record.getMessage()]
+    assert alembic and {record.levelno for record in alembic} == {logging.DEBUG}
+    assert any(record.levelno == logging.INFO for record in caplog.records if record.name == "comfyui")

@@ -7,8 +7,10 @@ a ``WorkflowError`` with ComfyUI's ``node_errors`` kept readable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import requests
@@ -35,30 +37,42 @@ class ComfyClient:
         self.display_url = redact_url(self.base_url)  # COMFY_API_URL may carry credentials: never shown
         self.client_id = client_id
         self.timeout_s = timeout_s
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._idle: list[requests.Session] = []  # sessions no request uses now
+        self._sessions: set[requests.Session] = set()  # every open one, for close()
         self._sessions_lock = threading.Lock()
 
-    @property
-    def _session(self) -> requests.Session:
-        """This thread's session: ``requests.Session`` is not thread-safe, and jobs call from many threads."""
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[requests.Session]:
+        """A session no other thread uses meanwhile (``requests.Session`` is not thread-safe), kept for the next
+        request: jobs call from threads that live for one job (output pools, the cancel and restart threads), and
+        a session per thread kept each one's keep-alive sockets open for the worker's life. There are as many
+        sessions as requests ever ran at once."""
+        with self._sessions_lock:
+            session = self._idle.pop() if self._idle else None
+            if session is None:
+                session = requests.Session()
+                self._sessions.add(session)
+        try:
+            yield session
+        finally:
             with self._sessions_lock:
-                self._sessions.append(session)
-        return session
+                closed = session not in self._sessions  # close() ran meanwhile
+                if not closed:
+                    self._idle.append(session)
+            if closed:
+                session.close()
 
     def close(self) -> None:
         with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions, self._idle = self._sessions, set(), []
         for session in sessions:
             session.close()
 
     def _request(self, method: str, path: str, timeout_s: float | None = None, **kwargs: Any) -> requests.Response:
         url = f"{self.base_url}{path}"
         try:
-            return self._session.request(method, url, timeout=timeout_s or self.timeout_s, **kwargs)
+            with self._session() as session:
+                return session.request(method, url, timeout=timeout_s or self.timeout_s, **kwargs)
         except requests.RequestException as exc:
             raise ComfyUnavailableError(
                 f"ComfyUI at {self.display_url} did not answer {method} {path}: {redact_urls(str(exc))}",
@@ -89,7 +103,8 @@ class ComfyClient:
     def is_ready(self, timeout_s: float = 2.0) -> bool:
         """Whether ComfyUI answers ``/system_stats`` now."""
         try:
-            return self._session.get(f"{self.base_url}/system_stats", timeout=timeout_s).status_code == 200
+            with self._session() as session:
+                return session.get(f"{self.base_url}/system_stats", timeout=timeout_s).status_code == 200
         except requests.RequestException:
             return False
 

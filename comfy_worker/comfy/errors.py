@@ -16,6 +16,10 @@ from comfy_worker.errors import ExecutionError, PromptInterruptedError, Workflow
 TRACEBACK_FRAMES = 8  # the last frames of a node's traceback kept in the result
 LISTED_TYPES = 20  # unknown node types named in an error (the count says how many more)
 LISTED_NODES = 10  # nodes named per unknown type
+MISSING_MODEL_HINT = (
+    "To use a model this worker does not have: add it under 'models:' in config.yml (installed at the next "
+    "start), or bring it with the job's 'models' (input.models, see docs/job-api.md#models-by-url)."
+)
 MISSING_INPUT_FILE = re.compile(r"Invalid (?:image|video|audio)? ?file: (?P<name>.+)$")
 
 # Loader inputs of ComfyUI's core nodes -> the model folder they list, to say where a missing file was looked for.
@@ -124,6 +128,8 @@ def _message(error: dict[str, Any], records: list[dict[str, Any]]) -> str:
     else:
         summary = " ".join(str(p) for p in (error.get("message"), error.get("details")) if p)
     message = f"ComfyUI refused the workflow: {summary}"
+    if any(r.get("type") == "value_not_in_list" and r.get("model_folder") for r in records):
+        message += f". {MISSING_MODEL_HINT}"
     if error.get("type") == "invalid_prompt" and "does not exist" in str(error.get("message")):
         message += (
             ". The node type is not installed in this worker: add the custom node that provides it to the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from comfy_worker.errors import ComfyUnavailableError
-from comfy_worker.redact import redact_url
+from comfy_worker.redact import Redactor, redact_url
 from comfy_worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -28,7 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 comfy_log = logging.getLogger("comfyui")
-CHATTY_LINES = ("Adding extra search path",)  # ComfyUI's lines logged at DEBUG only
+# ComfyUI's lines logged at DEBUG only (kept in the log tail for errors): one per model folder at every start,
+# alembic's database migration check (also at every start), and the refusal of a prompt, which the worker's
+# own warning says better
+CHATTY_LINES = re.compile(r"Adding extra search path |INFO +\[alembic[.\]]|invalid prompt: ")
 
 
 # ComfyUI's SQLite database (0.3.64: user/comfyui.db, ".bkp" before a migration) and SQLite's side files.
@@ -111,8 +115,11 @@ def _link_volume_inputs(volume: Path, own: Path) -> None:
 class ComfySupervisor:
     """Start/attach, readiness and the log tail of one ComfyUI."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redact: Redactor | None = None) -> None:
         self.settings = settings
+        # the worker's: the running job's own secrets are masked in ComfyUI's lines as they come, so none stays
+        # in the log tail that a later job's error reports
+        self.redact = redact or Redactor(settings.secrets)
         self.process: subprocess.Popen[str] | None = None
         self.attached = False
         self.restarts = 0
@@ -220,10 +227,9 @@ class ComfySupervisor:
         assert process.stdout is not None
         with process.stdout:
             for raw in process.stdout:
-                line = raw.rstrip("\n")
+                line = self.redact(raw.rstrip("\n"))
                 self._log_tail.append(line)
-                # one line per model folder at every start (dozens): kept for errors, not worth the log
-                comfy_log.log(logging.DEBUG if line.startswith(CHATTY_LINES) else logging.INFO, "%s", line)
+                comfy_log.log(logging.DEBUG if CHATTY_LINES.match(line) else logging.INFO, "%s", line)
 
     def log_tail(self, lines: int | None = None) -> list[str]:
         tail = list(self._log_tail)

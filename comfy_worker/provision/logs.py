@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable, Mapping
 
 from comfy_worker.redact import RedactingFilter, Redactor, redact_urls, secrets_from_env
+from comfy_worker.settings import SettingsError, log_level
 
 
 class _SecretsAndUrls(Redactor):
@@ -20,10 +21,20 @@ class _SecretsAndUrls(Redactor):
 
 
 def setup_logging(env: Mapping[str, str], secrets: Iterable[str] = ()) -> None:
-    """Log to stderr at LOG_LEVEL, with env secrets, ``secrets`` and URL credentials masked."""
+    """Log to stderr at LOG_LEVEL, with env secrets, ``secrets`` and URL credentials masked.
+
+    A LOG_LEVEL the worker refuses (the same parser, ``settings.log_level``) is said and logged at INFO:
+    provisioning must still run and write its status, and the worker names the variable in every job.
+    """
     values = sorted({*secrets_from_env(env), *secrets}, key=len, reverse=True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter(_SecretsAndUrls(values)))
-    logging.basicConfig(level=env.get("LOG_LEVEL", "INFO").upper(), handlers=[handler], force=True)
+    try:
+        level, problem = log_level(env), None
+    except SettingsError as exc:
+        level, problem = "INFO", exc
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)
+    if problem is not None:
+        logging.getLogger("comfy_worker.provision").error("%s: provisioning logs at INFO", problem)

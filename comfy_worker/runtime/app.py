@@ -9,15 +9,16 @@ can log in to a serverless worker to read it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
 import platform
 import signal
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +42,12 @@ def setup_logging(level: str, redact: Redactor | None = None) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) -> Worker:
-    """Start or attach to ComfyUI and connect to it; a failure is kept and reported by every job."""
+def build_worker(
+    settings: Settings, supervisor: ComfySupervisor | None = None, redact: Redactor | None = None
+) -> Worker:
+    """Start or attach to ComfyUI and connect to it; a failure is kept and reported by every job.
+
+    ``redact`` is the log's (main's): the worker adds each running job's own secrets to it."""
     from comfy_worker.comfy.client import ComfyClient
     from comfy_worker.comfy.events import EventStream
     from comfy_worker.errors import ComfyUnavailableError, WorkerError
@@ -60,7 +65,8 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
         storage,
     )
     models = model_cache(settings)
-    supervisor = supervisor or ComfySupervisor(settings)
+    redact = redact or Redactor(settings.secrets)
+    supervisor = supervisor or ComfySupervisor(settings, redact)
     try:
         supervisor.start_or_attach(client)
         import runpod  # noqa: F401  - imported while ComfyUI boots: the two overlap
@@ -75,9 +81,17 @@ def build_worker(settings: Settings, supervisor: ComfySupervisor | None = None) 
     except WorkerError as exc:
         log.error("ComfyUI is unavailable; every job will fail with this error: %s", exc.message)
         return Worker(
-            settings, client, events, supervisor, startup_error=exc, fetcher=fetcher, storage=storage, models=models
+            settings,
+            client,
+            events,
+            supervisor,
+            startup_error=exc,
+            fetcher=fetcher,
+            storage=storage,
+            models=models,
+            redact=redact,
         )
-    return Worker(settings, client, events, supervisor, fetcher=fetcher, storage=storage, models=models)
+    return Worker(settings, client, events, supervisor, fetcher=fetcher, storage=storage, models=models, redact=redact)
 
 
 def model_cache(settings: Settings) -> ModelCache | None:
@@ -87,8 +101,8 @@ def model_cache(settings: Settings) -> ModelCache | None:
     from comfy_worker.provision.download_options import DownloadOptions
     from comfy_worker.runtime.models import GB, ModelCache
 
-    options = dataclasses.replace(
-        DownloadOptions.from_env(os.environ),
+    options = DownloadOptions.of(
+        settings.downloads,
         progress_interval_s=max(settings.progress_interval_s, 0.5),
         progress_bar=False,
     )
@@ -100,6 +114,26 @@ def model_cache(settings: Settings) -> ModelCache | None:
         options.lock_timeout_s,
         settings.input_url_allowlist,
     )
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Every setting, read and checked once before anything starts; a SettingsError names the variable.
+
+    Besides the values themselves: MODEL_CACHE_DIR must be a folder the worker can write (start.sh puts it on the
+    volume), or every job that brings a model would fail with an unexplained OS error.
+    """
+    settings = Settings.from_env(env)
+    cache = settings.model_cache_dir
+    if cache is not None:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cache):
+                pass
+        except OSError as exc:
+            raise SettingsError(
+                f"MODEL_CACHE_DIR={str(cache)!r} is not a folder the worker can write to: {exc.strerror or exc}"
+            ) from None
+    return settings
 
 
 def warm_up(worker: Worker, path: Path) -> None:
@@ -171,11 +205,9 @@ def _exit_on_sigterm(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-def serve_error(error: WorkerError) -> None:
+def serve_error(error: WorkerError, redact: Redactor) -> None:
     """Take jobs and fail each with ``error`` (a worker that cannot run them must still say why)."""
     import runpod
-
-    redact = Redactor(secrets_from_env(os.environ))
 
     def handler(_job: dict[str, Any]) -> dict[str, Any]:
         return {"error": redact(json_text(error.to_dict()))}
@@ -187,26 +219,31 @@ def serve_error(error: WorkerError) -> None:
 def main() -> None:
     """``python handler.py [runpod SDK flags]``: run the worker (see docs/job-api.md)."""
     skip_slow_cpu_probe()
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        # Exiting would make RunPod restart the worker forever; answer every job with the reason instead.
-        setup_logging("INFO", Redactor(secrets_from_env(os.environ)))
-        log.error("Invalid configuration: %s. Every job fails with this error until the variable is fixed.", exc)
-        serve_error(ConfigurationError(f"Invalid configuration: {exc}"))
-        return
-    redact = Redactor(settings.secrets)
+    redact = Redactor(secrets_from_env(os.environ))
     sys.stdout = RedactingStream(sys.stdout, redact)  # the runpod SDK prints its own log lines
     sys.stderr = RedactingStream(sys.stderr, redact)
+    try:
+        settings = load_settings(os.environ)
+    except SettingsError as exc:
+        # Exiting would make RunPod restart the worker forever; answer every job with the reason instead.
+        setup_logging("INFO", redact)
+        os.environ["RUNPOD_LOG_LEVEL"] = "INFO"  # the SDK refuses a bad one at import, and logs inputs at DEBUG
+        log.error("Invalid configuration: %s. Every job fails with this error until the variable is fixed.", exc)
+        serve_error(ConfigurationError(f"Invalid configuration: {exc}"), redact)
+        return
     setup_logging(settings.log_level, redact)
     # The runpod SDK logs at DEBUG by default, every job's input and whole output (base64) included; it reads
-    # its level when imported (below, while ComfyUI boots). --rp_log_level still wins.
-    os.environ.setdefault("RUNPOD_LOG_LEVEL", settings.log_level)
-    supervisor = ComfySupervisor(settings)
+    # its level when imported (below, while ComfyUI boots), in its own names. --rp_log_level still wins.
+    os.environ["RUNPOD_LOG_LEVEL"] = settings.runpod_log_level
+    supervisor = ComfySupervisor(settings, redact)
     supervisor.launch_early()
-    worker = build_worker(settings, supervisor)
+    worker = build_worker(settings, supervisor, redact)
     if settings.warmup_workflow is not None and worker.startup_error is None:
         warm_up(worker, settings.warmup_workflow)
+    from comfy_worker.runtime.diagnostics import provisioning_banner
+
+    for line in provisioning_banner(worker.provisioning):  # the last lines before the SDK's: what is read first
+        log.warning("%s", line)
     import runpod
 
     signal.signal(signal.SIGHUP, lambda _signum, _frame: worker.request_restart())

@@ -109,6 +109,68 @@ def provisioning_problems(status_file: Path | None) -> dict[str, Any] | None:
     return {key: status[key] for key in keys if key in status}
 
 
+def provisioning_field(problems: dict[str, Any] | None) -> dict[str, Any]:
+    """The result's ``provisioning`` entry when the last provisioning run did not all go well, else nothing.
+
+    ``status`` is ``failed`` when a required item failed, config.yml itself included (the worker then runs
+    what an earlier run installed, or nothing), and ``optional_failed`` when only optional models did; ``error``
+    names the first failure, ``failed`` and ``optional_failed`` list them all (status.json's own words).
+    """
+    if problems is None:
+        return {}
+    failed, optional = problems.get("failed") or [], problems.get("optional_failed") or []
+    first = (failed or optional or [{"kind": "provisioning", "name": "", "error": "failed"}])[0]
+    return {
+        "provisioning": {
+            "status": "failed" if failed or not problems.get("ok") else "optional_failed",
+            "error": _failure(first),
+            "failed": failed,
+            "optional_failed": optional,
+        }
+    }
+
+
+def provisioning_warnings(problems: dict[str, Any] | None) -> list[str]:
+    """A line per failed item for the result's warnings; a config.yml that could not be used says what that
+    means for the job."""
+    if problems is None:
+        return []
+    warnings = []
+    for item in (problems.get("failed") or []) + (problems.get("optional_failed") or []):
+        if item.get("kind") == "config":
+            warnings.append(
+                f"Provisioning: config.yml could not be used, so this worker runs what an earlier provisioning "
+                f"installed (fix config.yml and restart): {item.get('error')}"
+            )
+        else:
+            warnings.append(f"Provisioning: {item.get('kind')} {item.get('name')} failed: {item.get('error')}")
+    return warnings
+
+
+def provisioning_banner(problems: dict[str, Any] | None) -> list[str]:
+    """The lines the worker logs last before it takes jobs when provisioning failed: where an operator looks
+    first, since the worker still serves (on an earlier install) and jobs only carry it in their results."""
+    entry = provisioning_field(problems).get("provisioning")
+    if entry is None or entry["status"] != "failed":
+        return []
+    config = any(item.get("kind") == "config" for item in entry["failed"])
+    return [
+        "!" * 78,
+        f"PROVISIONING FAILED: {entry['error']}",
+        *(f"  also: {_failure(item)}" for item in entry["failed"][1:]),
+        "This worker serves jobs with what an earlier provisioning installed"
+        + (" (config.yml was not applied)." if config else ", less what failed above."),
+        "Every job's result says so in 'provisioning'. Fix it and restart the worker.",
+        "!" * 78,
+    ]
+
+
+def _failure(item: dict[str, Any]) -> str:
+    """``model loras/x.safetensors: HTTP 404``; ``config.yml: ...`` for the config itself."""
+    parts = [item.get("name")] if item.get("kind") == "config" else [item.get("kind"), item.get("name")]
+    return f"{' '.join(str(part) for part in parts if part)}: {item.get('error')}"
+
+
 def is_file_error(error: WorkerError) -> bool:
     """An error about a missing or misnamed model or input file."""
     records = error.details.get("node_errors") or []

@@ -91,6 +91,7 @@ class Worker:
         fetcher: Fetcher,
         storage: S3Storage | None = None,
         models: ModelCache | None = None,
+        redact: Redactor | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -107,7 +108,7 @@ class Worker:
         self._object_info: dict[str, Any] | None = None
         self.recovery = Recovery(supervisor, client, events, settings.restart_attempts, self._forget_node_types)
         self.follower = Follower(client, events, supervisor)
-        self.redact = Redactor(settings.secrets)
+        self.redact = redact or Redactor(settings.secrets)  # the log's too (app): a job's secrets are held in it
         self.folders: dict[str, Path] = {}
         if settings.comfy_is_local:
             for name, folder in (
@@ -125,6 +126,7 @@ class Worker:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
         attempt = _Attempt(job_id, started=time.monotonic(), folder=cleanup.job_folder(str(uuid.uuid4())))
         self.recovery.job_started()
+        release_secrets = self.redact.hold(attempt.secrets)  # masked in every log line until the job ends
         try:
             result = await self._execute(attempt, raw_input, progress)
             return result | await asyncio.to_thread(self._after_job)
@@ -146,6 +148,7 @@ class Worker:
             return await self._error_result(error, attempt)
         finally:
             attempt.stop.set()
+            release_secrets()
             self.recovery.job_finished()
             if self.settings.cleanup_job_files:
                 await asyncio.to_thread(cleanup.remove_job_files, self.folders, attempt.folder, attempt.temp_files)
@@ -153,12 +156,17 @@ class Worker:
     async def _in_time(self, attempt: _Attempt, doing: str, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` in a thread, given up at the job's deadline (the call's own timeouts end the thread).
 
-        A call that fails once the deadline has passed (a fetch cut off by it) is the job's timeout too.
+        The deadline's own timer firing is the job's timeout by construction, told by where the TimeoutError
+        came from, never by reading the clock: an event loop's timers may fire a little early (uvloop's count
+        whole milliseconds). A call that fails once the deadline has passed (a fetch cut off by it) is the job's
+        timeout too.
         """
+        deadline = asyncio.timeout(attempt.deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(asyncio.to_thread(call, *args), attempt.deadline - time.monotonic())
+            async with deadline:
+                return await asyncio.to_thread(call, *args)
         except (TimeoutError, WorkerError) as exc:
-            if time.monotonic() < attempt.deadline:
+            if not deadline.expired() and time.monotonic() < attempt.deadline:
                 raise  # the call's own failure, not the job's time running out
             raise attempt.timed_out(doing) from exc
 
@@ -190,7 +198,8 @@ class Worker:
             self.provisioning,
         )
         redact = self.redact.adding(attempt.secrets)
-        payload = redact.deep(error.to_dict() | {"prompt_id": attempt.prompt_id, "diagnostics": report}, urls=True)
+        payload = error.to_dict() | {"prompt_id": attempt.prompt_id, "diagnostics": report}
+        payload = redact.deep(payload | diagnostics.provisioning_field(self.provisioning), urls=True)
         result = {"error": json_text(payload)}
         if error is self.startup_error or error is self.recovery.failed:
             return result | {"refresh_worker": True}
@@ -279,9 +288,7 @@ class Worker:
             )
         if not collected.files and not collected.texts:
             warnings.append("The workflow finished but produced no outputs (is there a SaveImage node?).")
-        if self.provisioning is not None:
-            failed = self.provisioning.get("failed", []) + self.provisioning.get("optional_failed", [])
-            warnings += [f"Provisioning: {item['kind']} {item['name']} failed: {item['error']}" for item in failed]
+        warnings += diagnostics.provisioning_warnings(self.provisioning)
         result |= {
             "status": "success",
             "prompt_id": prompt_id,
@@ -289,7 +296,7 @@ class Worker:
             "execution_time_seconds": round(time.monotonic() - attempt.started, 3),
             "timings": {name: round(value, 4) for name, value in attempt.timings.items()},
             "warnings": warnings,
-        }
+        } | diagnostics.provisioning_field(self.provisioning)
         log.info(
             "job %s: done in %.2fs, %d file(s)", attempt.job_id, result["execution_time_seconds"], len(collected.files)
         )

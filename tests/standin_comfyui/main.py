@@ -33,6 +33,10 @@ if str(HERE) not in sys.path:
 from standin_paths import FolderPaths  # noqa: E402
 
 log = logging.getLogger("standin")
+ALEMBIC_LINES = (
+    "INFO  [alembic.runtime.migration] Context impl SQLiteImpl.",
+    "INFO  [alembic.runtime.migration] Will assume non-transactional DDL.",
+)
 
 
 def _existing_directory(path: str) -> str:
@@ -282,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(paths.temp_dir, ignore_errors=True)
     log.info("Python version: %s", sys.version)
     log.info("ComfyUI version: 0.3.64 (stand-in)")
+    for line in ALEMBIC_LINES:  # the real server's database migration check, at every start
+        log.info("%s", line)
     log.debug("start-up took %.3f s before serving", time.perf_counter() - started)
     database = open_database(args.database_url)
     try:

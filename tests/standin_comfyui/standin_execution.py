@@ -204,16 +204,24 @@ class PromptChecker:
                 runnable.append(output)
                 continue
             summary += [f"{r['message']}: {r['details']}" for r in reasons]
-            log.error("Output %s failed validation: %s", output, reasons)
+            # The real server's log lines, word for word (execution.py's validate_prompt)
+            log.error("Failed to validate prompt for output %s:", output)
+            if reasons:
+                log.error("* (prompt):")
+                for reason in reasons:
+                    log.error("  - %s: %s", reason["message"], reason["details"])
             # Like the real server, every failed node known so far is charged to this output.
             for node_id, (node_ok, errors) in self.verdicts.items():
                 if node_ok or not errors:
                     continue
-                entry = node_errors.setdefault(
-                    node_id,
-                    {"errors": errors, "dependent_outputs": [], "class_type": self.prompt[node_id]["class_type"]},
-                )
-                entry["dependent_outputs"].append(output)
+                if node_id not in node_errors:
+                    class_type = self.prompt[node_id]["class_type"]
+                    node_errors[node_id] = {"errors": errors, "dependent_outputs": [], "class_type": class_type}
+                    log.error("* %s %s:", class_type, node_id)
+                    for reason in errors:
+                        log.error("  - %s: %s", reason["message"], reason["details"])
+                node_errors[node_id]["dependent_outputs"].append(output)
+            log.error("Output will be ignored")
         if not runnable:
             error = problem("prompt_outputs_failed_validation", "Prompt outputs failed validation", "\n".join(summary))
             return False, error, [], node_errors
