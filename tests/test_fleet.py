@@ -115,6 +115,17 @@ def pixel(entry: dict[str, Any]) -> tuple[int, int, int]:
         return value
 
 
+def assert_own_outputs(output: dict[str, Any], index: int) -> None:
+    """A fleet job's result: no warning, its preview (node 2) and its save (node 5), with its own pixels."""
+    assert output["warnings"] == [], output["warnings"]
+    by_node = {entry["node_id"]: entry for entry in output["images"]}
+    assert sorted(by_node) == ["2", "5"], output["images"]
+    red, green, blue = color_of(index)
+    assert pixel(by_node["2"]) == (red, green, blue)  # its own input, not another job's input.png
+    inverted = (255 - red, 255 - green, 255 - blue)  # within ComfyUI's float32 rounding
+    assert all(abs(a - b) <= 1 for a, b in zip(pixel(by_node["5"]), inverted, strict=True)), pixel(by_node["5"])
+
+
 def files_of(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if "__pycache__" not in p.parts}
 
@@ -179,14 +190,7 @@ def test_a_worker_booting_and_stopping_beside_running_jobs_takes_nothing_from_th
         failed = {job: body["error"][:300] for job, body in results.items() if "error" in body}
         assert failed == {}, f"{len(failed)} of {JOBS} jobs failed in {cycles} boots and stops beside them"
         for job, body in results.items():
-            output = body["output"]
-            assert output["warnings"] == [], output["warnings"]
-            by_node = {entry["node_id"]: entry for entry in output["images"]}
-            assert sorted(by_node) == ["2", "5"], output["images"]
-            red, green, blue = color_of(jobs[job])
-            assert pixel(by_node["2"]) == (red, green, blue)  # its own input, not another job's input.png
-            inverted = (255 - red, 255 - green, 255 - blue)  # within ComfyUI's float32 rounding
-            assert all(abs(a - b) <= 1 for a, b in zip(pixel(by_node["5"]), inverted, strict=True)), pixel(by_node["5"])
+            assert_own_outputs(body["output"], jobs[job])
         for folder in own_folders:
             assert (folder / "user" / "comfyui.db").is_file(), sorted(p.name for p in local.iterdir())
             assert (folder / "input" / "on-the-volume.txt").is_file()  # the volume's inputs are still there

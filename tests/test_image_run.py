@@ -38,6 +38,7 @@ from .docker_image import Container, build, build_args, build_context, runsync_i
 from .file_server import FileServer, Served, make_data
 from .git_repos import Repo, make_wheel, node_repo, real_comfyui_repo, standin_comfyui_repo
 from .runpod_platform import RunpodPlatform
+from .test_fleet import assert_own_outputs, color_of
 from .worker_process import ComfyBackend, free_port
 
 # The first build downloads PyTorch (about 3.8 GB): far longer than the suite's 600 s per test.
@@ -476,7 +477,7 @@ def fleet_job(index: int, model_urls: list[str]) -> dict[str, Any]:
     """Its own input image under a name every job uses, a per-job model (two URLs shared by all jobs), a
     PreviewImage early and a SaveImage after a node that takes seconds (so workers boot and stop beside it)."""
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), fleet_color(index)).save(buffer, "PNG")
+    Image.new("RGB", (8, 8), color_of(index)).save(buffer, "PNG")
     slow = (
         {"class_type": "ImageBlur", "inputs": {"image": ["6", 0], "blur_radius": 31, "sigma": 8.0}}
         if REAL
@@ -507,16 +508,6 @@ def fleet_job(index: int, model_urls: list[str]) -> dict[str, Any]:
         "output": {"include_temp": True},
         "timeout": 600,
     }
-
-
-def fleet_color(index: int) -> tuple[int, int, int]:
-    return (20 * index + 10, 200 - 15 * index, 77)
-
-
-def first_pixel(entry: dict[str, Any]) -> tuple[int, int, int]:
-    with Image.open(io.BytesIO(base64.b64decode(entry["data"]))) as image:
-        value: tuple[int, int, int] = image.convert("RGB").getpixel((0, 0))  # type: ignore[assignment]
-        return value
 
 
 def test_a_fleet_of_containers_on_one_volume_keeps_every_jobs_files_its_own(
@@ -585,14 +576,7 @@ def test_a_fleet_of_containers_on_one_volume_keeps_every_jobs_files_its_own(
     assert failed == {}, failed
     assert cycle >= 2, "the churning container never booted while jobs ran"
     for job, body in results.items():
-        output = body["output"]
-        assert output["warnings"] == [], output["warnings"]
-        by_node = {entry["node_id"]: entry for entry in output["images"]}
-        assert sorted(by_node) == ["2", "5"], output["images"]
-        red, green, blue = fleet_color(jobs[job])
-        assert first_pixel(by_node["2"]) == (red, green, blue)  # its own input, not another job's input.png
-        inverted = (255 - red, 255 - green, 255 - blue)  # within ComfyUI's float32 rounding
-        assert all(abs(a - b) <= 1 for a, b in zip(first_pixel(by_node["5"]), inverted, strict=True))
+        assert_own_outputs(body["output"], jobs[job])
     cache = volume / "model-cache" / "loras"
     for name, data in models.items():
         assert (cache / f"{name}.safetensors").read_bytes() == data
