@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -61,6 +62,11 @@ def pytest_configure() -> None:
     pid_dir = tempfile.mkdtemp(prefix="comfy-worker-tests-")
     os.environ["WORKER_PID_FILE"] = str(Path(pid_dir) / "comfy-worker.pid")
     subreaper = sys.platform == "linux" and session_checks.become_subreaper()
+    # A run started in the background of a non-interactive shell inherits SIGINT ignored, and an ignored signal
+    # stays ignored across exec: the tests' Ctrl-C of start.sh, the client and ComfyUI would do nothing (bash
+    # cannot even trap it). A handler of our own is reset to the default in every child.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     state = RunState(
         marker,
         subreaper,

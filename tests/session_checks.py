@@ -38,7 +38,8 @@ class Proc:
     ppid: int
     state: str  # "Z" for a zombie: exited, never waited for
     comm: str
-    cmdline: str
+    cmdline: str  # empty once it is exiting
+    started: int  # clock ticks after boot: with the pid, which process this is (pids are reused)
 
     def describe(self) -> str:
         zombie = " (zombie: exited, not reaped)" if self.state == "Z" else ""
@@ -66,8 +67,9 @@ def _read(pid: int) -> Proc | None:
     except OSError:  # gone meanwhile, or not ours to read
         return None
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-    return Proc(pid, int(ppid), state, comm, raw.replace(b"\0", b" ").decode(errors="replace").strip())
+    fields = stat[stat.rindex(")") + 2 :].split()  # from the state on: stat(5)'s field 3 is fields[0]
+    cmdline = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    return Proc(pid, int(fields[1]), fields[0], comm, cmdline, int(fields[19]))
 
 
 def _has_marker(pid: int, marker: str) -> bool:
@@ -127,7 +129,11 @@ def kill_and_reap(procs: list[Proc], timeout_s: float = 30.0) -> list[Proc]:
             with contextlib.suppress(ChildProcessError):  # ours (a zombie, or re-parented to us): reap it
                 os.waitpid(proc.pid, os.WNOHANG)
             current = _read(proc.pid)
-            if current is not None and current.cmdline == proc.cmdline:
+            if current is None or current.started != proc.started:
+                continue  # gone (its pid maybe taken by another)
+            # Still exiting, or a zombie of ours that the next waitpid takes; someone else's zombie is dead for
+            # our purpose.
+            if current.state != "Z" or current.ppid == os.getpid():
                 remaining.append(current)
         if not remaining or time.monotonic() > deadline:
             return remaining

@@ -217,10 +217,18 @@ def test_four_large_outputs_with_a_higher_limit(backend: ComfyBackend, tmp_path:
         assert decode(entry).size == (2048, 2048)
 
 
-def test_checkpoint_txt2img(worker: WorkerProcess) -> None:
+def real_checkpoint(worker: WorkerProcess) -> str:
+    """SD15_CHECKPOINT, for the worker on the real ComfyUI; the stand-in loads no checkpoint."""
+    if worker.env["COMFYUI_DIR"].endswith("standin_comfyui"):
+        pytest.skip("optional: the stand-in ComfyUI loads no checkpoint (run on the real ComfyUI)")
     checkpoint = os.environ.get("SD15_CHECKPOINT", "")
-    if not checkpoint or worker.env["COMFYUI_DIR"].endswith("standin_comfyui"):
+    if not checkpoint:
         pytest.skip("set SD15_CHECKPOINT to a checkpoint name in the real ComfyUI's models/checkpoints")
+    return checkpoint
+
+
+def test_checkpoint_txt2img(worker: WorkerProcess) -> None:
+    checkpoint = real_checkpoint(worker)
     job = {
         "workflow": workflow("sd15_txt2img.json"),
         "overrides": [
@@ -288,9 +296,7 @@ def test_warmup_workflow_runs_before_the_first_job(tmp_path: Path) -> None:
 
 
 def test_missing_checkpoint_names_the_closest(worker: WorkerProcess) -> None:
-    checkpoint = os.environ.get("SD15_CHECKPOINT", "")
-    if not checkpoint or worker.env["COMFYUI_DIR"].endswith("standin_comfyui"):
-        pytest.skip("set SD15_CHECKPOINT to a checkpoint name in the real ComfyUI's models/checkpoints")
+    checkpoint = real_checkpoint(worker)
     misspelt = checkpoint.replace(".safetensors", "_v2.safetensors")
     job = {
         "workflow": workflow("sd15_txt2img.json"),
