@@ -84,13 +84,15 @@ wait_child() {
   return "$status"
 }
 
-# provision PYTHON: install what config.yml names; export the paths the worker needs (WORKSPACE,
-# COMFYUI_DIR, ...). A failure does not stop the start: the worker reports it in every job's result.
+# provision PYTHON [--lease]: install what config.yml names; export the paths the worker needs (WORKSPACE,
+# COMFYUI_DIR, ...); --lease when a worker follows (its install tree is then kept for it).
+# A failure does not stop the start: the worker reports it in every job's result.
 # It runs in the background so that a SIGTERM stops it at once (a foreground child would delay the trap).
 provision() {
   local python="$1" paths line status=0
+  shift
   paths="$(mktemp)"
-  "$python" -m comfy_worker.provision --print-env >"$paths" &
+  "$python" -m comfy_worker.provision --print-env "$@" >"$paths" &
   CHILD_PIDS=("$!")
   wait_child "$!" || status=$?
   CHILD_PIDS=()
@@ -153,7 +155,7 @@ main() {
     provision "$python"
     return
   fi
-  provision "$python" || log "provisioning failed: the worker starts anyway and reports why in every job"
+  provision "$python" --lease || log "provisioning failed: the worker starts anyway and reports why in every job"
   if [[ -n "$STOPPING" ]]; then
     return 143
   fi

@@ -214,6 +214,8 @@ class Settings:
     comfyui_temp_dir: Path | None = None
     comfyui_user_dir: Path | None = None  # None: ComfyUI's own (COMFYUI_DIR/user), passed only when local
     comfyui_local_dir: Path | None = None  # this worker's own folder for ComfyUI's state (local_state_dir)
+    comfyui_tree_link: Path | None = None  # $WORKSPACE/ComfyUI, the link to the current install tree
+    comfyui_tree_lease: Path | None = None  # this worker's lease on the install tree it runs (refreshed)
     comfyui_listen: str | None = None
     comfyui_save_metadata: bool = False
     extra_model_paths: Path | None = None
@@ -259,9 +261,12 @@ class Settings:
             )
         comfyui_dir = _path(env, "COMFYUI_DIR", None)
         local_dir = local_state_dir(env) if comfyui_dir else None
+        tree_link = _path(env, "COMFYUI_TREE_LINK", None) if comfyui_dir else None
 
         def folder(name: str, sub: str) -> Path | None:
-            base = local_dir or comfyui_dir
+            # an install tree's folders are links to the volume's: through the link they stay valid after
+            # the worker moves to another tree
+            base = local_dir or tree_link or comfyui_dir
             return _path(env, name, base / sub if base else None)
 
         temp_dir = folder("COMFYUI_TEMP_DIR", "temp")
@@ -288,6 +293,8 @@ class Settings:
             comfyui_temp_dir=temp_dir,
             comfyui_user_dir=local_dir / "user" if local_dir else None,
             comfyui_local_dir=local_dir,
+            comfyui_tree_link=tree_link,
+            comfyui_tree_lease=_path(env, "COMFYUI_TREE_LEASE", None) if tree_link else None,
             comfyui_listen=env.get("COMFYUI_LISTEN", "").strip() or None,
             comfyui_save_metadata=_bool(env, "COMFYUI_SAVE_METADATA", cls.comfyui_save_metadata),
             extra_model_paths=_path(env, "COMFYUI_EXTRA_MODEL_PATHS", None),

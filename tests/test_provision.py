@@ -282,7 +282,7 @@ def test_start_sh_provisions_then_serves_jobs_on_the_installed_comfyui(
         assert f"--extra-model-paths-config {volume.path}/.comfy-worker/extra_model_paths.yaml" in text
         # COMFYUI_LISTEN (here loopback) reaches ComfyUI's command line; local mode's default, 0.0.0.0, is
         # test_workspace_detection's
-        assert f"{volume.path}/ComfyUI/main.py --listen 127.0.0.1" in text
+        assert f"{(volume.path / 'ComfyUI').resolve()}/main.py --listen 127.0.0.1" in text  # the install tree's
         seen = requests.get(f"http://127.0.0.1:{comfy_port}/models/checkpoints", timeout=10).json()
         assert "sd15/weights.safetensors" in seen, "ComfyUI does not see the model on the volume"
     finally:

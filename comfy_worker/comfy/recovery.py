@@ -187,6 +187,8 @@ class Recovery:
 
     def _restart_for_new_nodes(self) -> None:
         self._pending = False
+        if self.supervisor is not None:
+            self.supervisor.follow_tree_link()
         if self.start():
             log.info("Restarting ComfyUI to load the changed custom nodes")
         else:

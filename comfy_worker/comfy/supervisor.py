@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from comfy_worker.comfy.install_tree import TreeLease, follow_link
 from comfy_worker.errors import ComfyUnavailableError
 from comfy_worker.redact import Redactor, redact_url
 from comfy_worker.settings import Settings
@@ -126,6 +127,7 @@ class ComfySupervisor:
         self.launched_at: float | None = None  # time.monotonic() of the last launch of our ComfyUI
         self._log_tail: collections.deque[str] = collections.deque(maxlen=settings.log_tail_lines)
         self._reader: threading.Thread | None = None
+        self.lease = TreeLease(settings.comfyui_tree_lease)
 
     def command(self) -> list[str]:
         """The ComfyUI command line: our address and folders first, then COMFYUI_ARGS (later flags win).
@@ -187,7 +189,15 @@ class ComfySupervisor:
             )
         self._launch()
 
+    def follow_tree_link(self) -> None:
+        """The next start of ComfyUI (a restart asked for by apply_config.sh) runs the volume's current install
+        tree; its lease moves with it."""
+        self.settings = follow_link(self.settings)
+        if self.settings.comfyui_tree_lease is not None:
+            self.lease.move_to(self.settings.comfyui_tree_lease)
+
     def _launch(self) -> None:
+        self.lease.keep()
         prepare_folders(self.settings)
         command = self.command()
         log.info("Starting ComfyUI: %s", " ".join(command))
@@ -268,6 +278,7 @@ class ComfySupervisor:
         """Stop the ComfyUI we started (``_terminate``), then remove this worker's own folder of ComfyUI's
         state (COMFYUI_LOCAL_STATE), unless CLEANUP_JOB_FILES=false keeps it to look at."""
         self._terminate(grace_s)
+        self.lease.release()
         local = self.settings.comfyui_local_dir
         if self.process is not None and local is not None and self.settings.cleanup_job_files:
             shutil.rmtree(local, ignore_errors=True)  # links to the volume's inputs are unlinked, not followed

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from comfy_worker.redact import redact_url, redact_urls
 
 if TYPE_CHECKING:
     from comfy_worker.provision.config import Config
+    from comfy_worker.provision.trees import Tree
 
 log = logging.getLogger("comfy_worker.provision")
 SLOW_LOG_INTERVAL_S = 60.0
@@ -54,6 +55,7 @@ class State:
     comfyui: dict[str, Any] = field(default_factory=dict)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     env_keys: list[str] = field(default_factory=list)
+    tree: str | None = None  # the install tree these items are in (``trees``); None: in place
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -68,7 +70,12 @@ class State:
             comfyui=dict(data.get("comfyui") or {}),
             nodes={str(k): dict(v) for k, v in (data.get("nodes") or {}).items()},
             env_keys=[str(key) for key in data.get("env_keys") or []],
+            tree=data.get("tree"),
         )
+
+    def items(self, other: State) -> State:
+        """This state with the per-item records of ``other`` (an install tree's)."""
+        return replace(other, provisioned_sha256=self.provisioned_sha256)
 
     def save(self, path: Path) -> None:
         atomic_write(path, json.dumps(self.__dict__, indent=1, sort_keys=True))
@@ -363,6 +370,7 @@ def write_extra_model_paths(workspace: Workspace, config: Config) -> None:
 
 def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], reason: str, force: bool) -> Report:
     """Provision what changed; the config's SHA-256 is stored only when every required item succeeded."""
+    from comfy_worker.provision import trees
     from comfy_worker.provision.config import parse
     from comfy_worker.settings import env_int
 
@@ -371,24 +379,15 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
     concurrency = env_int(env, "NODE_INSTALL_CONCURRENCY", 4, minimum=1)
     with volume_lock(workspace, env):
         state = State.load(state_path(workspace))
-        if gate(workspace, resolved, state, force) is None:
+        if gate(at_current_tree(workspace), resolved, state, force) is None:
             log.info("Another worker provisioned this config meanwhile; nothing left to do")
             return report
         last_run_completed = state.provisioned_sha256 is not None
         state.provisioned_sha256 = None  # the volume is between two configs until the end of this run
-        install_comfyui(workspace, config, state, report)
-        make_comfyui_venv(workspace, report)
-        env_keys = []
-        if report.ok:
-            env_keys.append(install_comfyui_requirements(workspace, state, report))
-            env_keys += install_custom_nodes(workspace, config, state, report, concurrency)
+        if trees.in_use(workspace, installed_before=bool(state.comfyui) and state.tree is None):
+            state = provision_tree(workspace, config, state, report, concurrency, last_run_completed, force)
         else:
-            check_node_versions(config, report)
-        state.env_keys = sorted(key for key in env_keys if key)
-        if report.comfyui_changed:
-            compile_bytecode(workspace)
-        if report.ok and (report.comfyui_changed or not last_run_completed):
-            check_comfyui_starts(workspace, report)
+            install(workspace, config, state, report, concurrency, last_run_completed)
         state.save(state_path(workspace))
     install_models(workspace, config, env, report)
     write_extra_model_paths(workspace, config)
@@ -397,6 +396,110 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         state.provisioned_sha256 = resolved.sha256 if report.ok else None
         state.save(state_path(workspace))
     return report
+
+
+def install(
+    workspace: Workspace, config: Config, state: State, report: Report, concurrency: int, last_run_completed: bool
+) -> None:
+    """ComfyUI, the venv, the requirements and the custom nodes into ``workspace``'s ComfyUI, then the check
+    that it starts; ``state`` records each item."""
+    install_comfyui(workspace, config, state, report)
+    make_comfyui_venv(workspace, report)
+    env_keys = []
+    if report.ok:
+        env_keys.append(install_comfyui_requirements(workspace, state, report))
+        env_keys += install_custom_nodes(workspace, config, state, report, concurrency)
+    else:
+        check_node_versions(config, report)
+    state.env_keys = sorted(key for key in env_keys if key)
+    if report.comfyui_changed:
+        compile_bytecode(workspace)
+    if report.ok and (report.comfyui_changed or not last_run_completed):
+        check_comfyui_starts(workspace, report)
+
+
+def provision_tree(
+    workspace: Workspace,
+    config: Config,
+    state: State,
+    report: Report,
+    concurrency: int,
+    last_run_completed: bool,
+    force: bool,
+) -> State:
+    """The config's install tree (``trees``): used again when built before, else made from the current one
+    and installed into; ``$WORKSPACE/ComfyUI`` is switched to it once it is complete and starts. Return the
+    volume's state, which mirrors the tree the link points to."""
+    from comfy_worker.provision import trees
+
+    base = trees.current(workspace)
+    tree = trees.Tree(trees.trees_dir(workspace) / trees.key_of(config, workspace, force))
+    if base is not None and base.root == tree.root and tree.complete:
+        return state.items(State.load(tree.state_file))  # only models changed: this tree is the config's
+    if tree.complete:
+        tree_state = State.load(tree.state_file)
+        report.done.append(f"install tree {tree.key}: built before, used again")
+    else:
+        tree_state = start_tree(workspace, base, tree, state, report)
+        install(workspace.in_tree(tree), config, tree_state, report, concurrency, last_run_completed)
+        trees.link_shared_folders(tree)  # a checkout of another version may have made its own again
+        tree_state.save(tree.state_file)
+        if report.ok:
+            tree.mark_complete()
+    if report.ok or base is None:  # a failed tree serves only where there is none better
+        trees.switch(workspace, tree)
+        trees.collect_garbage(workspace, keep=tree)
+        return state.items(tree_state)
+    log.error("Install tree %s is incomplete: the workers go on with tree %s", tree.key, base.key)
+    return state.items(State.load(base.state_file))
+
+
+def start_tree(workspace: Workspace, base: Tree | None, tree: Tree, state: State, report: Report) -> State:
+    """A new tree as a copy of the current one (or of the ComfyUI installed before trees), with its records;
+    an interrupted build's tree as it was left."""
+    from comfy_worker.provision import trees
+
+    if tree.root.exists():
+        log.info("Install tree %s: going on with an interrupted build", tree.key)
+        return State.load(tree.state_file)
+    environment = trees.environment_of(workspace)
+    venv: Path | None
+    if base is not None:
+        source, records = base.comfyui_dir, State.load(base.state_file)
+        venv = base.venv if base.environment == environment else None  # else another image's: not that one
+    elif (workspace.comfyui_link / "main.py").is_file():  # the ComfyUI installed before trees
+        trees.adopt_folders(workspace.comfyui_link, workspace.root)  # before the tree links to the volume's
+        source, venv, records = workspace.comfyui_link, workspace.comfyui_venv, replace(state)
+    else:
+        tree.root.mkdir(parents=True)
+        tree.set_environment(environment)
+        report.done.append(f"install tree {tree.key}")
+        return State(tree=tree.key)
+    stats = trees.clone(source, venv if workspace.comfyui_venv is not None else None, tree)
+    tree.set_environment(environment)
+    log.info(
+        "Install tree %s: made from %s in %.1fs (%d files linked, %d copied, %.1f MB)",
+        tree.key,
+        source,
+        stats.seconds,
+        stats.linked,
+        stats.copied,
+        stats.bytes_copied / 1e6,
+    )
+    report.done.append(f"install tree {tree.key}")
+    tree_state = replace(records, provisioned_sha256=None, tree=tree.key)
+    if workspace.comfyui_venv is not None and venv is None:
+        tree_state.env_keys = []  # a venv made afresh: every requirement set is installed again
+    tree_state.save(tree.state_file)
+    return tree_state
+
+
+def at_current_tree(workspace: Workspace) -> Workspace:
+    """The workspace with the ComfyUI and venv of the install tree ``$WORKSPACE/ComfyUI`` links to, if any."""
+    from comfy_worker.provision import trees
+
+    tree = trees.current(workspace) if workspace.comfyui_dir == workspace.comfyui_link else None
+    return workspace.in_tree(tree) if tree is not None else workspace
 
 
 def write_status(workspace: Workspace, status: dict[str, Any]) -> None:
@@ -417,7 +520,7 @@ def provision(env: Mapping[str, str], workspace: Workspace) -> tuple[int, Report
         log.error("%s", exc)
         write_status(workspace, {"ok": False, "failed": [{"kind": "config", "name": "config.yml", "error": str(exc)}]})
         return 1, None
-    reason = gate(workspace, resolved, State.load(state_path(workspace)), force)
+    reason = gate(at_current_tree(workspace), resolved, State.load(state_path(workspace)), force)
     if reason is None:
         log.info("config.yml unchanged (%s, sha256 %s): nothing to install", resolved.source, resolved.sha256[:12])
         return 0, None
@@ -464,7 +567,7 @@ def dry_run(env: Mapping[str, str], workspace: Workspace) -> int:
     except (ConfigError, SettingsError, OSError) as exc:
         log.error("%s", exc)
         return 1
-    reason = gate(workspace, resolved, State.load(state_path(workspace)))
+    reason = gate(at_current_tree(workspace), resolved, State.load(state_path(workspace)))
     out = [f"workspace: {workspace.root} ({workspace.mode}); config: {resolved.source} (sha256 {resolved.sha256[:12]})"]
     repo = redact_url(workspace.comfyui_repo)
     out.append(f"gate: {reason or 'unchanged, nothing would be done'}")
@@ -532,6 +635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--print-env", action="store_true", help="print the worker's paths as KEY=VALUE lines (start.sh reads them)"
     )
     parser.add_argument(
+        "--lease",
+        action="store_true",
+        help="with --print-env: a worker starts next; keep its install tree for it (COMFYUI_TREE_LEASE)",
+    )
+    parser.add_argument(
         "--apply",
         action="store_true",
         help="then ask the running worker (WORKER_PID_FILE) to restart ComfyUI if nodes changed (apply_config.sh)",
@@ -549,8 +657,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     finally:
         if args.print_env:
-            paths = workspace.worker_env()
+            paths = worker_env(workspace, os.environ, lease=args.lease)
             sys.stdout.write("".join(f"{key}={value}\n" for key, value in paths.items()))
+
+
+def worker_env(workspace: Workspace, env: Mapping[str, str], lease: bool) -> dict[str, str]:
+    """What start.sh exports for the worker. With install trees: the current tree's ComfyUI and Python (the
+    worker keeps them for its life), a lease on that tree taken under the volume's lock (so no provisioning
+    run removes it meanwhile), and the link a restart asked for by apply_config.sh follows."""
+    from comfy_worker.provision import trees
+
+    if workspace.comfyui_dir != workspace.comfyui_link or not workspace.comfyui_link.is_symlink():
+        return workspace.worker_env()
+    if not lease:
+        return at_current_tree(workspace).worker_env()
+    try:
+        with volume_lock(workspace, env):
+            tree = trees.current(workspace)
+            if tree is None:
+                return workspace.worker_env()
+            lease_file = trees.take_lease(tree, trees.worker_id(env))
+    except (OSError, LockTimeout) as exc:
+        log.error("Could not take a lease on the install tree (%s): starting from the link", exc)
+        return workspace.worker_env()
+    return {
+        **workspace.in_tree(tree).worker_env(),
+        "COMFYUI_TREE_LINK": str(workspace.comfyui_link),
+        "COMFYUI_TREE_LEASE": str(lease_file),
+    }
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from comfy_worker.provision.trees import Tree
 
 Mode = Literal["serverless", "pod", "local"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +90,17 @@ class Workspace:
             comfyui_venv=venv,
             comfyui_baked_dir=Path(baked) if baked else None,
         )
+
+    @property
+    def comfyui_link(self) -> Path:
+        """Where the worker keeps its ComfyUI: a link to the current install tree (``trees``)."""
+        return self.root / "ComfyUI"
+
+    def in_tree(self, tree: Tree) -> Workspace:
+        """This workspace with the ComfyUI and the venv of an install tree."""
+        venv = tree.venv if self.comfyui_venv is not None else None
+        python = str(venv / "bin" / "python") if venv is not None else self.comfyui_python
+        return replace(self, comfyui_dir=tree.comfyui_dir, comfyui_venv=venv, comfyui_python=python)
 
     @property
     def state_dir(self) -> Path:
