@@ -247,6 +247,13 @@ def test_the_image_builds(setup: Setup) -> None:
     assert not any("ca-certificates.crt" in value or "ca_bundle" in value for value in env.values())
 
 
+def tree_python(volume: Path) -> str:
+    """The Python of the install tree the volume's ComfyUI links to, as the container sees it."""
+    tree = (volume / "ComfyUI").resolve().parent
+    assert tree.parent.name == "trees", f"{volume / 'ComfyUI'} is not a link to an install tree"
+    return f"/runpod-volume/.comfy-worker/trees/{tree.name}/venv/bin/python"
+
+
 def test_a_fresh_volume_is_provisioned_and_serves_a_job(
     setup: Setup, warm_volume: tuple[Path, Container, dict[str, Any]]
 ) -> None:
@@ -254,7 +261,7 @@ def test_a_fresh_volume_is_provisioned_and_serves_a_job(
     assert_completed(body, container)
     log = container.logs()
     assert "ComfyUI: copied the image's checkout" in log, log[-6000:]
-    assert "Installing /runpod-volume/ComfyUI/requirements.txt" not in log  # the image has them
+    assert "ComfyUI/requirements.txt" not in log  # the image has them
     assert (volume / "models" / "checkpoints" / "tiny.safetensors").read_bytes() == make_data(256 * 1024)
     assert setup.model.size == 256 * 1024
 
@@ -264,9 +271,8 @@ def test_a_node_pinning_a_worker_dependency_cannot_break_the_worker(
 ) -> None:
     volume, container, body = warm_volume
     assert_completed(body, container)  # the worker imports websocket-client: its own, in its own venv
-    [venv] = (volume / ".comfy-worker" / "venvs").iterdir()
     version = "import importlib.metadata as m; print(m.version('websocket_client'))"
-    comfyui_side = container.exec(f"/runpod-volume/.comfy-worker/venvs/{venv.name}/bin/python", "-c", version)
+    comfyui_side = container.exec(tree_python(volume), "-c", version)
     worker_side = container.exec("/opt/venv/bin/python", "-c", version)
     assert comfyui_side.stdout.strip() == "0.1", comfyui_side.stderr
     assert worker_side.stdout.strip().split(".")[0] >= "1", worker_side.stderr
@@ -461,10 +467,7 @@ def test_a_config_asking_for_another_comfyui_version_installs_it_onto_the_volume
     assert_completed(runsync(container, MODEL_FREE), container)
     log = container.logs()
     assert "ComfyUI: tag v0.3.65" in log and "copied the image's checkout" not in log, log[-6000:]
-    [venv] = (volume / ".comfy-worker" / "venvs").iterdir()
-    check = container.exec(
-        f"/runpod-volume/.comfy-worker/venvs/{venv.name}/bin/python", "-c", "import newer_comfyui_requirement"
-    )
+    check = container.exec(tree_python(volume), "-c", "import newer_comfyui_requirement")
     assert check.returncode == 0, check.stderr
 
 
