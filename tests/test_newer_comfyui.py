@@ -11,6 +11,7 @@ Here the stand-in is shown to do each, then whole jobs run through the worker ag
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -27,7 +28,9 @@ import requests
 import websocket
 from PIL import Image
 
-from comfy_worker.comfy.events import Frame
+from comfy_worker.comfy.events import EventStream, Frame
+from comfy_worker.runtime import outputs
+from comfy_worker.runtime.follow import Follower, Progress
 
 from .comfy_servers import STANDIN_MAIN, ComfyServer, run_standin
 
@@ -249,3 +252,124 @@ def test_a_jobs_frames_carry_0_38s_fields_and_seed_events_reach_every_socket(new
     assert {"loading"} == {n["activity"] for n in states if "activity" in n}
     saved = next(f["data"]["output"] for f in job.frames if f["type"] == "executed" and f["data"]["node"] == "3")
     assert set(saved["images"][0]) == {"filename", "subfolder", "type", "id", "preview_id"}
+
+
+# -- the worker's parsers, fed 0.38's frames and fields -------------------------------------------------------------
+PROMPT = "5a0c3f1e-8f1d-4a53-9d0e-1b2c3d4e5f60"
+SEED_EVENTS = [
+    {"type": "assets.seed.paused", "data": {}},
+    {"type": "assets.seed.started", "data": {"roots": ["output"], "total": 3, "phase": "fast"}},
+    {"type": "assets.seed.completed", "data": {"phase": "fast", "total": 3, "created": 1, "elapsed": 0.01}},
+]
+
+
+def routed(texts: list[str]) -> list[Frame]:
+    """What a job subscribed to PROMPT receives when the WebSocket reader gets ``texts``."""
+    stream = EventStream("ws://127.0.0.1:9/ws", client_id="c")
+
+    async def collect() -> list[Frame]:
+        with stream.subscription(PROMPT) as frames:
+            for text in texts:
+                stream._route(text)
+            await asyncio.sleep(0)  # the deliveries are scheduled on this loop
+            return [frames.get_nowait() for _ in range(frames.qsize())]
+
+    return asyncio.run(collect())
+
+
+def test_the_router_passes_a_jobs_frames_on_with_their_new_fields_and_drops_the_rest() -> None:
+    state = {
+        "type": "progress_state",
+        "data": {
+            "prompt_id": PROMPT,
+            "nodes": {"2": {"state": "running", "value": 0, "max": 1, "activity": "loading"}},
+        },
+    }
+    unknown = {"type": "some_new_event", "data": {"prompt_id": PROMPT, "extra": [1, 2]}}
+    other = {"type": "executing", "data": {"node": "1", "prompt_id": "another-prompt"}}
+    texts = [json.dumps(frame) for frame in [*SEED_EVENTS, state, unknown, other]]
+    texts += ["not json", "[1, 2]", json.dumps({"type": "x", "data": "text"}), json.dumps({"type": "x"})]
+    assert routed(texts) == [state, unknown]
+
+
+@pytest.mark.parametrize("prompt_id", [["a list"], {"a": "dict"}, 7])
+def test_a_frame_whose_prompt_id_is_not_a_string_is_ignored(prompt_id: object) -> None:
+    """A broadcast from a custom node or a later release with an odd ``prompt_id``: an unhashable one used to
+    raise TypeError in the reader thread, which ended it (no more frames, no reconnect)."""
+    odd = json.dumps({"type": "assets.seed.custom", "data": {"prompt_id": prompt_id}})
+    mine = {"type": "executing", "data": {"node": None, "prompt_id": PROMPT}}
+    assert routed([odd, json.dumps(mine)]) == [mine]
+
+
+class NoComfy:
+    """Follow() must not need ComfyUI while the frames tell it everything."""
+
+    connected = True
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the follower asked ComfyUI: {name}")
+
+
+def test_following_a_prompt_through_0_38_frames() -> None:
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {}},
+        "2": {"class_type": "KSampler", "inputs": {}},
+        "3": {"class_type": "SaveImage", "inputs": {}},
+    }
+    node_state = {"state": "running", "value": 0, "max": 1, "node_id": "2", "prompt_id": PROMPT}
+    output = {"images": [{"filename": "a.png", "subfolder": "", "type": "output", "id": "x", "preview_id": "x"}]}
+    frames: list[Frame] = [
+        {"type": "execution_start", "data": {"prompt_id": PROMPT, "timestamp": 1}},
+        *SEED_EVENTS[:1],
+        {"type": "execution_cached", "data": {"nodes": ["1"], "prompt_id": PROMPT, "timestamp": 2}},
+        {"type": "progress_state", "data": {"prompt_id": PROMPT, "nodes": {"2": node_state | {"activity": "loading"}}}},
+        {"type": "executing", "data": {"node": "2", "display_node": "2", "prompt_id": PROMPT}},
+        {"type": "progress", "data": {"value": 1, "max": 2, "prompt_id": PROMPT, "node": "2"}},
+        {"type": "progress", "data": {"value": 2, "max": 2, "prompt_id": PROMPT, "node": "2"}},
+        {"type": "executing", "data": {"node": "3", "display_node": "3", "prompt_id": PROMPT}},
+        {"type": "executed", "data": {"node": "3", "display_node": "3", "output": output, "prompt_id": PROMPT}},
+        {"type": "execution_success", "data": {"prompt_id": PROMPT, "timestamp": 3}},
+        *SEED_EVENTS[1:],
+        {"type": "executing", "data": {"node": None, "prompt_id": PROMPT}},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def follow() -> None:
+        queue: asyncio.Queue[Frame] = asyncio.Queue()
+        for frame in frames:
+            queue.put_nowait(frame)
+        follower = Follower(NoComfy(), NoComfy(), None)  # type: ignore[arg-type]
+        tracker = Progress(workflow, sent.append, interval_s=0)
+        await follower.follow(PROMPT, queue, tracker, time.monotonic() + 60, 60)
+        assert queue.empty()
+
+    asyncio.run(follow())
+    assert [(m["node_id"], m.get("step"), m["nodes_done"], m["percent"]) for m in sent] == [
+        (None, None, 1, 33.3),
+        ("2", None, 1, 33.3),
+        ("2", 1, 1, 50.0),
+        ("2", 2, 1, 66.7),
+        ("3", None, 2, 66.7),
+    ]
+
+
+def test_outputs_with_asset_ids_are_read_as_before() -> None:
+    entry = {
+        "outputs": {
+            "3": {"images": [{"filename": "a.png", "subfolder": "s", "type": "output", "id": "i", "preview_id": "i"}]},
+            "4": {"images": [{"filename": "b.png", "subfolder": "", "type": "temp", "id": "j", "preview_id": "j"}]},
+            "5": {
+                "gifs": [
+                    {"filename": "c.mp4", "subfolder": "", "type": "output", "format": "video/h264-mp4", "id": "k"}
+                ]
+            },
+            "6": {"text": ["hello"]},
+        }
+    }
+    collected = outputs.collect(entry, include_temp=True)
+    assert [(f.node_id, f.relative_path, f.folder_type, f.kind) for f in collected.files] == [
+        ("3", "s/a.png", "output", "images"),
+        ("4", "b.png", "temp", "images"),
+        ("5", "c.mp4", "output", "videos"),
+    ]
+    assert collected.texts == [{"node_id": "6", "text": "hello"}]
