@@ -12,6 +12,7 @@ Here the stand-in is shown to do each, then whole jobs run through the worker ag
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import subprocess
@@ -33,6 +34,9 @@ from comfy_worker.runtime import outputs
 from comfy_worker.runtime.follow import Follower, Progress
 
 from .comfy_servers import STANDIN_MAIN, ComfyServer, run_standin
+from .conftest import REPO
+from .runpod_platform import RunpodPlatform
+from .worker_process import ComfyBackend, WorkerProcess, free_port, serve_api, worker_env
 
 NEWER = {"STANDIN_COMFYUI_FLAVOUR": "0.38"}
 CANONICAL = "0f8fad5b-d9cb-469f-a165-70867728950e"
@@ -373,3 +377,118 @@ def test_outputs_with_asset_ids_are_read_as_before() -> None:
         ("5", "c.mp4", "output", "videos"),
     ]
     assert collected.texts == [{"node_id": "6", "text": "hello"}]
+
+
+# -- whole jobs through the worker, in front of the 0.38 stand-in ----------------------------------------------------
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    with serve_api(ComfyBackend.standin(), tmp_path_factory.mktemp("newer-worker"), **NEWER) as process:
+        yield process
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def pixels(entry: dict[str, Any]) -> set[tuple[int, ...]]:
+    with Image.open(io.BytesIO(base64.b64decode(entry["data"]))) as image:
+        return set(image.convert("RGB").getdata())
+
+
+def test_a_job_with_an_upload_saved_and_preview_images(worker: WorkerProcess) -> None:
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "red.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "newer"}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    job = {
+        "workflow": graph,
+        "images": [{"name": "red.png", "image": png_b64(Image.new("RGB", (6, 4), (255, 0, 0)))}],
+        "output": {"include_temp": True},
+    }
+    body = worker.runsync(job)
+    assert body["status"] == "COMPLETED", body
+    output: dict[str, Any] = body["output"]
+    prompt_id = output["prompt_id"]
+    assert str(uuid.UUID(prompt_id)) == prompt_id  # the worker's own id passes 0.38's rule
+    saved, preview = output["images"]
+    assert (saved["node_id"], saved["mime_type"], pixels(saved)) == ("3", "image/png", {(0, 255, 255)})
+    assert (preview["node_id"], pixels(preview)) == ("4", {(255, 0, 0)})
+    assert set(saved) == {"filename", "subfolder", "node_id", "mime_type", "size_bytes", "type", "data"}
+    assert output["warnings"] == []
+    # what the worker read: 0.38's history, asset ids on every file
+    history = requests.get(f"{worker.comfy_url}/history/{prompt_id}", timeout=10).json()[prompt_id]
+    assert all("id" in item for node in ("3", "4") for item in history["outputs"][node]["images"])
+
+
+def test_a_cached_resubmission_returns_the_same_image(worker: WorkerProcess) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0x123456}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "again"}},
+    }
+    first, second = (worker.runsync({"workflow": graph})["output"] for _ in range(2))
+    assert first["prompt_id"] != second["prompt_id"]
+    assert pixels(first["images"][0]) == pixels(second["images"][0]) == {(0x12, 0x34, 0x56)}
+
+
+def test_a_failed_job_reports_the_newer_comfyui(worker: WorkerProcess) -> None:
+    graph = {"1": {"class_type": "StandinFail", "inputs": {"message": "boom", "exception_type": "ValueError"}}}
+    body = worker.runsync({"workflow": graph})
+    assert body["status"] == "FAILED"
+    error = json.loads(str(body["error"]))
+    assert error["error_type"] == "comfyui_execution"
+    assert error["message"] == "Node 1 (StandinFail) failed: ValueError: boom"
+    comfyui = error["diagnostics"]["comfyui"]  # read from 0.38's system_stats
+    assert comfyui["version"] == "0.38.1" and comfyui["devices"][0]["name"] == "cpu"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunpodPlatform, str]]:
+    """``python handler.py`` in RunPod's production loop (the loopback job API), in front of the 0.38 stand-in."""
+    root = tmp_path_factory.mktemp("newer-prod")
+    env = worker_env(ComfyBackend.standin(), root, free_port(), **NEWER)
+    with RunpodPlatform() as platform:
+        command = [sys.executable, str(REPO / "handler.py")]
+        platform.spawn(command, pod_id="pod-newer", extra_env=env, cwd=root, log_path=root / "worker.log")
+        yield platform, env["COMFY_API_URL"]
+
+
+def test_progress_is_posted_through_0_38s_frames(deployed: tuple[RunpodPlatform, str]) -> None:
+    platform, _ = deployed
+    job = platform.submit({"workflow": sleep_then_save(1.0, 5, "progress"), "output": {"include_temp": True}})
+    body = platform.wait_result(job, timeout=120)
+    assert body["output"]["status"] == "success", body
+    assert [image["node_id"] for image in body["output"]["images"]] == ["3", "4"]
+
+    def steps() -> list[dict[str, Any]]:
+        return [p for p in platform.progress(job) if p.get("class_type") == "StandinSleep" and "step" in p]
+
+    deadline = time.monotonic() + 60  # progress posts come from threads of their own and can trail the result
+    while [p["step"] for p in steps()] != [1, 2, 3, 4, 5] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(p["step"], p["steps"], p["nodes_done"], p["nodes_total"]) for p in steps()] == [
+        (step, 5, 1, 4) for step in range(1, 6)
+    ], platform.progress(job)
+    percents = [p["percent"] for p in platform.progress(job)]
+    assert percents == sorted(percents) and percents[0] >= 0 and percents[-1] <= 100
+
+
+def test_cancel_stops_the_prompt_on_0_38(deployed: tuple[RunpodPlatform, str]) -> None:
+    """The worker keeps /queue delete and /interrupt (both still in 0.38) rather than /api/jobs/{id}/cancel."""
+    platform, comfy_url = deployed
+    job = platform.submit({"workflow": sleep_then_save(120, 1200, "cancelled"), "timeout": 600})
+    platform.wait_progress(job, count=1, timeout=120)
+    platform.cancel(job)
+    platform.wait_stop_delivered(job, timeout=10)
+    deadline = time.monotonic() + 60  # well before the 120 s the prompt would run
+    while requests.get(f"{comfy_url}/queue", timeout=10).json()["queue_running"]:
+        assert time.monotonic() < deadline, "the cancelled prompt still runs"
+        time.sleep(0.1)
+    jobs = requests.get(f"{comfy_url}/api/jobs", params={"status": "cancelled"}, timeout=10).json()["jobs"]
+    assert len(jobs) == 1 and jobs[0]["status"] == "cancelled"  # 0.38's own account: interrupted, not failed
+    assert platform.results(job) == []
+    follow_up = platform.submit({"workflow": sleep_then_save(0, 1, "after")})
+    assert platform.wait_result(follow_up, timeout=60)["output"]["status"] == "success"
