@@ -13,6 +13,7 @@ import pytest
 
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.comfy.supervisor import ComfySupervisor
+from comfy_worker.errors import ComfyUnavailableError
 
 from .worker_process import ComfyBackend, free_port, worker_settings
 
@@ -81,3 +82,27 @@ def test_the_standins_start_has_comfyuis_alembic_lines_at_debug(
     alembic = [record for record in caplog.records if "[alembic." in record.getMessage()]
     assert alembic and {record.levelno for record in alembic} == {logging.DEBUG}
     assert any(record.levelno == logging.INFO for record in caplog.records if record.name == "comfyui")
+
+
+@pytest.mark.parametrize("flag", ["--normalvram", "--disable-ipex-optimize"])
+def test_a_flag_this_comfyui_does_not_know_is_named_with_where_it_came_from(tmp_path: Path, flag: str) -> None:
+    """ComfyUI 0.38 removed --normalvram and --disable-ipex-optimize: a COMFYUI_ARGS written for 0.3.64 makes it
+    exit with argparse's status 2, and the start-up error says which flag and where to remove it."""
+    args = f"--disable-smart-memory {flag}"
+    settings = worker_settings(
+        ComfyBackend.standin(), tmp_path, free_port(), COMFYUI_ARGS=args, STANDIN_COMFYUI_FLAVOUR="0.38"
+    )
+    supervisor = ComfySupervisor(settings)
+    client = ComfyClient(settings.comfy_api_url, client_id="test")
+    try:
+        supervisor.launch_early()
+        with pytest.raises(ComfyUnavailableError) as raised:
+            supervisor.wait_ready(client)
+    finally:
+        supervisor.stop()
+        client.close()
+    message = raised.value.message
+    assert message.startswith("ComfyUI exited with code 2 before it was ready: it refused its command line")
+    assert f"unrecognized arguments: {flag}" in message
+    assert f"COMFYUI_ARGS (--disable-smart-memory {flag})" in message
+    assert any(f"unrecognized arguments: {flag}" in line for line in raised.value.details["log_tail"])

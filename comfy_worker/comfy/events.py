@@ -114,7 +114,9 @@ class EventStream:
             return
         data = frame.get("data") if isinstance(frame, dict) else None
         prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
-        if prompt_id is None:
+        if not isinstance(prompt_id, str):
+            # not a job's frame: status, ComfyUI 0.38's assets.seed.* (sent to every socket), and whatever a
+            # custom node broadcasts; an unhashable prompt_id there must not end this thread
             return
         with self._lock:
             subscriber = self._subscribers.get(prompt_id)

@@ -36,6 +36,10 @@ comfy_log = logging.getLogger("comfyui")
 CHATTY_LINES = re.compile(r"Adding extra search path |INFO +\[alembic[.\]]|invalid prompt: ")
 
 
+# argparse's last line when it refuses a command line ("main.py: error: unrecognized arguments: --normalvram")
+ARGPARSE_ERROR = re.compile(r"^\S+: error: (?P<reason>.+)$")
+RESTART_MARK = "--- comfy-worker: restarting ComfyUI"  # in the log tail between two launches
+
 # ComfyUI's SQLite database (0.3.64: user/comfyui.db, ".bkp" before a migration) and SQLite's side files.
 DATABASE_FILES = ("*.db", "*.db-*", "*.db.bkp")
 JOBS_FOLDER = "jobs"  # runtime/cleanup.py puts the jobs' own files there: never linked from the volume
@@ -228,7 +232,7 @@ class ComfySupervisor:
             raise ComfyUnavailableError("The worker did not start this ComfyUI, so it cannot restart it.")
         self._terminate(grace_s=1)  # it crashed or hangs: no point in a long goodbye
         self.restarts += 1
-        self._log_tail.append(f"--- comfy-worker: restarting ComfyUI (restart #{self.restarts}) ---")
+        self._log_tail.append(f"{RESTART_MARK} (restart #{self.restarts}) ---")
         self._launch()
         return self.wait_ready(client)
 
@@ -262,7 +266,8 @@ class ComfySupervisor:
                 if self._reader is not None:
                     self._reader.join(timeout=2)  # let the last lines in
                 raise ComfyUnavailableError(
-                    f"ComfyUI exited with code {self.process.returncode} before it was ready.",
+                    f"ComfyUI exited with code {self.process.returncode} before it was ready"
+                    + (self._refused_command_line() if self.process.returncode == 2 else "."),
                     {"exit_code": self.process.returncode, "log_tail": self.log_tail(50)},
                 )
             if time.monotonic() - started > timeout_s:
@@ -273,6 +278,21 @@ class ComfySupervisor:
                     {"log_tail": self.log_tail(50)},
                 )
             time.sleep(0.1)
+
+    def _refused_command_line(self) -> str:
+        """The end of the start-up error after exit status 2: argparse's reason when this launch of ComfyUI
+        refused its command line. Releases drop options (0.38 has no --normalvram, no --disable-ipex-optimize), and
+        COMFYUI_ARGS is where the worker takes flags it cannot check, so it is named."""
+        for line in reversed(self.log_tail()):
+            if line.startswith(RESTART_MARK):
+                break  # an earlier launch's lines
+            refused = ARGPARSE_ERROR.match(line)
+            if refused:
+                hint = f" Check COMFYUI_ARGS ({' '.join(self.settings.comfyui_args)}) against this ComfyUI's options."
+                return f": it refused its command line ({refused['reason']})." + (
+                    hint if self.settings.comfyui_args else ""
+                )
+        return "."
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop the ComfyUI we started (``_terminate``), then remove this worker's own folder of ComfyUI's

@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from standin_flavour import NEWER, VERSION  # noqa: E402
 from standin_paths import FolderPaths  # noqa: E402
 
 log = logging.getLogger("standin")
@@ -48,7 +49,9 @@ def _existing_directory(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """ComfyUI 0.3.64's command line: same options, arities, choices and mutually exclusive groups.
+    """ComfyUI 0.3.64's command line: same options, arities, choices and mutually exclusive groups; with the
+    0.38 flavour less ``--normalvram`` and ``--disable-ipex-optimize``, plus ``--offline`` and
+    ``--disable-partner-nodes`` (``standin_flavour``).
 
     Only some options change the stand-in's behaviour; the others are accepted and ignored. Like ComfyUI, an
     option it does not know is an error (exit status 2).
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--use-flash-attention",
         ],
         ["--force-upcast-attention", "--dont-upcast-attention"],
-        ["--gpu-only", "--highvram", "--normalvram", "--lowvram", "--novram", "--cpu"],
+        ["--gpu-only", "--highvram", *([] if NEWER else ["--normalvram"]), "--lowvram", "--novram", "--cpu"],
     ]
     for names in groups:
         group = parser.add_mutually_exclusive_group()
@@ -110,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--windows-standalone-build", "--disable-metadata", "--disable-all-custom-nodes", "--disable-api-nodes",
         "--multi-user", "--log-stdout", "--enable-compress-response-body",
     ):  # fmt: skip
-        add(name, action=flag)
+        if not (NEWER and name == "--disable-ipex-optimize"):
+            add(name, action=flag)
+    if NEWER:
+        add("--offline", action=flag)
+        add("--disable-partner-nodes", action=flag)
     add("--directml", type=int, nargs="?", metavar="DIRECTML_DEVICE", const=-1)
     add("--oneapi-device-selector", type=str, default=None)
     add("--preview-method", type=str, default="none", choices=["none", "auto", "latent2rgb", "taesd"])
@@ -285,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(paths.user_dir, exist_ok=True)
     shutil.rmtree(paths.temp_dir, ignore_errors=True)
     log.info("Python version: %s", sys.version)
-    log.info("ComfyUI version: 0.3.64 (stand-in)")
+    log.info("ComfyUI version: %s (stand-in)", VERSION)
+    if NEWER and args.disable_api_nodes:
+        log.warning("--disable-api-nodes is deprecated: it now means --offline (0.38 stand-in)")
     for line in ALEMBIC_LINES:  # the real server's database migration check, at every start
         log.info("%s", line)
     log.debug("start-up took %.3f s before serving", time.perf_counter() - started)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from standin_assets import Assets, registered, seed_paused, seed_rescan
 from standin_nodes import BaseNode, InterruptProcessingError, NodeClass, NodeEnv, NodeRegistry, OutOfMemoryError
 
 log = logging.getLogger("standin.execution")
@@ -55,6 +56,7 @@ class Hub(Protocol):
 
     current_client: str | None
     current_node: str | None
+    assets: Assets | None  # the 0.38 flavour's assets system (standin_assets), else None
 
     def publish(self, event: str | int, data: Any, sid: str | None = None) -> None: ...
 
@@ -583,6 +585,7 @@ class ProgressBoard:
         self.hub = hub
         self.prompt_id = prompt_id
         self.nodes: dict[str, tuple[str, float, float]] = {}
+        self.activities: dict[str, str] = {}
 
     def _ids(self, node_id: str) -> dict[str, Any]:
         return {
@@ -593,9 +596,16 @@ class ProgressBoard:
             "real_node_id": node_id,
         }
 
-    def set(self, node_id: str, state: str, value: float, maximum: float) -> None:
+    def set(self, node_id: str, state: str, value: float, maximum: float, activity: str | None = None) -> None:
+        """``activity`` (0.38 flavour): what the running node spends its time on, until its next change."""
         self.nodes[node_id] = (state, value, maximum)
+        if activity is None:
+            self.activities.pop(node_id, None)
+        else:
+            self.activities[node_id] = activity
         shown = {nid: {"value": v, "max": m, "state": s, **self._ids(nid)} for nid, (s, v, m) in self.nodes.items()}
+        for nid, doing in self.activities.items():
+            shown[nid]["activity"] = doing
         self.hub.publish("progress_state", {"prompt_id": self.prompt_id, "nodes": shown}, self.hub.current_client)
 
     def finish(self, node_id: str) -> None:
@@ -657,6 +667,8 @@ class Runner:
         self.stop.clear()
         hub.current_client = extra.get("client_id")
         emit("execution_start", {"prompt_id": prompt_id})
+        if hub.assets is not None:
+            seed_paused(hub)
         self.caches.start_prompt(self.registry, self.env, prompt)
         cached = [node_id for node_id in prompt if self.caches.outputs.get(node_id) is not None]
         emit("execution_cached", {"nodes": cached, "prompt_id": prompt_id})
@@ -692,10 +704,14 @@ class Runner:
         for node_id in prompt:
             shown = self.caches.ui.get(node_id)
             if shown is not None:
-                outcome.outputs[node_id] = shown["output"]
+                outcome.outputs[node_id] = self._enriched(shown["output"])
                 outcome.meta[node_id] = shown["meta"]
         hub.current_node = None
         return outcome
+
+    def _enriched(self, ui: Any) -> Any:
+        """A node's ui output as sent and kept: with asset ids in the 0.38 flavour."""
+        return ui if self.hub.assets is None else self.hub.assets.enrich(ui)
 
     def _run_node(
         self, prompt_id: str, prompt: dict[str, Any], node_id: str, extra: dict[str, Any], board: ProgressBoard
@@ -708,7 +724,7 @@ class Runner:
         assert node_class is not None
         if self.caches.outputs.get(node_id) is not None:
             if client is not None:
-                output = (self.caches.ui.get(node_id) or {}).get("output")
+                output = self._enriched((self.caches.ui.get(node_id) or {}).get("output"))
                 replay = {"node": node_id, "display_node": node_id, "output": output, "prompt_id": prompt_id}
                 hub.publish("executed", replay, client)
             board.finish(node_id)
@@ -716,7 +732,7 @@ class Runner:
 
         args: dict[str, list[Any]] | None = None
         try:
-            board.set(node_id, "running", 0.0, 1.0)
+            board.set(node_id, "running", 0.0, 1.0, "loading" if hub.assets is not None else None)
             declared = node_class.info.get("input", {})
             args = node_arguments(node_class, declared, node_id, node["inputs"], self.caches.outputs.get, prompt, extra)
             if client is not None:
@@ -736,7 +752,8 @@ class Runner:
                 meta = {"node_id": node_id, "display_node": node_id, "parent_node": None, "real_node_id": node_id}
                 self.caches.ui.put(node_id, {"meta": meta, "output": ui})
                 if client is not None:
-                    executed = {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": prompt_id}
+                    shown_ui = self._enriched(ui)
+                    executed = {"node": node_id, "display_node": node_id, "output": shown_ui, "prompt_id": prompt_id}
                     hub.publish("executed", executed, client)
             self.caches.outputs.put(node_id, values)
         except InterruptProcessingError as exc:
@@ -875,8 +892,9 @@ class JobQueue:
             self._pending = []
             self.hub.broadcast_status()
 
-    def cancel(self, prompt_id: str) -> None:
-        """Drop the first pending job with this id; emptying the queue sends one extra status event."""
+    def cancel(self, prompt_id: str) -> bool:
+        """Drop the first pending job with this id (whether there was one); emptying the queue sends one extra
+        status event."""
         with self._lock:
             for index, job in enumerate(self._pending):
                 if job.prompt_id == prompt_id:
@@ -885,7 +903,16 @@ class JobQueue:
                     if not self._pending:
                         self.hub.broadcast_status()
                     self.hub.broadcast_status()
-                    return
+                    return True
+            return False
+
+    def interrupt_if_running(self, prompt_id: str, stop: StopRequest) -> bool:
+        """Interrupt ``prompt_id`` only while it is the one running (0.38's cancel): never the next prompt."""
+        with self._lock:
+            if not self.is_running(prompt_id):
+                return False
+            stop.request()
+            return True
 
     def history(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict[str, Any]:
         with self._lock:
@@ -930,6 +957,8 @@ def work_forever(queue: JobQueue, runner: Runner, hub: Hub) -> None:
                 log.exception("Stand-in runner crashed on prompt %s", job.prompt_id)
                 outcome = Outcome(success=False)
             queue.finish(ticket, outcome)
+            if hub.assets is not None:
+                seed_rescan(hub, hub.assets, created=registered(outcome.outputs))
             if hub.current_client is not None:
                 hub.publish("executing", {"node": None, "prompt_id": job.prompt_id}, hub.current_client)
             log.info("Prompt executed in %.2f seconds", time.perf_counter() - started)

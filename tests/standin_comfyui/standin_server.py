@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import sys
+import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,8 +25,10 @@ from pathlib import PurePath
 from typing import Any
 
 import aiohttp
+import standin_jobs
 from aiohttp import web
 from PIL import Image, ImageOps
+from standin_assets import Assets
 from standin_execution import (
     PREVIEW_IMAGE,
     PREVIEW_IMAGE_WITH_METADATA,
@@ -36,12 +39,13 @@ from standin_execution import (
     StopRequest,
     check_prompt,
 )
+from standin_flavour import NEWER, VERSION
 from standin_nodes import NodeEnv, NodeRegistry
 from standin_paths import FolderPaths, guess_content_type
 
 log = logging.getLogger("standin.server")
 
-COMFYUI_VERSION = "0.3.64"
+COMFYUI_VERSION = VERSION  # 0.3.64, or 0.38.1 with STANDIN_COMFYUI_FLAVOUR=0.38 (standin_flavour)
 FRONTEND_VERSION = "1.27.10"
 TEMPLATES_VERSION = "0.1.95"
 # Served as bytes, never as something a browser would render or run.
@@ -149,7 +153,10 @@ class StandinServer:
         self.current_client: str | None = None
         self.current_node: str | None = None
         upload_limit = max_upload_size_mb * 1024 * 1024
-        self.features = {"supports_preview_metadata": True, "max_upload_size": upload_limit}
+        self.features: dict[str, Any] = {"supports_preview_metadata": True, "max_upload_size": upload_limit}
+        if NEWER:
+            self.features["assets"] = True
+        self.assets = Assets(paths.folder_of) if NEWER else None
         self.app = web.Application(client_max_size=round(upload_limit), middlewares=[guard])
         self._register_routes()
         env.send_text = self.send_text
@@ -236,6 +243,13 @@ class StandinServer:
             ("POST", "/free", self.free),
             ("POST", "/history", self.edit_history),
         ]
+        if NEWER:  # declared with /api in their path: also served under /api/api, never as /jobs
+            table += [
+                ("GET", "/api/jobs", self.jobs_list),
+                ("GET", "/api/jobs/{job_id}", self.job_one),
+                ("POST", "/api/jobs/{job_id}/cancel", self.job_cancel),
+                ("POST", "/api/jobs/cancel", self.jobs_cancel),
+            ]
         router = self.app.router
         for prefix in ("/api", ""):
             for method, path, handler in table:
@@ -321,7 +335,10 @@ class StandinServer:
                 attempt += 1
                 name = f"{stem} ({attempt}){suffix}"
         write_file(os.path.join(folder, name), data)
-        return web.json_response({"name": name, "subfolder": subfolder, "type": kind})
+        answer: dict[str, Any] = {"name": name, "subfolder": subfolder, "type": kind}
+        if self.assets is not None:
+            answer["asset"] = self.assets.upload(os.path.join(folder, name), name, kind, data)
+        return web.json_response(answer)
 
     async def view(self, request: web.Request) -> web.StreamResponse:
         query = request.rel_url.query
@@ -374,7 +391,7 @@ class StandinServer:
     async def system_stats(self, request: web.Request) -> web.Response:
         total, free = memory_bytes()
         system = {
-            "os": os.name,
+            "os": sys.platform if NEWER else os.name,
             "ram_total": total,
             "ram_free": free,
             "comfyui_version": COMFYUI_VERSION,
@@ -386,6 +403,10 @@ class StandinServer:
             "embedded_python": False,
             "argv": self.argv,
         }
+        if NEWER:  # one entry per comfy* package of the requirements
+            system["comfy_package_versions"] = [
+                {"name": "comfyui-frontend-package", "installed": FRONTEND_VERSION, "required": FRONTEND_VERSION}
+            ]
         device = {
             "name": "cpu",
             "type": "cpu",
@@ -437,7 +458,19 @@ class StandinServer:
             error["extra_info"] = {}
             return web.json_response({"error": error, "node_errors": {}}, status=400)
         prompt = body["prompt"]
-        prompt_id = str(body.get("prompt_id", uuid.uuid4()))
+        if NEWER:  # 0.38: absent or null is minted, anything else must be a canonical UUID
+            prompt_id = body.get("prompt_id")
+            if prompt_id is None:
+                prompt_id = str(uuid.uuid4())
+            elif not standin_jobs.is_job_id(prompt_id):
+                details = (
+                    "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+                    "omit it to let the server generate one"
+                )
+                error = {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID", "details": details}
+                return web.json_response({"error": error | {"extra_info": {}}, "node_errors": {}}, status=400)
+        else:
+            prompt_id = str(body.get("prompt_id", uuid.uuid4()))
         ok, error, targets, node_errors = check_prompt(
             self.registry, self.env, prompt, body.get("partial_execution_targets")
         )
@@ -447,6 +480,8 @@ class StandinServer:
         if not ok:
             log.warning("invalid prompt: %s", error)
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
+        if NEWER:
+            extra["create_time"] = int(time.time() * 1000)
         self.jobs.add(Job(number, prompt_id, prompt, extra, targets))
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
@@ -473,6 +508,49 @@ class StandinServer:
         else:
             log.info("Prompt %s is not running: nothing to interrupt", prompt_id)
         return web.Response()
+
+    # -- the jobs API (0.38 flavour) ----------------------------------------------------------------------------
+    def _history_and_queue(self) -> tuple[list[list[Any]], list[list[Any]], dict[str, Any]]:
+        running, pending = self.jobs.snapshot()
+        return running, pending, self.jobs.history()
+
+    async def jobs_list(self, request: web.Request) -> web.Response:
+        status, body = standin_jobs.list_jobs(dict(request.rel_url.query), *self._history_and_queue())
+        return web.json_response(body, status=status)
+
+    async def job_one(self, request: web.Request) -> web.Response:
+        job = standin_jobs.one_job(request.match_info["job_id"], *self._history_and_queue())
+        if job is None:
+            return web.json_response({"error": "Job not found"}, status=404)
+        return web.json_response(job)
+
+    def _cancel(self, job_id: str) -> bool:
+        """Interrupt ``job_id`` while it is the running one, or drop it from the queue; False for a no-op."""
+        if self.jobs.cancel(job_id):
+            log.info("Cancelling pending prompt %s", job_id)
+            return True
+        if self.jobs.interrupt_if_running(job_id, self.stop):
+            log.info("Cancelling running prompt %s", job_id)
+            return True
+        return False
+
+    async def job_cancel(self, request: web.Request) -> web.Response:
+        return web.json_response({"cancelled": self._cancel(request.match_info["job_id"])})
+
+    async def jobs_cancel(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return web.json_response({"error": "Request body must be valid JSON"}, status=400)
+        ids = body.get("job_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list):
+            return web.json_response({"error": "job_ids must be a list"}, status=400)
+        invalid = [i if isinstance(i, str) else repr(i) for i in ids if not standin_jobs.is_job_id(i)]
+        if invalid:
+            body = {"error": "job_ids contains invalid id(s)", "invalid_ids": invalid}
+            return web.json_response(body, status=400)
+        cancelled = [self._cancel(job_id) for job_id in ids]
+        return web.json_response({"cancelled": any(cancelled)})
 
     async def free(self, request: web.Request) -> web.Response:
         body = await request.json()
