@@ -225,11 +225,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The image tier's image sizes and start-up figures, each tier that had skips (how many, why), and what
     failed the run as a whole."""
     from .docker_image import FIGURES, SIZES
+    from .figures import FIGURES as HOST_FIGURES
 
     for line in SIZES:
         terminalreporter.write_line(f"image size: {line}")
     for line in FIGURES:
         terminalreporter.write_line(f"image tier: {line}")
+    for tier, line in HOST_FIGURES:
+        terminalreporter.write_line(f"{tier} tier: {line}")
     state = _state()
     if state is None:
         return

@@ -264,6 +264,12 @@ class Container:
         docker(*command, self.image, *self.args, timeout_s=120)
         return self
 
+    def start_again(self) -> Container:
+        """``docker start`` of the stopped container: the restart of a container whose layer is kept."""
+        self.started_at = time.monotonic()
+        docker("start", self.name, timeout_s=120)
+        return self
+
     def logs(self) -> str:
         done = docker("logs", self.name, check=False, timeout_s=60)
         return done.stdout + done.stderr

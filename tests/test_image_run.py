@@ -298,6 +298,17 @@ def test_a_fresh_container_on_the_warm_volume_installs_nothing_and_needs_no_netw
         f"{'real' if REAL else 'stand-in'} ComfyUI, fresh container on a warm volume: first job done "
         f"{first_job_s:.1f} s after docker run; ComfyUI ready after {boot.group(1)} s of its launch"
     )
+
+    second.stop()
+    body = runsync_inside(second.start_again(), api_port(second), MODEL_FREE)
+    restarted_s = time.monotonic() - second.started_at
+    assert_completed(body, second)
+    boots = re.findall(r"ComfyUI is ready at \S+ \(waited ([0-9.]+)s\)", second.logs())
+    assert len(boots) == 2, second.logs()[-6000:]
+    docker_image.FIGURES.append(
+        f"{'real' if REAL else 'stand-in'} ComfyUI, restarted container (docker start): first job done "
+        f"{restarted_s:.1f} s after; ComfyUI ready after {boots[-1]} s of its launch"
+    )
     assert second.stop() < 10
 
 

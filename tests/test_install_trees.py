@@ -25,6 +25,7 @@ import requests
 
 from comfy_worker.provision import trees
 
+from .figures import FIGURES
 from .git_repos import Repo, make_wheel, real_comfyui_repo, standin_comfyui_repo
 from .test_provision import Volume, run_start_sh, stop_start_sh
 from .worker_process import ComfyBackend, backend_params, runsync_when_up
@@ -250,16 +251,30 @@ def test_an_old_worker_finishes_its_job_on_its_tree_while_a_new_one_provisions_t
         held: list[dict[str, Any]] = []
         mid_job = threading.Thread(target=lambda: held.append(post(a_url, probe(str(go)))))
         mid_job.start()
+        started = time.monotonic()
         b, b_url = run_start_sh(volume, b_log, CONFIG_YML=node_config(node, "v2.0.1"), **local)
         assert texts(runsync_when_up(b_url, probe(), b, b_log, timeout_s=backend.boot_timeout_s + 180)) == [
             "helper=v2 dep=2.0"
         ]
+        b_served = time.monotonic() - started
         new = linked_tree(volume)
         assert new != old, b_log.read_text()[-3000:]
 
         go.write_text("")  # A's job goes on, after the switch
         mid_job.join(timeout=600)
+        a_done = time.monotonic() - started
         assert not mid_job.is_alive() and texts(held[0]) == ["helper=v1 dep=1.0"], held
+        made = re.search(r"made from .* in ([\d.]+)s \((\d+) files linked", b_log.read_text())
+        provisioned = re.search(r"Provisioned in ([\d.]+)s", b_log.read_text())
+        assert made is not None and provisioned is not None, b_log.read_text()[-3000:]
+        FIGURES.append(
+            (
+                "comfyui",
+                f"config rollout (real ComfyUI, worker processes): new worker's tree copied in {made[1]} s "
+                f"({made[2]} files linked), provisioned in {provisioned[1]} s, its first job done {b_served:.1f} s "
+                f"after its start, while the old worker's job ran on; that job done on the old tree at {a_done:.1f} s",
+            )
+        )
         assert texts(post(a_url, probe())) == ["helper=v1 dep=1.0"], "A stays on its tree"
         assert any((old / "leases").iterdir()), "A's tree is leased while A runs"
     finally:
