@@ -282,3 +282,26 @@ def test_an_old_worker_finishes_its_job_on_its_tree_while_a_new_one_provisions_t
         if b is not None:
             stop_start_sh(b)
     assert not any((old / "leases").iterdir()), "A's lease goes when A stops"
+
+
+def test_a_worker_runs_its_own_configs_tree_whichever_the_link_points_to(tmp_path: Path) -> None:
+    """Two releases of an endpoint with different configs on one volume: the link points to whichever
+    provisioned last, but each worker starts from its own config's tree."""
+    from comfy_worker.provision.run import worker_env
+    from comfy_worker.provision.workspace import Workspace
+
+    volume = Volume(tmp_path, standin_comfyui_repo(tmp_path / "src"))
+    node = probe_node(tmp_path / "src", with_requirement=False)
+    assert volume.provision(node_config(node, "v1.0.0")).returncode == 0
+    first = linked_tree(volume)
+    trees.take_lease(trees.Tree(first), "worker-of-release-1")
+    assert volume.provision(node_config(node, "v2.0.0")).returncode == 0
+    second = linked_tree(volume)
+    assert second != first and first.is_dir()
+
+    env = volume.env(CONFIG_YML=node_config(node, "v1.0.0"))
+    printed = worker_env(Workspace.from_env(env), env, lease=True)
+    assert Path(printed["COMFYUI_DIR"]).resolve() == (first / "ComfyUI").resolve()
+    assert Path(printed["COMFYUI_TREE_LEASE"]).parent.parent.resolve() == first.resolve()
+    env = volume.env()  # the baked config: release 2's
+    assert Path(worker_env(Workspace.from_env(env), env, lease=True)["COMFYUI_DIR"]).parent.resolve() == second

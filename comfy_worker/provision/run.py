@@ -661,10 +661,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write("".join(f"{key}={value}\n" for key, value in paths.items()))
 
 
+def own_tree(workspace: Workspace, env: Mapping[str, str]) -> Tree | None:
+    """The complete install tree of this worker's own config: while two releases of an endpoint with different
+    configs run on one volume, the link points to whichever provisioned last, but each worker runs its own."""
+    from comfy_worker.provision import trees
+    from comfy_worker.provision.config import parse
+
+    try:
+        resolved = resolve(env, workspace.volume_config, workspace.baked_config)
+        tree = trees.Tree(trees.trees_dir(workspace) / trees.key_of(parse(resolved.text, resolved.source), workspace))
+    except (ConfigError, OSError):
+        return None
+    return tree if tree.complete else None
+
+
 def worker_env(workspace: Workspace, env: Mapping[str, str], lease: bool) -> dict[str, str]:
     """What start.sh exports for the worker. With install trees: the current tree's ComfyUI and Python (the
     worker keeps them for its life), a lease on that tree taken under the volume's lock (so no provisioning
-    run removes it meanwhile), and the link a restart asked for by apply_config.sh follows."""
+    run removes it meanwhile), and the link a restart asked for by apply_config.sh follows. The tree is the one
+    of this worker's config when it is complete (``own_tree``), else the one the link points to."""
     from comfy_worker.provision import trees
 
     if workspace.comfyui_dir != workspace.comfyui_link or not workspace.comfyui_link.is_symlink():
@@ -673,7 +688,7 @@ def worker_env(workspace: Workspace, env: Mapping[str, str], lease: bool) -> dic
         return at_current_tree(workspace).worker_env()
     try:
         with volume_lock(workspace, env):
-            tree = trees.current(workspace)
+            tree = own_tree(workspace, env) or trees.current(workspace)
             if tree is None:
                 return workspace.worker_env()
             lease_file = trees.take_lease(tree, trees.worker_id(env))
