@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
@@ -131,7 +132,12 @@ class S3Storage:
                 self.client.upload_fileobj(
                     io.BytesIO(item.source), self.settings.bucket, item.key, ExtraArgs=extra, Config=self._transfer
                 )
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
+        except (  # upload_file wraps a refused upload in boto3's S3UploadFailedError
+            boto3.exceptions.Boto3Error,
+            botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError,
+            OSError,
+        ) as exc:
             raise StorageError(
                 f"Uploading {item.key} to bucket {self.settings.bucket} failed: {exc}",
                 {"key": item.key, "bucket": self.settings.bucket, "endpoint_url": self.settings.endpoint_url},
