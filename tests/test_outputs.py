@@ -284,7 +284,7 @@ def test_base64_is_bit_for_bit_across_pieces(tmp_path: Path, size: int) -> None:
 
 def test_an_output_that_changed_after_it_was_measured_is_an_output_error(tmp_path: Path) -> None:
     path = written(tmp_path, b"grown since", "late.png")
-    with pytest.raises(OutputError, match="late.png .node 9. but it could not be read: .*no longer 4 bytes"):
+    with pytest.raises(OutputError, match=r"late\.png \(node 9\) but it could not be read: .*no longer 4 bytes"):
         base64_entry(Payload(output("image/png", "late.png"), "late.png", "image/png", path, 4))
 
 
