@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             filename=path.name,
             node_id="-",
         )
-        uploads.append(Upload(key, path.read_bytes(), content_type))
+        uploads.append(Upload(key, path, content_type))  # read from disk in parts
     try:
         urls = storage.upload_many(uploads)
     except StorageError as exc:

@@ -1,9 +1,10 @@
 """S3-compatible storage for outputs: AWS S3, Cloudflare R2, MinIO, a RunPod network volume's S3 API.
 
 One interface (``upload_many``) behind which boto3 does the work: multipart for big files (its transfer
-manager), retries with backoff on transient errors (botocore's standard retry mode), several files in
-parallel. URLs are presigned GET URLs, or plain ones under ``BUCKET_PUBLIC_URL`` for a public bucket.
-Credentials come from the settings and are never logged or returned.
+manager, which reads a file on disk one part at a time, so memory does not grow with the files), retries with
+backoff on transient errors (botocore's standard retry mode), several files in parallel. URLs are presigned GET
+URLs, or plain ones under ``BUCKET_PUBLIC_URL`` for a public bucket. Credentials come from
+the settings and are never logged or returned.
 
 Jobs read ``s3://`` inputs with the same credentials, which may reach much more than a job should see (other
 buckets, other jobs' outputs): ``readable`` allows only the locations of INPUT_S3_ALLOWLIST (by default the
@@ -18,9 +19,11 @@ import io
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
+import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
@@ -32,14 +35,17 @@ log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MAX_PARALLEL_UPLOADS = 8
+PARTS_IN_FLIGHT = 2  # per file: with MAX_PARALLEL_UPLOADS files, at most 16 connections, each part read lazily
 _SAFE_KEY_PART = re.compile(r"[^A-Za-z0-9._/-]+")
 READ_URL_EXPIRY_S = 300  # a presigned GET for one input: used at once
 
 
 @dataclass(frozen=True)
 class Upload:
+    """One object to upload: a file on disk (read one part at a time) or bytes already in memory."""
+
     key: str
-    data: bytes
+    source: Path | bytes
     content_type: str
 
 
@@ -96,9 +102,13 @@ class S3Storage:
             region=settings.region,
             access_key_id=settings.access_key_id,
             secret_access_key=settings.secret_access_key,
+            parallel=MAX_PARALLEL_UPLOADS * PARTS_IN_FLIGHT,
         )
         self._transfer = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_THRESHOLD,
+            max_concurrency=PARTS_IN_FLIGHT,
+            use_threads=True,
         )
 
     def url_for(self, key: str) -> str:
@@ -113,14 +123,21 @@ class S3Storage:
 
     def upload(self, item: Upload) -> str:
         try:
-            self.client.upload_fileobj(
-                io.BytesIO(item.data),
-                self.settings.bucket,
-                item.key,
-                ExtraArgs={"ContentType": item.content_type},
-                Config=self._transfer,
-            )
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
+            extra = {"ContentType": item.content_type}
+            if isinstance(item.source, Path):
+                self.client.upload_file(
+                    str(item.source), self.settings.bucket, item.key, ExtraArgs=extra, Config=self._transfer
+                )
+            else:
+                self.client.upload_fileobj(
+                    io.BytesIO(item.source), self.settings.bucket, item.key, ExtraArgs=extra, Config=self._transfer
+                )
+        except (  # upload_file wraps a refused upload in boto3's S3UploadFailedError
+            boto3.exceptions.Boto3Error,
+            botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError,
+            OSError,
+        ) as exc:
             raise StorageError(
                 f"Uploading {item.key} to bucket {self.settings.bucket} failed: {exc}",
                 {"key": item.key, "bucket": self.settings.bucket, "endpoint_url": self.settings.endpoint_url},

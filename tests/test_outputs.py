@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
-import threading
 import zlib
 from pathlib import Path
 
@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from comfy_worker.comfy.client import ComfyClient
-from comfy_worker.errors import OutputError
+from comfy_worker.errors import OutputError, ResultTooLargeError
+from comfy_worker.runtime.delivery import MB, deliver
 from comfy_worker.runtime.outputs import (
     OutputFile,
-    PixelBudget,
+    Payload,
     assemble,
     base64_entry,
     collect,
@@ -85,7 +86,7 @@ def test_files_are_read_from_disk_and_encoded(tmp_path: Path) -> None:
     # No server answers on this port: reading from disk must not need one.
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     collected = collect(entry, False)
-    payloads, warnings = load(client, {"output": tmp_path / "out"}, collected, "png", 90, MAX_PIXELS)
+    payloads, warnings = load(client, {"output": tmp_path / "out"}, collected, "png", 90, MAX_PIXELS, spool(tmp_path))
     assert warnings == []
     result = assemble([(p, base64_entry(p)) for p in payloads], collected.texts)
     assert result["images"] == [
@@ -106,7 +107,7 @@ def test_unreadable_output_is_an_output_error(tmp_path: Path) -> None:
     entry = {"outputs": {"9": {"images": [{"filename": "../../etc/passwd", "subfolder": "", "type": "output"}]}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     with pytest.raises(OutputError, match="could not be read"):
-        load(client, {"output": tmp_path}, collect(entry, False), "png", 90, MAX_PIXELS)
+        load(client, {"output": tmp_path}, collect(entry, False), "png", 90, MAX_PIXELS, spool(tmp_path))
 
 
 def saved_and_previewed(tmp_path: Path) -> dict[str, object]:
@@ -128,7 +129,9 @@ def test_an_unreadable_temp_output_is_left_out_with_a_warning(tmp_path: Path) ->
     entry = saved_and_previewed(tmp_path)
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)  # /view fails too
     folders = {"output": tmp_path / "output", "temp": tmp_path / "temp"}
-    payloads, warnings = load(client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS)
+    payloads, warnings = load(
+        client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS, spool(tmp_path)
+    )
     assert [(p.file.node_id, p.filename) for p in payloads] == [
         ("4", "ComfyUI_temp_bbbbb_00001_.png"),
         ("9", "saved_00001_.png"),
@@ -145,11 +148,31 @@ def test_an_unreadable_saved_output_still_fails(tmp_path: Path) -> None:
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     folders = {"output": tmp_path / "output", "temp": tmp_path / "temp"}
     with pytest.raises(OutputError, match=r"saved_00001_.png \(node 9\) but it could not be read"):
-        load(client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS)
+        load(client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS, spool(tmp_path))
 
 
 MAX_PIXELS = 80_000_000
-BUDGET = PixelBudget(MAX_PIXELS)
+
+
+def spool(tmp_path: Path) -> Path:
+    folder = tmp_path / "spool"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def written(tmp_path: Path, data: bytes, name: str = "in.png") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def converted(tmp_path: Path, data: bytes, image_format: str, quality: int) -> tuple[bytes, str, str]:
+    result = convert_image(
+        written(tmp_path, data), output("image/png"), image_format, quality, MAX_PIXELS, spool(tmp_path)
+    )
+    assert result is not None
+    path, name, mime = result
+    return path.read_bytes(), mime, name
 
 
 def output(mime_type: str, name: str = "out.png") -> OutputFile:
@@ -162,36 +185,38 @@ def png_bytes(mode: str = "RGBA", size: tuple[int, int] = (64, 48)) -> bytes:
     return buffer.getvalue()
 
 
-def test_still_images_convert_to_webp_and_jpeg() -> None:
+def test_still_images_convert_to_webp_and_jpeg(tmp_path: Path) -> None:
     source = png_bytes()
-    assert convert_image(source, output("image/png"), "png", 90, BUDGET) is None
-    webp, mime, extension = convert_image(source, output("image/png"), "webp", 80, BUDGET) or (b"", "", "")
-    assert (mime, extension) == ("image/webp", "webp")
+    assert convert_image(written(tmp_path, source), output("image/png"), "png", 90, MAX_PIXELS, tmp_path) is None
+    webp, mime, name = converted(tmp_path, source, "webp", 80)
+    assert (mime, name) == ("image/webp", "out.webp")
     with Image.open(io.BytesIO(webp)) as image:
         assert image.format == "WEBP" and image.size == (64, 48) and image.mode == "RGBA"
-    jpeg, mime, extension = convert_image(source, output("image/png"), "jpeg", 70, BUDGET) or (b"", "", "")
-    assert (mime, extension) == ("image/jpeg", "jpg")
+    jpeg, mime, name = converted(tmp_path, source, "jpeg", 70)
+    assert (mime, name) == ("image/jpeg", "out.jpg")
     with Image.open(io.BytesIO(jpeg)) as image:
         assert image.format == "JPEG" and image.mode == "RGB"
         red, green, _blue = image.getpixel((10, 10))
         assert red > 200 and green > 100, "alpha is flattened onto white, not black"
 
 
-def test_animations_and_videos_are_left_alone() -> None:
+def test_animations_and_videos_are_left_alone(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(3)]
     buffer = io.BytesIO()
     frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=100)
-    assert convert_image(buffer.getvalue(), output("image/webp"), "jpeg", 90, BUDGET) is None
-    assert convert_image(b"\x00\x00\x00 ftypmp42", output("video/mp4"), "webp", 90, BUDGET) is None
+    animation = written(tmp_path, buffer.getvalue(), "anim.webp")
+    assert convert_image(animation, output("image/webp"), "jpeg", 90, MAX_PIXELS, tmp_path) is None
+    video = written(tmp_path, b"\x00\x00\x00 ftypmp42", "v.mp4")
+    assert convert_image(video, output("video/mp4"), "webp", 90, MAX_PIXELS, tmp_path) is None
 
 
 def test_converted_outputs_get_the_new_name(tmp_path: Path) -> None:
     (tmp_path / "ComfyUI_00001_.png").write_bytes(png_bytes("RGB", (32, 32)))
     entry = {"outputs": {"9": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
-    [payload], _ = load(client, {"output": tmp_path}, collect(entry, False), "jpeg", 85, MAX_PIXELS)
+    [payload], _ = load(client, {"output": tmp_path}, collect(entry, False), "jpeg", 85, MAX_PIXELS, spool(tmp_path))
     assert (payload.filename, payload.mime_type) == ("ComfyUI_00001_.jpg", "image/jpeg")
-    assert payload.data[:3] == b"\xff\xd8\xff"
+    assert payload.path.read_bytes()[:3] == b"\xff\xd8\xff" and payload.size == payload.path.stat().st_size
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -208,21 +233,75 @@ def png_header(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(
     ("size", "limit"), [((60000, 60000), MAX_PIXELS), ((13000, 13000), MAX_PIXELS), ((40, 40), 1000)]
 )
-def test_images_over_the_pixel_limit_are_refused_before_decoding(size: tuple[int, int], limit: int) -> None:
-    data = png_header(*size) if size[0] > 1000 else png_bytes("RGB", size)
+def test_images_over_the_pixel_limit_are_refused_before_decoding(
+    size: tuple[int, int], limit: int, tmp_path: Path
+) -> None:
+    source = written(tmp_path, png_header(*size) if size[0] > 1000 else png_bytes("RGB", size))
     with pytest.raises(OutputError, match="OUTPUT_CONVERT_MAX_MEGAPIXELS") as info:
-        convert_image(data, output("image/png", "big.png"), "webp", 90, PixelBudget(limit))
+        convert_image(source, output("image/png", "big.png"), "webp", 90, limit, tmp_path)
     assert info.value.details["node_id"] == "9" and "big.png" in info.value.message
-    assert convert_image(data, output("image/png"), "png", 90, PixelBudget(limit)) is None, "png is not decoded"
+    assert convert_image(source, output("image/png"), "png", 90, limit, tmp_path) is None, "png is not decoded"
 
 
-def test_conversions_at_once_share_the_pixel_budget() -> None:
-    budget = PixelBudget(100)
-    budget.acquire(60)
-    second = threading.Thread(target=budget.acquire, args=(60,), daemon=True)
-    second.start()
-    second.join(timeout=0.2)
-    assert second.is_alive(), "60 + 60 pixels would exceed the budget of 100: the second waits"
-    budget.release(60)
-    second.join(timeout=10)
-    assert not second.is_alive(), "and goes on once the first is done"
+def bytes_read() -> int:
+    """What this process has read so far (``rchar``: every read call, from any file, in any thread)."""
+    line = next(row for row in Path("/proc/self/io").read_text().splitlines() if row.startswith("rchar:"))
+    return int(line.split()[1])
+
+
+def test_the_result_limit_is_refused_before_any_byte_is_read(tmp_path: Path) -> None:
+    """A 512 MB output (sparse: it costs no disk) against a 10 MB limit: refused from its size alone."""
+    (tmp_path / "out").mkdir()
+    with (tmp_path / "out" / "huge.png").open("wb") as huge:
+        huge.truncate(512 * MB)
+    (tmp_path / "out" / "small.png").write_bytes(b"small")
+    entry = {
+        "outputs": {
+            "9": {"images": [{"filename": "huge.png", "subfolder": "", "type": "output"}]},
+            "10": {"images": [{"filename": "small.png", "subfolder": "", "type": "output"}]},
+        }
+    }
+    client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
+    before = bytes_read()
+    payloads, _ = load(client, {"output": tmp_path / "out"}, collect(entry, False), "png", 90, MAX_PIXELS, tmp_path)
+    with pytest.raises(ResultTooLargeError) as refused:
+        deliver(payloads, "auto", None, 10 * MB, {"job_id": "j", "prompt_id": "p"}, None)
+    assert bytes_read() - before < 16 * MB, "the outputs were read before their size was checked"
+    assert refused.value.details["outputs"] == [
+        {"node_id": "9", "filename": "huge.png", "size_mb": 512.0},
+        {"node_id": "10", "filename": "small.png", "size_mb": 0.0},
+    ]
+    assert refused.value.details["base64_mb"] > 682 and "huge.png 512.0 MB" in refused.value.message
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 3 * 1024 * 1024, 7 * 1024 * 1024 + 1])
+def test_base64_is_bit_for_bit_across_pieces(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    path = written(tmp_path, data, "blob.bin")
+    item = base64_entry(Payload(output("application/octet-stream", "blob.bin"), "blob.bin", "x", path, size))
+    assert item["data"] == base64.b64encode(data).decode("ascii") and item["size_bytes"] == size
+
+
+def test_an_output_that_changed_after_it_was_measured_is_an_output_error(tmp_path: Path) -> None:
+    path = written(tmp_path, b"grown since", "late.png")
+    with pytest.raises(OutputError, match=r"late\.png \(node 9\) but it could not be read: .*no longer 4 bytes"):
+        base64_entry(Payload(output("image/png", "late.png"), "late.png", "image/png", path, 4))
+
+
+def test_images_are_converted_one_at_a_time_into_the_spool(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    images = []
+    for index in range(3):
+        (tmp_path / "out" / f"img_{index}.png").write_bytes(png_bytes("RGB", (16 + index, 16)))
+        images.append({"filename": f"img_{index}.png", "subfolder": "", "type": "output"})
+    entry = {"outputs": {"9": {"images": images}}}
+    client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
+    payloads, _ = load(
+        client, {"output": tmp_path / "out"}, collect(entry, False), "webp", 80, MAX_PIXELS, spool(tmp_path)
+    )
+    assert [p.filename for p in payloads] == ["img_0.webp", "img_1.webp", "img_2.webp"]
+    for index, payload in enumerate(payloads):
+        assert payload.path.parent == tmp_path / "spool"
+        with Image.open(payload.path) as image:
+            assert image.format == "WEBP" and image.size == (16 + index, 16)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_0.png", "img_1.png", "img_2.png"]

@@ -69,7 +69,7 @@ def test_upload_and_fetch_back_through_presigned_urls(s3: S3Server) -> None:
         assert "X-Amz-Signature=" in url and url.startswith(s3.endpoint_url)
         response = requests.get(url, timeout=10)
         assert response.status_code == 200
-        assert response.content == item.data
+        assert response.content == item.source
         assert response.headers["Content-Type"] == "image/png"
 
 
@@ -84,16 +84,23 @@ def test_key_templates_and_prefixes(s3: S3Server) -> None:
     assert listed_keys(s3) == {"k/plain.txt": 2}
 
 
-def test_large_file_goes_multipart(s3: S3Server) -> None:
-    data = os.urandom(100 * 1024 * 1024)
+def test_large_file_goes_multipart_from_disk(s3: S3Server, tmp_path: Path) -> None:
+    """An output file is uploaded in parts read from the file (never whole in memory), bit for bit."""
+    path = tmp_path / "blob.bin"
+    with path.open("wb") as sink:
+        for _ in range(25):
+            sink.write(os.urandom(4 * 1024 * 1024))
     storage = storage_for(s3)
     parts: list[int] = []
     storage.client.meta.events.register("before-call.s3.UploadPart", lambda **kwargs: parts.append(1))
-    [url] = storage.upload_many([Upload("big/blob.bin", data, "application/octet-stream")])
-    assert listed_keys(s3)["big/blob.bin"] == len(data)
+    [url] = storage.upload_many([Upload("big/blob.bin", path, "application/octet-stream")])
+    assert listed_keys(s3)["big/blob.bin"] == path.stat().st_size
     assert len(parts) == 7, "100 MB in 16 MB parts"
-    fetched = requests.get(url, timeout=60).content
-    assert hashlib.sha256(fetched).digest() == hashlib.sha256(data).digest()
+    with requests.get(url, timeout=60, stream=True) as response:
+        fetched = hashlib.sha256()
+        for chunk in response.iter_content(1024 * 1024):
+            fetched.update(chunk)
+    assert fetched.digest() == hashlib.sha256(path.read_bytes()).digest()
 
 
 def test_wrong_credentials_are_a_storage_error(s3: S3Server) -> None:

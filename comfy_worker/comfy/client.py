@@ -11,7 +11,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import requests
 
@@ -22,6 +22,7 @@ from comfy_worker.redact import redact_url, redact_urls
 log = logging.getLogger(__name__)
 
 
+VIEW_CHUNK = 1024 * 1024  # /view is streamed to disk in pieces of this size
 CONTROL_TIMEOUT_S = 2.0  # interrupt and queue edits: a ComfyUI that cannot answer these in 2 s is hung
 
 
@@ -161,16 +162,27 @@ class ComfyClient:
         result: dict[str, Any] = self._json("GET", "/queue", timeout_s=timeout_s)
         return result
 
-    def view(self, filename: str, subfolder: str, folder_type: str) -> bytes:
+    def view_into(self, filename: str, subfolder: str, folder_type: str, target: BinaryIO) -> int:
+        """Stream ``/view`` into ``target`` (a file), so an output never sits in memory whole; its byte count."""
         params = {"filename": filename, "subfolder": subfolder, "type": folder_type}
-        response = self._request("GET", "/view", params=params, timeout_s=max(self.timeout_s, 120.0))
-        if response.status_code != 200:
-            raise WorkerError(
-                f"ComfyUI answered GET /view for {subfolder + '/' if subfolder else ''}{filename} "
-                f"with HTTP {response.status_code}",
-                {"status": response.status_code, "filename": filename, "subfolder": subfolder},
-            )
-        return response.content
+        with self._request("GET", "/view", params=params, timeout_s=max(self.timeout_s, 120.0), stream=True) as answer:
+            if answer.status_code != 200:
+                raise WorkerError(
+                    f"ComfyUI answered GET /view for {subfolder + '/' if subfolder else ''}{filename} "
+                    f"with HTTP {answer.status_code}",
+                    {"status": answer.status_code, "filename": filename, "subfolder": subfolder},
+                )
+            size = 0
+            try:
+                for chunk in answer.iter_content(VIEW_CHUNK):
+                    target.write(chunk)
+                    size += len(chunk)
+            except requests.RequestException as exc:
+                raise ComfyUnavailableError(
+                    f"ComfyUI at {self.display_url} broke off GET /view for {filename}: {redact_urls(str(exc))}",
+                    {"url": f"{self.display_url}/view"},
+                ) from exc
+            return size
 
     def upload_image(self, filename: str, data: bytes, subfolder: str) -> dict[str, Any]:
         """Upload into ComfyUI's input folder (the job's own subfolder: overwrite=true replaces nobody's file)."""

@@ -1,9 +1,10 @@
 """How outputs leave the worker: base64 inside the result, or URLs to an S3-compatible bucket.
 
 RunPod refuses results over its payload limit (about 20 MB for ``/runsync``, 10 MB for ``/run``) with an
-opaque error, and base64 adds a third, so the worker measures the result first: too large and no bucket
-means a clear error listing every output's size and what to do; a failing bucket falls back to base64
-when that fits.
+opaque error, and base64 adds a third, so the worker measures the result first, from the files' sizes before
+any byte is read: too large and no bucket means a clear error listing every output's size and what to do; a
+failing bucket falls back to base64 when that fits. Uploads read the files from disk in parts; base64 is made
+one output at a time, straight into the result.
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ def base64_bytes(payloads: list[Payload]) -> int:
 
 
 def _sizes(payloads: list[Payload]) -> list[dict[str, Any]]:
-    return [
-        {"node_id": p.file.node_id, "filename": p.filename, "size_mb": round(len(p.data) / MB, 2)} for p in payloads
-    ]
+    return [{"node_id": p.file.node_id, "filename": p.filename, "size_mb": round(p.size / MB, 2)} for p in payloads]
 
 
 def as_base64(payloads: list[Payload], max_result_bytes: int) -> Delivered:
@@ -62,7 +61,7 @@ def deliver(
     template = storage.settings.key_template
     uploads = [
         Upload(
-            render_key(template, prefix, filename=p.filename, node_id=p.file.node_id, **key_fields), p.data, p.mime_type
+            render_key(template, prefix, filename=p.filename, node_id=p.file.node_id, **key_fields), p.path, p.mime_type
         )
         for p in payloads
     ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -256,28 +258,33 @@ class Worker:
         collected = outputs.collect(entry, include_temp=job.output.include_temp)
         attempt.temp_files = [(f.subfolder, f.filename) for f in collected.files if f.folder_type == "temp"]
         options = job.output
-        payloads, unread = await self._in_time(
-            attempt,
-            "reading the outputs",
-            outputs.load,
-            self.client,
-            self.folders,
-            collected,
-            options.format,
-            options.quality,
-            int(self.settings.output_convert_max_megapixels * 1_000_000),
-        )
-        delivered, warnings = await self._in_time(
-            attempt,
-            "delivering the outputs",
-            delivery.deliver,
-            payloads,
-            options.delivery,
-            self.storage,
-            int(self.settings.max_result_mb * delivery.MB),
-            {"job_id": attempt.job_id, "prompt_id": prompt_id},
-            options.s3_prefix,
-        )
+        spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="comfy-worker-outputs-"))  # /view, conversions
+        try:
+            payloads, unread = await self._in_time(
+                attempt,
+                "reading the outputs",
+                outputs.load,
+                self.client,
+                self.folders,
+                collected,
+                options.format,
+                options.quality,
+                int(self.settings.output_convert_max_megapixels * 1_000_000),
+                spool,
+            )
+            delivered, warnings = await self._in_time(
+                attempt,
+                "delivering the outputs",
+                delivery.deliver,
+                payloads,
+                options.delivery,
+                self.storage,
+                int(self.settings.max_result_mb * delivery.MB),
+                {"job_id": attempt.job_id, "prompt_id": prompt_id},
+                options.s3_prefix,
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, spool, True)
         attempt.lap("outputs_s")
         result = outputs.assemble(delivered, collected.texts)
         warnings = attempt.warnings + unread + warnings + prompt_warnings(queued.get("node_errors") or {})

@@ -3,24 +3,27 @@
 ``/history/{prompt_id}`` is the source of truth: it lists every output node, also for a cached prompt whose
 nodes did not run again. Every entry with a ``filename`` is a file (SaveImage's ``images``,
 VideoHelperSuite's ``gifs``, SaveAudio's ``audio``, 3D files...), sorted into images, videos, audio or
-files by its type; strings under ``text`` are text. Files are read from disk when ComfyUI shares this
-machine (no HTTP copy of a 12 MB PNG), through ``/view`` otherwise.
+files by its type; strings under ``text`` are text.
+
+Outputs stay on disk until they are delivered, so a job's memory does not grow with its outputs: ComfyUI's
+own files when it shares this machine (no HTTP copy of a 12 MB PNG), else ``/view`` streamed to a file in the
+job's spool folder. Their sizes are known before anything is read (the result limit is checked on them), S3
+uploads read the files in parts, and base64 is made one output at a time.
 
 Converting to WebP/JPEG decodes the image: a 164 KB PNG can hold 13000x13000 pixels (500 MB decoded), so
-an image over OUTPUT_CONVERT_MAX_MEGAPIXELS is refused from its header before decoding, and the images
-being converted at once share that same budget of pixels.
+an image over OUTPUT_CONVERT_MAX_MEGAPIXELS is refused from its header before decoding, and images are
+converted one at a time, each released before the next is decoded.
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
-import io
 import mimetypes
-import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
@@ -29,6 +32,7 @@ from comfy_worker.errors import OutputError, WorkerError
 
 KINDS = ("images", "videos", "audio", "files")
 STILL_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
+BASE64_PIECE = 3 * 1024 * 1024  # a multiple of 3: pieces encode without padding in between
 
 mimetypes.add_type("image/webp", ".webp")
 mimetypes.add_type("video/webm", ".webm")
@@ -111,49 +115,43 @@ def _local_path(folders: dict[str, Path], file: OutputFile) -> Path | None:
     return path
 
 
-def read_bytes(client: ComfyClient, folders: dict[str, Path], file: OutputFile) -> bytes:
+def _unreadable(file: OutputFile, exc: Exception) -> OutputError:
+    return OutputError(
+        f"ComfyUI reported the output {file.relative_path} (node {file.node_id}) but it could not be read: {exc}",
+        {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder},
+    )
+
+
+def locate(client: ComfyClient, folders: dict[str, Path], file: OutputFile, spool: Path, index: int) -> Path:
+    """Where the output's bytes are on this disk, without reading them: ComfyUI's own file when the worker
+    shares its folder, else a copy streamed from ``/view`` into ``spool`` (never whole in memory)."""
     path = _local_path(folders, file)
+    if path is not None:
+        return path
+    target = spool / f"{index}-{Path(file.filename).name}"
     try:
-        return path.read_bytes() if path else client.view(file.filename, file.subfolder, file.folder_type)
+        with target.open("wb") as sink:
+            client.view_into(file.filename, file.subfolder, file.folder_type, sink)
     except (OSError, WorkerError) as exc:
-        raise OutputError(
-            f"ComfyUI reported the output {file.relative_path} (node {file.node_id}) but it could not be read: {exc}",
-            {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder},
-        ) from exc
+        target.unlink(missing_ok=True)
+        raise _unreadable(file, exc) from exc
+    return target
 
 
 @dataclass(frozen=True)
 class Payload:
-    """One output's bytes as they will be delivered (after an optional format conversion)."""
+    """One output as it will be delivered (after an optional format conversion): a file on this disk, read
+    only when it is delivered, so the result's size is known from ``size`` before any byte is read."""
 
     file: OutputFile
     filename: str
     mime_type: str
-    data: bytes
+    path: Path
+    size: int
 
     @property
     def base64_size(self) -> int:
-        return 4 * ((len(self.data) + 2) // 3)
-
-
-class PixelBudget:
-    """At most ``limit`` pixels decoded at once, across the threads converting images (each image is at most
-    ``limit``, so every one gets its turn)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._free = limit
-        self._condition = threading.Condition()
-
-    def acquire(self, pixels: int) -> None:
-        with self._condition:
-            self._condition.wait_for(lambda: self._free >= pixels)
-            self._free -= pixels
-
-    def release(self, pixels: int) -> None:
-        with self._condition:
-            self._free += pixels
-            self._condition.notify_all()
+        return 4 * ((self.size + 2) // 3)
 
 
 def unreadable_temp_warning(file: OutputFile, error: OutputError) -> str:
@@ -171,36 +169,49 @@ def load(
     image_format: str,
     quality: int,
     max_pixels: int,
+    spool: Path,
 ) -> tuple[list[Payload], list[str]]:
-    """Read every output file (in parallel: disk and Pillow's encoders release the GIL), converting still
-    images when a format other than ``png`` is asked for; return them and the warnings.
+    """Find every output file on disk (``/view`` downloads in parallel, into ``spool``), then convert still
+    images one at a time when a format other than ``png`` is asked for (into ``spool`` too); return them and
+    the warnings. Nothing is held in memory but the one image being converted.
 
     A temp output (PreviewImage...) that cannot be read is left out with a warning naming it: it is a preview,
     asked for as an extra (``include_temp``), and ComfyUI deletes temp files whenever a ComfyUI using that
     folder starts or exits, so losing one must not throw away the outputs the job was run for. A saved output
     (SaveImage...) that cannot be read fails the job: it is what the job was run for, and a result without it
     would look like a success that silently lost work."""
-    budget = PixelBudget(max_pixels)
 
-    def one(file: OutputFile) -> Payload | str:
+    def one(indexed: tuple[int, OutputFile]) -> tuple[OutputFile, Path, int] | str:
+        index, file = indexed
         try:
-            data = read_bytes(client, folders, file)
+            path = locate(client, folders, file, spool, index)
+            return file, path, path.stat().st_size
+        except OSError as exc:
+            error = _unreadable(file, exc)
         except OutputError as exc:
-            if file.folder_type != "temp":
-                raise
-            return unreadable_temp_warning(file, exc)
-        converted = convert_image(data, file, image_format, quality, budget)
-        if converted is None:
-            return Payload(file, file.filename, file.mime_type, data)
-        new_data, mime_type, extension = converted
-        return Payload(file, f"{file.filename.rsplit('.', 1)[0]}.{extension}", mime_type, new_data)
+            error = exc
+        if file.folder_type != "temp":
+            raise error
+        return unreadable_temp_warning(file, error)
 
-    if len(collected.files) <= 1:
-        loaded = [one(file) for file in collected.files]
+    numbered = list(enumerate(collected.files))
+    if len(numbered) <= 1:
+        found = [one(item) for item in numbered]
     else:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(collected.files))) as pool:
-            loaded = list(pool.map(one, collected.files))
-    return [p for p in loaded if isinstance(p, Payload)], [w for w in loaded if isinstance(w, str)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(numbered))) as pool:
+            found = list(pool.map(one, numbered))
+    payloads = []
+    for item in found:
+        if isinstance(item, str):
+            continue
+        file, path, size = item
+        converted = convert_image(path, file, image_format, quality, max_pixels, spool)
+        if converted is None:
+            payloads.append(Payload(file, file.filename, file.mime_type, path, size))
+        else:
+            target, name, mime_type = converted
+            payloads.append(Payload(file, name, mime_type, target, target.stat().st_size))
+    return payloads, [item for item in found if isinstance(item, str)]
 
 
 def _too_many_pixels(file: OutputFile, size: str, limit: int) -> OutputError:
@@ -213,40 +224,46 @@ def _too_many_pixels(file: OutputFile, size: str, limit: int) -> OutputError:
 
 
 def convert_image(
-    data: bytes, file: OutputFile, image_format: str, quality: int, budget: PixelBudget
-) -> tuple[bytes, str, str] | None:
-    """``webp``/``jpeg`` for still images; None keeps the file as ComfyUI wrote it (png, videos, animations)."""
+    source: Path, file: OutputFile, image_format: str, quality: int, max_pixels: int, spool: Path
+) -> tuple[Path, str, str] | None:
+    """``webp``/``jpeg`` for still images, written into ``spool`` (the file, its new name, its type); None
+    keeps the file as ComfyUI wrote it (png, videos, animations). The image is decoded from the file (no copy of its
+    bytes in memory) and released before the next one is."""
     if image_format == "png" or file.mime_type not in STILL_IMAGE_TYPES:
         return None
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(source)  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning, where it is an error
-        raise _too_many_pixels(file, "more than Pillow's own limit of", budget.limit) from None
+        raise _too_many_pixels(file, "more than Pillow's own limit of", max_pixels) from None
+    except OSError as exc:
+        raise _unreadable(file, exc) from exc
     with image:
-        pixels = image.width * image.height
-        if pixels > budget.limit:
-            raise _too_many_pixels(file, f"{image.width}x{image.height}", budget.limit)
+        if image.width * image.height > max_pixels:
+            raise _too_many_pixels(file, f"{image.width}x{image.height}", max_pixels)
         if getattr(image, "is_animated", False):
             return None
-        budget.acquire(pixels)
+        name = f"{file.filename.rsplit('.', 1)[0]}.{'jpg' if image_format == 'jpeg' else 'webp'}"
+        target = spool / f"converted-{uuid.uuid4().hex}-{Path(name).name}"
         try:
-            return _encode(image, image_format, quality)
-        finally:
-            budget.release(pixels)
+            with target.open("wb") as sink:
+                mime_type = _encode(image, image_format, quality, sink)
+        except OSError as exc:
+            raise _unreadable(file, exc) from exc
+    return target, name, mime_type
 
 
-def _encode(image: Image.Image, image_format: str, quality: int) -> tuple[bytes, str, str]:
-    buffer = io.BytesIO()
+def _encode(image: Image.Image, image_format: str, quality: int, sink: BinaryIO) -> str:
+    """Encode into ``sink``; returns the MIME type."""
     if image_format == "jpeg":
         rgb = image.convert("RGBA") if image.mode in ("P", "LA") else image
         if rgb.mode == "RGBA":  # JPEG has no alpha: flatten onto white
             background = Image.new("RGB", rgb.size, (255, 255, 255))
             background.paste(rgb, mask=rgb.getchannel("A"))
             rgb = background
-        rgb.convert("RGB").save(buffer, "JPEG", quality=quality, optimize=True)
-        return buffer.getvalue(), "image/jpeg", "jpg"
-    image.save(buffer, "WEBP", quality=quality, method=4)
-    return buffer.getvalue(), "image/webp", "webp"
+        rgb.convert("RGB").save(sink, "JPEG", quality=quality, optimize=True)
+        return "image/jpeg"
+    image.save(sink, "WEBP", quality=quality, method=4)
+    return "image/webp"
 
 
 def entry(payload: Payload, delivery_type: str, data: str) -> dict[str, Any]:
@@ -256,14 +273,37 @@ def entry(payload: Payload, delivery_type: str, data: str) -> dict[str, Any]:
         "subfolder": payload.file.subfolder,
         "node_id": payload.file.node_id,
         "mime_type": payload.mime_type,
-        "size_bytes": len(payload.data),
+        "size_bytes": payload.size,
         "type": delivery_type,
         "data": data,
     }
 
 
+def base64_text(path: Path, size: int) -> str:
+    """The file as base64 text, read in pieces into one buffer of the encoded size: the string the result
+    holds, and that buffer while it is made; never the file's bytes whole, nor a list of copies."""
+    expected = 4 * ((size + 2) // 3)
+    encoded = bytearray(expected)
+    done = 0
+    with path.open("rb") as source:
+        while piece := source.read(BASE64_PIECE):
+            chunk = base64.b64encode(piece)
+            if done + len(chunk) > expected:
+                break
+            encoded[done : done + len(chunk)] = chunk
+            done += len(chunk)
+    if done != expected:  # the file changed since it was measured: the limit was checked on its size
+        raise OSError(f"{path.name} is no longer {size} bytes long")
+    text = encoded.decode("ascii")
+    del encoded
+    return text
+
+
 def base64_entry(payload: Payload) -> dict[str, Any]:
-    return entry(payload, "base64", base64.b64encode(payload.data).decode("ascii"))
+    try:
+        return entry(payload, "base64", base64_text(payload.path, payload.size))
+    except OSError as exc:
+        raise _unreadable(payload.file, exc) from exc
 
 
 def assemble(entries: list[tuple[Payload, dict[str, Any]]], texts: list[dict[str, str]]) -> dict[str, Any]:
