@@ -596,3 +596,61 @@ def test_a_fleet_of_containers_on_one_volume_keeps_every_jobs_files_its_own(
         assert (cache / f"{name}.safetensors").read_bytes() == data
     assert not [p for p in volume.rglob("*") if p.name.endswith(".part")], "half-written files on the volume"
     assert not (volume / "ComfyUI" / "temp").exists() or not list((volume / "ComfyUI" / "temp").rglob("*.png"))
+
+
+@pytest.mark.skipif(REAL is None, reason="needs the real ComfyUI (it runs custom nodes' classes; test.sh)")
+def test_a_changed_config_rolls_out_while_an_old_container_is_mid_job(setup: Setup) -> None:
+    """Container A runs v1 of a node (its data file, its requirement treedep 1.0), mid-job; container B starts
+    on the same volume with the config naming v2 (another data file, treedep 2.0) and provisions it. A's job
+    then reads its node's file and imports its requirement, late as nodes do: v1's. B runs v2."""
+    from .test_install_trees import PROBE
+
+    probe = Repo(setup.repos / "tree-probe")
+    for version in ("1.0", "2.0"):
+        wheel = make_wheel(setup.root / f"wheels-{version}", "treedep", version)
+        setup.server.add_file(f"/treedep-{version}/{wheel.name}", wheel)
+        requirement = f"treedep @ {setup.server.url(f'/treedep-{version}/{wheel.name}')}\n"
+        probe.commit({"__init__.py": PROBE, "helper.txt": f"v{version[0]}\n", "requirements.txt": requirement})
+        probe.tag(f"v{version}.0")
+
+    def config(version: str) -> str:
+        return yaml.safe_dump(
+            {"comfyui": {"version": COMFYUI_VERSION}, "nodes": [{"url": "/repos/tree-probe", "version": version}]}
+        )
+
+    def job(wait_for: str = "") -> dict[str, Any]:
+        return {"workflow": {"1": {"class_type": "TreeProbe", "inputs": {"wait_for": wait_for}}}}
+
+    def texts(body: dict[str, Any], container: Container) -> list[str]:
+        assert body.get("status") == "COMPLETED", f"{body}\n{container.logs()[-6000:]}"
+        return [entry["text"] for entry in body["output"]["text"]]
+
+    volume = setup.root / "rollout-volume"
+    volume.mkdir()
+    old = setup.container(volume, CONFIG_YML=config("v1.0.0")).start()
+    assert texts(runsync(old, job()), old) == ["helper=v1 dep=1.0"]
+    old_tree = (volume / "ComfyUI").resolve().parent
+    held: list[dict[str, Any]] = []
+    mid_job = threading.Thread(target=lambda: held.append(runsync(old, job("/runpod-volume/go"), timeout_s=900)))
+    mid_job.start()
+    started = time.monotonic()
+    new = setup.container(volume, CONFIG_YML=config("v2.0.0")).start()
+    assert texts(runsync(new, job(), timeout_s=900), new) == ["helper=v2 dep=2.0"]
+    new_served = time.monotonic() - started
+    assert (volume / "ComfyUI").resolve().parent != old_tree
+    (volume / "go").write_text("")
+    mid_job.join(timeout=900)
+    old_done = time.monotonic() - started
+    assert not mid_job.is_alive() and texts(held[0], old) == ["helper=v1 dep=1.0"], held
+    assert texts(runsync(old, job()), old) == ["helper=v1 dep=1.0"], "the old container stays on its tree"
+    log = new.logs()
+    made = re.search(r"made from .* in ([\d.]+)s \((\d+) files linked, (\d+) copied", log)
+    provisioned = re.search(r"Provisioned in ([\d.]+)s", log)
+    assert made is not None and provisioned is not None, log[-6000:]
+    docker_image.FIGURES.append(
+        f"config rollout (real ComfyUI, containers): the new container's tree copied in {made[1]} s ({made[2]} "
+        f"files linked, {made[3]} copied), provisioned in {provisioned[1]} s, its first job done {new_served:.1f} s "
+        f"after docker run; the old container's job, held meanwhile, done on its own tree at {old_done:.1f} s"
+    )
+    old.stop()
+    new.stop()

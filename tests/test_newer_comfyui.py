@@ -472,8 +472,11 @@ def test_progress_is_posted_through_0_38s_frames(deployed: tuple[RunpodPlatform,
     assert [(p["step"], p["steps"], p["nodes_done"], p["nodes_total"]) for p in steps()] == [
         (step, 5, 1, 4) for step in range(1, 6)
     ], platform.progress(job)
-    percents = [p["percent"] for p in platform.progress(job)]
-    assert percents == sorted(percents) and percents[0] >= 0 and percents[-1] <= 100
+    # Each post is sent from a thread of its own (the SDK's progress_update), so they may arrive out of order:
+    # what is computed is in range, and grows with the step.
+    assert all(0 <= p["percent"] <= 100 for p in platform.progress(job))
+    by_step = [p["percent"] for p in sorted(steps(), key=lambda p: p["step"])]
+    assert by_step == sorted(by_step), steps()
 
 
 def test_cancel_stops_the_prompt_on_0_38(deployed: tuple[RunpodPlatform, str]) -> None:
