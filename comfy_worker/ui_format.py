@@ -5,8 +5,9 @@ creates the node's widgets, and its links as a separate table. ComfyUI's fronten
 when a user presses *Queue* (``graphToPrompt``); this module does the same on the server side, with the
 running ComfyUI's ``/object_info`` as the catalogue of node definitions, so that a workflow people share or
 save by habit runs as it would in their browser. ``tests/ui_format/`` holds the corpus the frontend itself
-converted (ComfyUI's shipped templates plus one case per rule below) and ``tests/test_ui_format.py`` checks
-that the two agree.
+converted (ComfyUI's shipped templates, newer ones, and one case per rule below), by the frontend ComfyUI 0.3.64
+ships (1.27.10) and by the newest (1.58.1), and ``tests/test_ui_format.py`` checks that the worker agrees; where
+the two frontends differ, the worker does as 1.58.1 does (but for the ids of legacy group nodes).
 
 The rules, as the frontend applies them:
 
@@ -18,8 +19,11 @@ The rules, as the frontend applies them:
   nodes (Reroute), bypassed nodes (mode 4: the first input of a matching type stands in for the output) and
   subgraphs (inner nodes get ids ``<instance id>:<inner id>``); a PrimitiveNode writes its value into the
   widgets it feeds.
-- Virtual nodes (Note, MarkdownNote, Reroute, PrimitiveNode) and muted nodes (mode 2) are not sent; an input
-  linked to a node that is not sent is dropped.
+- An inner node whose id a root node or a node of an earlier subgraph definition already has is renumbered, as
+  the frontend does when it loads the workflow; of two subgraph definitions with one id, the first counts.
+- Virtual nodes (Note, MarkdownNote, Reroute, PrimitiveNode), muted nodes (mode 2) and every node inside a muted
+  or bypassed subgraph instance of the root graph are not sent; an input linked to a node that is not sent is
+  dropped.
 - Text widgets with dynamic prompts lose their ``/* */`` and ``//`` comments, and ``{a|b|c}`` picks one
   option at random, as the frontend does at every *Queue*.
 
@@ -175,9 +179,10 @@ class _Converter:
         self.object_info = object_info
         self.deadline = deadline
         self.subgraphs: dict[str, _Graph] = {}
-        for definition in (workflow.get("definitions") or {}).get("subgraphs") or []:
-            self.subgraphs[str(definition["id"])] = _graph(definition, definition)
-        self.root = _graph(workflow, None)
+        definitions = _first_of_each_id((workflow.get("definitions") or {}).get("subgraphs") or [])
+        for definition, renumbered in zip(definitions, _renumbered_inner_nodes(workflow, definitions), strict=True):
+            self.subgraphs[str(definition["id"])] = _graph(definition, definition, renumbered)
+        self.root = _graph(workflow, None, {})
         self.group_nodes: dict[str, Any] = dict((workflow.get("extra") or {}).get("groupNodes") or {})
         self.group_graphs: dict[int, _Graph] = {}  # id(instance node dict) -> its inner graph
         self.result = Conversion(prompt={})
@@ -387,7 +392,14 @@ class _Converter:
             node_type not in VIRTUAL_NODE_TYPES
             and self.inner_graph(node) is None
             and node.get("mode", 0) not in (MUTED, BYPASSED)
+            and not self.in_switched_off_instance(placed)
         )
+
+    def in_switched_off_instance(self, placed: _Placed) -> bool:
+        """Whether the node is inside a subgraph (or group node) instance of the root graph that is muted or
+        bypassed: the frontend (1.58) sends none of its nodes, at any depth. An instance muted or bypassed inside
+        another subgraph does not switch off its inner nodes (the frontend looks only at the root's)."""
+        return bool(placed.path) and self.instances[placed.path[0]].node.get("mode", 0) in (MUTED, BYPASSED)
 
     def resolve_input(self, placed: _Placed, slot: int) -> _Resolved | None:
         """What input ``slot`` of a node takes: links followed back one step at a time, in a loop (a chain of a
@@ -585,7 +597,7 @@ class _Converter:
                 or node_type in VIRTUAL_NODE_TYPES
                 or self.inner_graph(placed.node) is not None
             )
-            if not known and placed.node.get("mode", 0) not in (MUTED,):
+            if not known and placed.node.get("mode", 0) not in (MUTED,) and not self.in_switched_off_instance(placed):
                 unknown.setdefault(node_type, []).append(placed.id)
         if unknown:
             raise WorkflowError(
@@ -628,8 +640,10 @@ def convert(workflow: Workflow, object_info: Mapping[str, Any], deadline: float 
         ) from exc
 
 
-def _graph(data: Mapping[str, Any], definition: dict[str, Any] | None) -> _Graph:
+def _graph(data: Mapping[str, Any], definition: dict[str, Any] | None, renumbered: Mapping[str, int]) -> _Graph:
+    """A graph of the workflow, its nodes' ids (and its links' ends) renumbered as ``renumbered`` says."""
     nodes = [node for node in data.get("nodes") or [] if isinstance(node, dict) and "id" in node]
+    nodes = [dict(node, id=renumbered[str(node["id"])]) if str(node["id"]) in renumbered else node for node in nodes]
     links: dict[int, _Link] = {}
     for link in data.get("links") or []:
         if isinstance(link, list) and len(link) >= 5:
@@ -639,8 +653,61 @@ def _graph(data: Mapping[str, Any], definition: dict[str, Any] | None) -> _Graph
             target, target_slot = link["target_id"], link["target_slot"]
         else:
             continue
+        origin, target = renumbered.get(str(origin), origin), renumbered.get(str(target), target)
         links[int(link_id)] = _Link(origin, int(origin_slot), target, int(target_slot))
     return _Graph(nodes, links, definition)
+
+
+def _first_of_each_id(definitions: list[Any]) -> list[dict[str, Any]]:
+    """The subgraph definitions, the first of each id only (the frontend ignores a later one with the same id)."""
+    seen: set[str] = set()
+    kept = []
+    for definition in definitions:
+        if isinstance(definition, dict) and str(definition["id"]) not in seen:
+            seen.add(str(definition["id"]))
+            kept.append(definition)
+    return kept
+
+
+def _renumbered_inner_nodes(workflow: Workflow, definitions: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """For each subgraph definition, the new ids of the inner nodes that the frontend renumbers on load.
+
+    Frontend 1.58 makes node ids unique across the root graph and all subgraph definitions when it loads a
+    workflow (earlier ones, 1.27 among them, keep them as saved): definition by definition, in the file's
+    order, an inner node whose id a root node or a node of an earlier definition already has gets the next
+    free id after the workflow's ``last_node_id`` (and after every id seen so far), as a new node would. The
+    execution id of an inner node (``<instance>:<inner>``) carries the new id, and so do overrides. Where two
+    nodes of one definition share an id, that definition is left as it is: the conversion refuses it."""
+    taken = {str(node.get("id")) for node in _list(workflow.get("nodes")) if isinstance(node, dict)}
+    numbers = {number for number in map(_integer_id, taken) if number is not None}
+    last = workflow.get("last_node_id")
+    if "last_node_id" not in workflow and workflow.get("version") != 0.4:
+        last = _dict(workflow.get("state")).get("lastNodeId")
+    last = max(last, 0) if isinstance(last, int) and not isinstance(last, bool) else 0
+    renumbering = []
+    for definition in definitions:
+        ids = [str(node.get("id")) for node in _list(definition.get("nodes")) if isinstance(node, dict)]
+        renumbered: dict[str, int] = {}
+        for saved in ids if len(set(ids)) == len(ids) else []:
+            node_id = saved
+            if saved in taken:
+                last += 1
+                while last in numbers:
+                    last += 1
+                renumbered[saved] = last
+                node_id = str(last)
+            taken.add(node_id)
+            number = _integer_id(node_id)
+            if number is not None:
+                numbers.add(number)
+                last = max(last, number)
+        renumbering.append(renumbered)
+    return renumbering
+
+
+def _integer_id(node_id: str) -> int | None:
+    """The id as a number where it is one written plainly ("7", not "07" or "3:1"), as the frontend tells them."""
+    return int(node_id) if re.fullmatch(r"-?[1-9][0-9]*|0", node_id) else None
 
 
 def _dict(value: Any) -> dict[str, Any]:

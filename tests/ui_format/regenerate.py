@@ -1,14 +1,27 @@
 """Regenerate the UI-format corpus's expected API prompts with ComfyUI's own frontend (the ground truth).
 
-    python tests/ui_format/regenerate.py --comfy-url http://127.0.0.1:8188 [--templates DIR] [--only NAME]
+    python tests/ui_format/regenerate.py --comfy-url http://127.0.0.1:8188 [--templates DIR [--into FOLDER]
+        [--known-only] [--compact]] [--sources FOLDER ...] [--only NAME]
 
-Needs a real ComfyUI serving its frontend (``comfyui_frontend_package``) at ``--comfy-url`` and Debian's
-``chromium``. Headless Chromium opens the frontend, and for every UI-format workflow in ``cases/`` (and, with
-``--templates``, every template of ``comfyui_workflow_templates``, copied into ``templates/``) it runs what a
-user's browser runs on *Queue*: ``app.loadGraphData(workflow)`` then ``app.graphToPrompt()``. The API prompt
-it returns is written to ``expected/<name>.json``; ``object_info.json`` is the node catalogue it converted
-against (the converter under test maps widgets with the same catalogue). See frontend.md in the shared notes
+Needs a real ComfyUI serving its frontend (``comfyui_frontend_package``, or another version of it with
+``--front-end-root``) at ``--comfy-url`` and Debian's ``chromium``. Headless Chromium opens the frontend, and
+for every UI-format workflow in the ``--sources`` folders (``cases`` and ``templates`` unless told otherwise;
+with ``--templates``, the UI-format templates of a ``comfyui_workflow_templates`` folder are first copied into
+``--into``) it runs what a user's browser runs on *Queue*: ``app.loadGraphData(workflow)`` then
+``app.graphToPrompt()``. The API prompt it returns is written to ``<expected>/<folder>__<name>.json``, where
+``<expected>`` is named for the frontend version the page reports: ``expected`` for 1.27.10 (the frontend
+ComfyUI 0.3.64 ships, the corpus's first), ``expected-<version>`` for any other. ``object_info.json`` is the
+node catalogue every frontend converted against (the converter under test maps widgets with the same
+catalogue): 1.27.10 writes it, and another frontend must find the server's catalogue equal to it. The case
+builders (``cases/*.js``) use 1.27.10's graph API and run only under it. See frontend.md in the shared notes
 this project was started from for what was measured when this was first done.
+
+The corpus of frontend 1.58.1 (``expected-1.58.1``, templates-0.11.97) was made with ComfyUI 0.3.64 started
+with ``--front-end-root`` at the static folder of ``comfyui-frontend-package`` 1.58.1, against
+``comfyui-workflow-templates`` 0.11.97 (its templates are in ``comfyui-workflow-templates-json`` 0.1.123):
+``--templates <site-packages>/comfyui_workflow_templates_json/templates --into templates-0.11.97 --known-only
+--compact --sources cases templates templates-0.11.97``. Both ran with no model files and an empty ``3d``
+folder in the input directory, as the catalogue shows.
 
 Nothing here runs in the test suite: the stored files are the corpus, and ``tests/test_ui_format.py`` compares
 ``comfy_worker.ui_format`` against them.
@@ -33,6 +46,8 @@ from typing import Any
 
 import websocket
 
+from comfy_worker.ui_format import node_types
+
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("regenerate")
 
@@ -41,6 +56,9 @@ READY = """(() => {
   if (!app || !app.graph || !app.canvas || app.configuringGraph) return 0;
   return Object.keys(window.LiteGraph?.registered_node_types ?? {}).length;
 })()"""
+
+VERSION = "window.__COMFYUI_FRONTEND_VERSION__"
+FIRST_FRONTEND = "1.27.10"  # the frontend of the first corpus: its results are in expected/, its builders made cases/
 
 CONVERT = """(async () => {
   const workflow = %s;
@@ -137,7 +155,9 @@ def open_frontend(tools: DevTools, comfy_url: str) -> int:
 
 def convert(tools: DevTools, workflow: dict[str, Any]) -> dict[str, Any]:
     result = json.loads(tools.evaluate(CONVERT % json.dumps(workflow)))
-    wanted = {str(node["id"]) for node in workflow.get("nodes", [])}
+    # Every root node must be there (the frontend restores its last workflow late and may replace an early
+    # load), but for legacy group nodes: newer frontends turn each into a subgraph instance with a new id.
+    wanted = {str(node["id"]) for node in workflow.get("nodes", []) if not str(node.get("type")).startswith("workflow")}
     if not wanted <= set(result["loaded"]):
         raise RuntimeError("the frontend converted another graph than the one loaded")
     return dict(result["output"])
@@ -169,39 +189,55 @@ def build_case(tools: DevTools, script: Path) -> None:
     target.write_text(json.dumps(json.loads(workflow), indent=1) + "\n", encoding="utf-8")
 
 
-def copy_templates(source: Path) -> None:
-    """The templates are UI workflows as ComfyUI ships them; keep the JSON files, skip the thumbnails."""
-    target = HERE / "templates"
+def copy_templates(source: Path, into: str, known: set[str] | None, compact: bool) -> None:
+    """The templates are UI workflows as ComfyUI ships them; keep the JSON files, skip the thumbnails. With
+    ``known``, only those whose every node type is one of them (the others are refused before any conversion,
+    which the first corpus shows already); ``compact`` writes them without indentation, to keep the corpus small."""
+    target = HERE / into
     target.mkdir(exist_ok=True)
     for path in sorted(source.glob("*.json")):
         if path.name.startswith("index."):
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and isinstance(data.get("nodes"), list):
-            (target / path.name).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        if not (isinstance(data, dict) and isinstance(data.get("nodes"), list)):
+            continue
+        if known is not None and not node_types(data) <= known:
+            continue
+        text = json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=1)
+        (target / path.name).write_text(text + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfy-url", default="http://127.0.0.1:8188")
-    parser.add_argument("--templates", type=Path, help="comfyui_workflow_templates' templates/ folder to copy")
+    parser.add_argument("--templates", type=Path, help="a comfyui_workflow_templates templates/ folder to copy")
+    parser.add_argument("--into", default="templates", help="the corpus folder the templates go to")
+    parser.add_argument("--known-only", action="store_true", help="copy only templates of node types ComfyUI has")
+    parser.add_argument("--compact", action="store_true", help="copy the templates without indentation")
+    parser.add_argument("--sources", nargs="+", default=["cases", "templates"], help="corpus folders to convert")
     parser.add_argument("--only", help="convert only the case or template with this file stem")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.templates:
-        copy_templates(args.templates)
     with urllib.request.urlopen(f"{args.comfy_url}/object_info", timeout=60) as response:
         object_info = json.load(response)
-    (HERE / "object_info.json").write_text(json.dumps(object_info) + "\n", encoding="utf-8")
-    expected = HERE / "expected"
-    expected.mkdir(exist_ok=True)
+    if args.templates:
+        copy_templates(args.templates, args.into, set(object_info) if args.known_only else None, args.compact)
     failed = 0
     with chromium() as tools:
         log.info("frontend ready: %d node types", open_frontend(tools, args.comfy_url))
-        for script in sorted((HERE / "cases").glob("*.js")):
-            if not args.only or script.stem == args.only:
-                build_case(tools, script)
-        for path in sorted((HERE / "cases").glob("*.json")) + sorted((HERE / "templates").glob("*.json")):
+        version = str(tools.evaluate(VERSION))
+        catalogue = HERE / "object_info.json"
+        if version == FIRST_FRONTEND:
+            catalogue.write_text(json.dumps(object_info) + "\n", encoding="utf-8")
+            for script in sorted((HERE / "cases").glob("*.js")):
+                if not args.only or script.stem == args.only:
+                    build_case(tools, script)
+        elif json.loads(catalogue.read_text(encoding="utf-8")) != object_info:
+            raise SystemExit(f"{args.comfy_url}/object_info is not object_info.json: start ComfyUI as it was started")
+        expected = HERE / ("expected" if version == FIRST_FRONTEND else f"expected-{version}")
+        expected.mkdir(exist_ok=True)
+        log.info("frontend %s: writing %s", version, expected.name)
+        for path in [path for folder in args.sources for path in sorted((HERE / folder).glob("*.json"))]:
             name = f"{path.parent.name}__{path.stem}"
             if args.only and path.stem != args.only:
                 continue
