@@ -395,6 +395,8 @@ def run(workspace: Workspace, resolved: ResolvedConfig, env: Mapping[str, str], 
         state = State.load(state_path(workspace))
         state.provisioned_sha256 = resolved.sha256 if report.ok else None
         state.save(state_path(workspace))
+        if report.ok and (tree := trees.current(workspace)) is not None:
+            trees.mark_config(tree, resolved.sha256)
     return report
 
 
@@ -662,17 +664,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def own_tree(workspace: Workspace, env: Mapping[str, str]) -> Tree | None:
-    """The complete install tree of this worker's own config: while two releases of an endpoint with different
-    configs run on one volume, the link points to whichever provisioned last, but each worker runs its own."""
+    """The install tree last provisioned for this worker's own config: while two releases of an endpoint with
+    different configs run on one volume, the link points to whichever provisioned last, but each worker runs
+    its own. Found by the config's SHA-256 (``trees.mark_config``), so a warm start parses nothing."""
     from comfy_worker.provision import trees
-    from comfy_worker.provision.config import parse
 
     try:
         resolved = resolve(env, workspace.volume_config, workspace.baked_config)
-        tree = trees.Tree(trees.trees_dir(workspace) / trees.key_of(parse(resolved.text, resolved.source), workspace))
     except (ConfigError, OSError):
         return None
-    return tree if tree.complete else None
+    return trees.tree_of_config(workspace, resolved.sha256)
 
 
 def worker_env(workspace: Workspace, env: Mapping[str, str], lease: bool) -> dict[str, str]:

@@ -11,6 +11,7 @@ version, custom nodes and Python environment gets a tree of its own in ``.comfy-
   shares (on serverless each worker keeps its own elsewhere anyway: ``settings.local_state_dir``);
 - ``venv/``: the custom nodes' requirements (in the image only);
 - ``tree.json``: what is installed there (``run.State``); ``complete``: written once the tree is ready;
+  ``configs/<sha256>``: the configs provisioned into it;
 - ``leases/``: one file per worker running this tree, refreshed while it runs.
 
 A new tree starts as a copy of the current one made of hard links (no space, a second or so), and the
@@ -250,6 +251,24 @@ def switch(workspace: Workspace, tree: Tree) -> None:
     temporary.symlink_to(os.path.relpath(tree.comfyui_dir, link.parent))
     temporary.replace(link)
     log.info("%s now links to install tree %s", link, tree.key)
+
+
+def mark_config(tree: Tree, sha256: str) -> None:
+    """Record that ``tree`` is what the config with this SHA-256 was provisioned into (the newest mark wins)."""
+    (tree.root / "configs").mkdir(exist_ok=True)
+    (tree.root / "configs" / sha256).touch()
+
+
+def tree_of_config(workspace: Workspace, sha256: str) -> Tree | None:
+    """The complete tree most recently provisioned for the config with this SHA-256, if any is left."""
+    found: list[tuple[float, Tree]] = []
+    with contextlib.suppress(OSError):
+        for entry in trees_dir(workspace).iterdir():
+            tree = Tree(entry)
+            with contextlib.suppress(OSError):
+                found.append(((entry / "configs" / sha256).stat().st_mtime, tree))
+    complete = [(mtime, tree) for mtime, tree in found if tree.complete]
+    return max(complete, key=lambda pair: pair[0])[1] if complete else None
 
 
 def worker_id(env: Mapping[str, str]) -> str:
