@@ -54,7 +54,7 @@ lint() {
   compose -f docker-compose.yml config --quiet
   compose -f docker-compose.yml --profile cpu config --quiet
   if command -v shellcheck >/dev/null 2>&1; then
-    shellcheck -x ./*.sh .ci/run
+    shellcheck -x ./*.sh .ci/run .ci/bare-machine.sh
   else
     echo "shellcheck not installed: shell scripts not linted (apt-get install shellcheck)" >&2
   fi
