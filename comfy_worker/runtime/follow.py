@@ -112,7 +112,8 @@ class Follower:
                 )
             wait = min(remaining, IDLE_CHECK_S if self.events.connected else HISTORY_POLL_S)
             try:
-                frame = await asyncio.wait_for(frames.get(), timeout=wait)
+                async with asyncio.timeout(wait):  # not wait_for: on 3.11 it can swallow the job's cancellation
+                    frame = await frames.get()
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     continue  # the time limit, not silence: report the timeout without asking ComfyUI
@@ -150,7 +151,8 @@ class Follower:
     async def _finished_before(self, prompt_id: str, deadline: float) -> bool:
         """``_finished_in_history``, but False at ``deadline``: a hung ComfyUI must not hold up the job's end."""
         try:
-            return await asyncio.wait_for(self._finished_in_history(prompt_id), max(deadline - time.monotonic(), 0))
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                return await self._finished_in_history(prompt_id)
         except TimeoutError:
             return False
 
