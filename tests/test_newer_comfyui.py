@@ -31,6 +31,7 @@ from PIL import Image
 
 from comfy_worker.comfy.events import EventStream, Frame
 from comfy_worker.runtime import outputs
+from comfy_worker.runtime.attempt import Attempt
 from comfy_worker.runtime.follow import Follower, Progress
 
 from .comfy_servers import STANDIN_MAIN, ComfyServer, run_standin
@@ -344,8 +345,11 @@ def test_following_a_prompt_through_0_38_frames() -> None:
             queue.put_nowait(frame)
         follower = Follower(NoComfy(), NoComfy(), None)  # type: ignore[arg-type]
         tracker = Progress(workflow, sent.append, interval_s=0)
-        await follower.follow(PROMPT, queue, tracker, time.monotonic() + 60, 60)
+        clock = Attempt("job", started=time.monotonic(), folder="jobs/x", timeout_s=60)
+        clock.wait_behind_others()
+        await follower.follow(PROMPT, queue, tracker, clock)
         assert queue.empty()
+        assert not clock.waiting, "its first frame told that ComfyUI started the prompt"
 
     asyncio.run(follow())
     assert [(m["node_id"], m.get("step"), m["nodes_done"], m["percent"]) for m in sent] == [

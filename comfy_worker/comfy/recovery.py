@@ -56,7 +56,7 @@ class Recovery:
         self._done: threading.Event | None = None  # set when the background work under way has ended
         self.restarting = False  # a restart is asked for or under way (ComfyUI cannot answer now)
         self._restart_asked = False
-        self._restarted_for: int | None = None  # the start of ComfyUI (supervisor.restarts) last seen dead
+        self._restarted_for: object | None = None  # the ComfyUI process (Popen) last restarted for
         self._active_jobs = 0
         self._pending = False
 
@@ -96,20 +96,21 @@ class Recovery:
         self._in_background(lambda: None, "comfyui-restart")
         return True
 
-    def restart_crashed(self, generation: int | None) -> bool:
+    def restart_crashed(self, process: object | None) -> bool:
         """Restart ComfyUI after a job saw it die; the other jobs that saw the same death add nothing.
 
-        ``generation`` is the supervisor's restart count when the death was seen: a restart already asked
-        for that start, or one that is done (the count moved on), serves every job. False if we cannot.
+        ``process`` is the one seen dead (the supervisor's Popen then): a restart already asked for it, or one
+        that replaced it, serves every job. Told by the process itself, not a count, because a restart
+        counts itself before it replaces the process. None: restart in any case. False if we cannot.
         """
         supervisor = self.supervisor
         if supervisor is None or not supervisor.restartable:
             return False
-        if generation is not None:
+        if process is not None:
             with self._lock:
-                if generation != supervisor.restarts or generation == self._restarted_for:
+                if process is not supervisor.process or process is self._restarted_for:
                     return True
-                self._restarted_for = generation
+                self._restarted_for = process
         return self.start()
 
     def comfy_down(self) -> bool:
@@ -176,7 +177,7 @@ class Recovery:
         if self.failed is not None:
             raise self.failed  # every attempt failed: the worker waits to be replaced, it does not try again
         if self.supervisor is not None and not self.supervisor.alive() and not self._busy():
-            self.restart_crashed(self.supervisor.restarts)
+            self.restart_crashed(self.supervisor.process)
         while self._pending or self._busy():
             if time.monotonic() >= deadline:
                 raise JobTimeoutError(

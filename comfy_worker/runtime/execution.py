@@ -111,8 +111,8 @@ class Execution:
             if not attempt.waiting:
                 raise  # it ran: running it again might do twice what it does (a paid API node, say)
             log.warning("job %s: ComfyUI went away before it ran prompt %s: queueing it again", attempt.job_id, exc)
-            if exc.generation is not None:  # it died (not: restarted already, when the prompt was lost)
-                self.recovery.restart_crashed(exc.generation)
+            if exc.process is not None:  # it died (not: restarted already, when the prompt was lost)
+                self.recovery.restart_crashed(exc.process)
             await self.recovery.wait(attempt.deadline, attempt.timeout_s)
             self.lineup.rejoin(place)
             queued = await self._queue_and_follow(attempt, place, job, graph, progress)

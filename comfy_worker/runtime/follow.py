@@ -153,7 +153,7 @@ class Follower:
             f"ComfyUI exited (code {code}) {running or 'before it started the prompt'}.",
             {"exit_code": code, "node_id": tracker.current_node, "log_tail": supervisor.log_tail(50)},
         )
-        crash.generation = supervisor.restarts
+        crash.process = supervisor.process
         raise crash
 
     async def _finished_before(self, prompt_id: str, clock: Attempt) -> bool:

@@ -152,7 +152,7 @@ class Worker:
     async def _error_result(self, error: WorkerError, attempt: Attempt) -> dict[str, Any]:
         """The failed job's result: the error as JSON text with diagnostics, secrets masked."""
         if isinstance(error, ComfyCrashedError):
-            error.details["comfyui_restarting"] = self.recovery.restart_crashed(error.generation)
+            error.details["comfyui_restarting"] = self.recovery.restart_crashed(error.process)
         report = await asyncio.to_thread(
             diagnostics.collect,
             error,
