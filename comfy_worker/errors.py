@@ -69,6 +69,7 @@ class ComfyUnavailableError(WorkerError):
 
 class ComfyCrashedError(WorkerError):
     error_type = "comfyui_crashed"
+    generation: int | None = None  # which start of ComfyUI died (its supervisor's restart count), when known
 
 
 class OutputError(WorkerError):

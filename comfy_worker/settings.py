@@ -223,6 +223,7 @@ class Settings:
     startup_timeout_s: float = 300.0
     job_timeout_s: float = 540.0  # below RunPod's default execution timeout (600 s): the worker reports it
     job_timeout_max_s: float = 3600.0
+    job_concurrency: int = 2  # jobs held at once: the next one's inputs and prompt are ready as one ends
     interrupt_grace_s: float = 10.0
     restart_attempts: int = 3
     progress_interval_s: float = 1.0
@@ -302,6 +303,7 @@ class Settings:
             startup_timeout_s=env_float(env, "COMFY_STARTUP_TIMEOUT", cls.startup_timeout_s, minimum=1.0),
             job_timeout_s=job_timeout,
             job_timeout_max_s=job_timeout_max,
+            job_concurrency=env_int(env, "JOB_CONCURRENCY", cls.job_concurrency, minimum=1),
             interrupt_grace_s=env_float(env, "INTERRUPT_GRACE", cls.interrupt_grace_s),
             restart_attempts=env_int(env, "COMFY_RESTART_ATTEMPTS", cls.restart_attempts, minimum=1),
             progress_interval_s=env_float(env, "PROGRESS_INTERVAL", cls.progress_interval_s),

@@ -10,10 +10,12 @@ is hit on every run, not by chance.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
+from comfy_worker.runtime.attempt import Attempt
 from comfy_worker.runtime.follow import Follower, Progress
 
 FRAME = {"type": "progress", "data": {"value": 1, "max": 10, "prompt_id": "p"}}
@@ -28,8 +30,8 @@ async def _cancel_after(ticks: int) -> str:
     frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     tracker = Progress({"1": {"class_type": "KSampler"}}, lambda _: None, 0.0)
     follower = Follower(client=None, events=_SilentEvents(), supervisor=None)  # type: ignore[arg-type]
-    loop = asyncio.get_running_loop()
-    task = asyncio.create_task(follower.follow("p", frames, tracker, loop.time() + 600, 600))
+    clock = Attempt("job", started=time.monotonic(), folder="jobs/x", timeout_s=600)
+    task = asyncio.create_task(follower.follow("p", frames, tracker, clock))
     for _ in range(3):
         await asyncio.sleep(0)  # the follower is waiting for a frame
     frames.put_nowait(FRAME)

@@ -11,7 +11,9 @@ held up; the next jobs wait for that work instead. The state lives here and nowh
   from Popen or mkdir, ``TimeoutExpired`` from stopping the old process) counts as a failed attempt, and after
   the last one the failure is kept, so no waiter can hang on a restart that died;
 - a waiter gives up at its own deadline (the job's timeout);
-- a restart asked for while jobs run (SIGHUP from apply_config.sh) waits until the last one is done.
+- one death of ComfyUI is one restart, however many jobs in flight saw it die;
+- a restart asked for while jobs run (SIGHUP from apply_config.sh) waits until the last one is done, and
+  jobs that come meanwhile wait for it (with several jobs at once there might never be a last one).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Recovery:
         self._done: threading.Event | None = None  # set when the background work under way has ended
         self.restarting = False  # a restart is asked for or under way (ComfyUI cannot answer now)
         self._restart_asked = False
+        self._restarted_for: int | None = None  # the start of ComfyUI (supervisor.restarts) last seen dead
         self._active_jobs = 0
         self._pending = False
 
@@ -92,6 +95,27 @@ class Recovery:
             self._restart_asked = self.restarting = True  # "restarting" at once, for the failing job's report
         self._in_background(lambda: None, "comfyui-restart")
         return True
+
+    def restart_crashed(self, generation: int | None) -> bool:
+        """Restart ComfyUI after a job saw it die; the other jobs that saw the same death add nothing.
+
+        ``generation`` is the supervisor's restart count when the death was seen: a restart already asked
+        for that start, or one that is done (the count moved on), serves every job. False if we cannot.
+        """
+        supervisor = self.supervisor
+        if supervisor is None or not supervisor.restartable:
+            return False
+        if generation is not None:
+            with self._lock:
+                if generation != supervisor.restarts or generation == self._restarted_for:
+                    return True
+                self._restarted_for = generation
+        return self.start()
+
+    def comfy_down(self) -> bool:
+        """Whether the ComfyUI we own is dead or being restarted (a failed call then waits for ``wait``)."""
+        supervisor = self.supervisor
+        return self.restarting or (supervisor is not None and supervisor.restartable and not supervisor.alive())
 
     def settle(self, prompt_running: Callable[[], bool], grace_s: float) -> None:
         """A timed-out or cancelled prompt was interrupted: give it ``grace_s`` to end, in the background, and
@@ -152,9 +176,8 @@ class Recovery:
         if self.failed is not None:
             raise self.failed  # every attempt failed: the worker waits to be replaced, it does not try again
         if self.supervisor is not None and not self.supervisor.alive() and not self._busy():
-            self.start()
-        done = self._done
-        while done is not None and not done.is_set():
+            self.restart_crashed(self.supervisor.restarts)
+        while self._pending or self._busy():
             if time.monotonic() >= deadline:
                 raise JobTimeoutError(
                     f"The job ran past its timeout of {timeout_s:g}s while waiting for ComfyUI to be ready "
@@ -166,6 +189,7 @@ class Recovery:
             raise self.failed
 
     def job_started(self) -> None:
+        """Called once a job is past ``wait``: a restart for changed nodes waits for it to end."""
         self._active_jobs += 1
 
     def job_finished(self) -> None:

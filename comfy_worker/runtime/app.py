@@ -159,10 +159,16 @@ def warm_up(worker: Worker, path: Path) -> None:
 
 
 def make_handler(worker: Worker) -> Any:
-    """The runpod handler: an async function of the job dict."""
+    """The runpod handler: an async function of the job dict.
+
+    At most JOB_CONCURRENCY jobs run in it at once. The production loop takes no more than that anyway
+    (``concurrency_modifier``); the local API runs every request at once, so there the others wait here,
+    before their job (and its clock) starts.
+    """
     import runpod
 
     send_progress = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
+    slots = asyncio.Semaphore(worker.settings.job_concurrency)
 
     async def handler(job: dict[str, Any]) -> dict[str, Any]:
         def progress(message: dict[str, Any]) -> None:
@@ -171,7 +177,8 @@ def make_handler(worker: Worker) -> Any:
             else:
                 log.debug("job %s progress: %s", job.get("id"), message)
 
-        return await worker.run(str(job.get("id")), job.get("input"), progress)
+        async with slots:
+            return await worker.run(str(job.get("id")), job.get("input"), progress)
 
     return handler
 
@@ -251,7 +258,7 @@ def main() -> None:
     # through the finally below, so the ComfyUI we started goes too. The serverless loop has its own handler.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        runpod.serverless.start({"handler": make_handler(worker)})
+        runpod.serverless.start({"handler": make_handler(worker), "concurrency_modifier": worker.concurrency})
     finally:
         worker.events.close()
         if worker.supervisor is not None:

@@ -19,6 +19,7 @@ from comfy_worker.comfy.errors import execution_error, interrupted_error
 from comfy_worker.comfy.events import DISCONNECTED, RECONNECTED, EventStream, Frame
 from comfy_worker.comfy.supervisor import ComfySupervisor
 from comfy_worker.errors import ComfyCrashedError, ComfyUnavailableError, JobTimeoutError, WorkerError
+from comfy_worker.runtime.attempt import Attempt
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +91,24 @@ class Follower:
         self.events = events
         self.supervisor = supervisor
 
-    async def follow(
-        self, prompt_id: str, frames: asyncio.Queue[Frame], tracker: Progress, deadline: float, timeout_s: float
-    ) -> None:
-        """Wait until the prompt ends: ``executing`` with ``node: null``, an error frame, or /history says so."""
+    async def follow(self, prompt_id: str, frames: asyncio.Queue[Frame], tracker: Progress, clock: Attempt) -> None:
+        """Wait until the prompt ends: ``executing`` with ``node: null``, an error frame, or /history says so.
+
+        The first frame of the prompt's own tells that ComfyUI started it: the job's clock runs again
+        (``Attempt``), so the time it waited behind other jobs' prompts does not count against its timeout.
+        """
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = clock.deadline - time.monotonic()
             if remaining <= 0:
                 raise JobTimeoutError(
-                    f"The job ran past its timeout of {timeout_s:g}s"
+                    f"The job ran past its timeout of {clock.timeout_s:g}s"
                     + (
                         f" while node {tracker.node_label(tracker.current_node)} was running."
                         if tracker.current_node
                         else "."
                     ),
                     {
-                        "timeout_s": timeout_s,
+                        "timeout_s": clock.timeout_s,
                         "node_id": tracker.current_node,
                         "node": tracker.node_label(tracker.current_node),
                     },
@@ -115,14 +118,16 @@ class Follower:
                 async with asyncio.timeout(wait):  # not wait_for: on 3.11 it can swallow the job's cancellation
                     frame = await frames.get()
             except TimeoutError:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= clock.deadline:
                     continue  # the time limit, not silence: report the timeout without asking ComfyUI
                 # nothing heard for a while: ask /history, the source of truth
                 self._raise_if_crashed(tracker)
-                if await self._finished_before(prompt_id, deadline):
+                if await self._finished_before(prompt_id, clock):
                     return
                 continue
             kind, data = frame.get("type"), frame.get("data") or {}
+            if kind not in (DISCONNECTED, RECONNECTED):
+                clock.runs_again()  # a frame of its own: ComfyUI runs the prompt
             if kind == "executing" and data.get("node") is None:
                 return
             if kind == "execution_error":
@@ -133,7 +138,7 @@ class Follower:
                 self._raise_if_crashed(tracker)
             elif kind == RECONNECTED:
                 self._raise_if_crashed(tracker)
-                if await self._finished_before(prompt_id, deadline):
+                if await self._finished_before(prompt_id, clock):
                     return
             else:
                 tracker.update(frame)
@@ -143,24 +148,28 @@ class Follower:
         if supervisor is None or supervisor.alive():
             return
         code = supervisor.process.returncode if supervisor.process else None
-        raise ComfyCrashedError(
-            f"ComfyUI exited (code {code}) while node {tracker.node_label(tracker.current_node)} was running.",
+        running = f"while node {tracker.node_label(tracker.current_node)} was running" if tracker.current_node else ""
+        crash = ComfyCrashedError(
+            f"ComfyUI exited (code {code}) {running or 'before it started the prompt'}.",
             {"exit_code": code, "node_id": tracker.current_node, "log_tail": supervisor.log_tail(50)},
         )
+        crash.generation = supervisor.restarts
+        raise crash
 
-    async def _finished_before(self, prompt_id: str, deadline: float) -> bool:
-        """``_finished_in_history``, but False at ``deadline``: a hung ComfyUI must not hold up the job's end."""
+    async def _finished_before(self, prompt_id: str, clock: Attempt) -> bool:
+        """``_finished_in_history``, but False at the job's deadline: a hung ComfyUI must not hold up its end."""
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                return await self._finished_in_history(prompt_id)
+            async with asyncio.timeout(max(clock.deadline - time.monotonic(), 0)):
+                return await self._finished_in_history(prompt_id, clock)
         except TimeoutError:
             return False
 
-    async def _finished_in_history(self, prompt_id: str) -> bool:
+    async def _finished_in_history(self, prompt_id: str, clock: Attempt) -> bool:
         """Whether the prompt ended, by /queue and /history; raise its error if it ended in one.
 
         The queue is asked first: a prompt moves from the queue to the history at once, so one that is in
-        neither was lost (ComfyUI restarted behind the worker's back, or someone cleared its queue).
+        neither was lost (ComfyUI restarted behind the worker's back, or someone cleared its queue). One that
+        runs starts the job's clock again, in case its frames were lost.
         """
         try:
             queue = await asyncio.to_thread(self.client.queue)
@@ -168,7 +177,10 @@ class Follower:
         except ComfyUnavailableError:
             return False  # still down: keep waiting for the socket or the deadline
         if entry is None:
-            if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
+            if any(item[1] == prompt_id for item in queue.get("queue_running", [])):
+                clock.runs_again()
+                return False
+            if any(item[1] == prompt_id for item in queue.get("queue_pending", [])):
                 return False
             raise ComfyCrashedError(
                 f"ComfyUI no longer knows prompt {prompt_id}: it was restarted or its queue was cleared "
