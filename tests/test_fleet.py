@@ -140,7 +140,8 @@ def wait_for(what: str, ready: Any, deadline_s: float, procs: list[Proc]) -> Non
 
 
 def polled(platform: RunpodPlatform, pod_id: str) -> bool:
-    return any(request.pod_id == pod_id for request in platform.requests("job-take"))
+    takes = platform.requests("job-take") + platform.requests("job-take-batch")  # JOB_CONCURRENCY 1, or more
+    return any(request.pod_id == pod_id for request in takes)
 
 
 @contextlib.contextmanager

@@ -565,15 +565,20 @@ def test_a_fleet_of_containers_on_one_volume_keeps_every_jobs_files_its_own(
         victim = next(w for w in workers if w.env["RUNPOD_POD_ID"] == platform.taken_by(victim_job))
         docker_image.docker("kill", "--signal", "KILL", victim.name, timeout_s=60)
         counts["kills"] += 1
-        index = jobs.pop(victim_job)
-        jobs[platform.submit(fleet_job(index, urls))] = index  # as the platform retries a job its worker lost
-        counts["resubmitted"] += 1
+        pod = victim.env["RUNPOD_POD_ID"]  # with JOB_CONCURRENCY it held a queued job too, maybe
+        for lost in [job for job in jobs if platform.taken_by(job) == pod and not platform.results(job)]:
+            index = jobs.pop(lost)
+            jobs[platform.submit(fleet_job(index, urls))] = index  # as the platform retries a job its worker lost
+            counts["resubmitted"] += 1
         workers.append(serverless(platform, "fleet-3"))
         cycle = 0
         while not all(platform.results(job) for job in jobs):
             churn = serverless(idle, f"churn-{cycle}")
             pod = f"churn-{cycle}"  # polling for a job: its ComfyUI has booted (and emptied its temp folder)
-            wait(f"{pod} polling", lambda pod=pod: any(r.pod_id == pod for r in idle.requests("job-take")))
+            wait(
+                f"{pod} polling",
+                lambda pod=pod: any(r.pod_id == pod and r.kind.startswith("job-take") for r in idle.requests()),
+            )
             if cycle % 2:
                 docker_image.docker("kill", "--signal", "KILL", churn.name, timeout_s=60)
                 counts["kills"] += 1

@@ -32,7 +32,9 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
 
 
 def job(seconds: float, prefix: str, timeout: float | None = None) -> dict[str, Any]:
-    return {"workflow": sleep_graph(seconds, prefix=prefix)} | ({"timeout": timeout} if timeout else {})
+    # in steps, so an interrupt lands within a step (ComfyUI would be restarted at INTERRUPT_GRACE otherwise)
+    steps = max(1, int(seconds * 20))
+    return {"workflow": sleep_graph(seconds, prefix=prefix, steps=steps)} | ({"timeout": timeout} if timeout else {})
 
 
 async def in_flight(worker: Worker, *inputs: dict[str, Any]) -> list[dict[str, Any]]:
