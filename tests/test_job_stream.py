@@ -157,3 +157,22 @@ def test_the_lineup_keeps_arrival_order_and_a_requeued_job_its_place() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["first", "second", "third", "first again", "fourth"]
+
+
+def test_a_restart_for_changed_nodes_waits_for_the_jobs_in_flight_and_holds_new_ones(worker: Worker) -> None:
+    restarts = worker.supervisor.restarts if worker.supervisor else 0
+
+    async def scenario() -> list[dict[str, Any]]:
+        first = asyncio.create_task(worker.run("first", job(1.5, "hup1"), lambda _m: None))
+        second = asyncio.create_task(worker.run("second", job(0.5, "hup2"), lambda _m: None))
+        deadline = time.monotonic() + 60
+        while not (await asyncio.to_thread(worker.client.queue))["queue_running"]:
+            assert time.monotonic() < deadline, "the first job never ran"
+            await asyncio.sleep(0.05)
+        worker.request_restart()  # SIGHUP from apply_config.sh while two jobs are in flight
+        third = asyncio.create_task(worker.run("third", job(0.2, "hup3"), lambda _m: None))
+        return list(await asyncio.gather(first, second, third))
+
+    results = asyncio.run(scenario())
+    assert [r.get("status") for r in results] == ["success"] * 3, [r.get("error") for r in results]
+    assert worker.supervisor is not None and worker.supervisor.restarts == restarts + 1

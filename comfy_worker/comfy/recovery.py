@@ -168,17 +168,19 @@ class Recovery:
             self.events.wait_connected(timeout_s=10)
             return
 
-    async def wait(self, deadline: float, timeout_s: float) -> None:
+    async def wait(self, deadline: float, timeout_s: float, *, new_job: bool = False) -> None:
         """Before a job: restart a ComfyUI found dead, then wait for the work under way until ``deadline``.
 
         Raises the kept ``ComfyUnavailableError`` when the restart failed, ``JobTimeoutError`` when the job's
-        time ran out first. Cancelling the caller cancels only its own wait.
+        time ran out first. Cancelling the caller cancels only its own wait. A ``new_job`` (not yet
+        ``job_started``) also waits for a restart for changed nodes, which waits for the jobs in flight: they
+        must not wait for it in turn.
         """
         if self.failed is not None:
             raise self.failed  # every attempt failed: the worker waits to be replaced, it does not try again
         if self.supervisor is not None and not self.supervisor.alive() and not self._busy():
             self.restart_crashed(self.supervisor.process)
-        while self._pending or self._busy():
+        while (new_job and self._pending) or self._busy():
             if time.monotonic() >= deadline:
                 raise JobTimeoutError(
                     f"The job ran past its timeout of {timeout_s:g}s while waiting for ComfyUI to be ready "

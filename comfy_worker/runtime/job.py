@@ -102,7 +102,7 @@ class Worker:
     async def run(self, job_id: str, raw_input: Any, progress: ProgressSink) -> dict[str, Any]:
         """Run one job and return the handler's result: outputs, or ``{"error": <JSON text>}``."""
         attempt = Attempt(job_id, started=time.monotonic(), folder=cleanup.job_folder(str(uuid.uuid4())))
-        place = self.execution.lineup.join()
+        place: int | None = None  # its turn to queue its prompt, taken once it may go on (below)
         self._in_flight.add(attempt)
         release_secrets = self.redact.hold(attempt.secrets)  # masked in every log line until the job ends
         started = False
@@ -110,9 +110,10 @@ class Worker:
             job = await self.intake.read(attempt, raw_input)
             if self.startup_error is not None:
                 raise self.startup_error  # ComfyUI never came up: the worker waits to be replaced
-            await self.recovery.wait(attempt.deadline, attempt.timeout_s)
+            await self.recovery.wait(attempt.deadline, attempt.timeout_s, new_job=True)
             self.recovery.job_started()
             started = True
+            place = self.execution.lineup.join()
             job, graph = await self.intake.prompt(attempt, job)
             attempt.lap("prepare_s")
             await self.preparation.run(job, attempt, progress)
@@ -136,7 +137,8 @@ class Worker:
             )
             return await self._error_result(error, attempt)
         finally:
-            self.execution.lineup.leave(place)
+            if place is not None:
+                self.execution.lineup.leave(place)
             attempt.stop.set()
             release_secrets()
             self._leave(attempt)
