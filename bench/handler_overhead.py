@@ -6,14 +6,21 @@ Same run, same ComfyUI, interleaved so drift hits every variant alike:
 - ``handler``: the worker's job function called in-process (validation, queue, follow, /history, outputs,
   base64).
 - ``runsync``: ``POST /runsync`` through the runpod SDK's local API (``handler.py --rp_serve_api``).
+- ``sdk_floor``: the same local API around a handler that returns at once: what the SDK itself costs.
+- ``worker_comfyui``: runpod-workers/worker-comfyui's ``handler.py`` behind the same local API, on the same
+  ComfyUI, when ``--worker-comfyui DIR`` (or ``WORKER_COMFYUI_DIR``) names a checkout of it (AGPL-3.0: it is
+  run from there, never copied here; ``git clone https://github.com/runpod-workers/worker-comfyui``).
+
+The figure that counts is each local-API variant's median minus ComfyUI's: the per-job overhead of a
+trivial job, and ours against worker-comfyui's as a ratio (issue "a stream of jobs": at most a third).
 
 Then the large job: 4 x 2048x2048 noisy PNGs (about 12.6 MB each) through the handler, against reading the
 same four files and base64-encoding them alone.
 
-    python bench/handler_overhead.py [--jobs 50]                 # ComfyUI: the stand-in
-    COMFYUI_DIR=... COMFYUI_PYTHON=... python bench/handler_overhead.py   # a real ComfyUI
+    python bench/handler_overhead.py [--jobs 50] [--worker-comfyui DIR]     # ComfyUI: the stand-in
+    COMFYUI_DIR=... COMFYUI_PYTHON=... python bench/handler_overhead.py      # a real ComfyUI
 
-Targets (issue "worker core"): handler median <= comfyui median + 5 ms; large job <= 1.2x files+base64.
+Targets: runsync overhead <= worker_comfyui overhead / 3; large job <= 1.2x files+base64.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
+import itertools
 import json
 import logging
 import os
@@ -32,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +99,9 @@ def run_handler(
     return elapsed, result
 
 
-def run_runsync(api_url: str, job_input: dict[str, Any]) -> float:
+def run_runsync(url: str, graph: dict[str, Any]) -> float:
     started = time.perf_counter()
-    body = requests.post(f"{api_url}/runsync", json={"input": job_input}, timeout=300).json()
+    body = requests.post(f"{url}/runsync", json={"input": {"workflow": graph}}, timeout=300).json()
     elapsed = time.perf_counter() - started
     if body.get("status") != "COMPLETED":
         raise RuntimeError(str(body)[:500])
@@ -106,11 +116,31 @@ def summary(name: str, samples: list[float]) -> dict[str, float]:
     return figures
 
 
-def start_api(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, str(REPO / "handler.py"), "--rp_serve_api", "--rp_api_host", "127.0.0.1"]
+SDK_FLOOR = """
+import runpod
+
+runpod.serverless.start({"handler": lambda job: {"status": "success", "images": []}})
+"""
+
+# worker-comfyui's handler hard-codes ComfyUI at 127.0.0.1:8188 and imports src/network_volume.py
+WORKER_COMFYUI = """
+import sys
+
+sys.path[:0] = [{root!r}, {src!r}]
+import handler
+import runpod
+
+handler.COMFY_HOST = {host!r}
+runpod.serverless.start({{"handler": handler.handler}})
+"""
+
+
+def start_api(env: dict[str, str], script: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """``script --rp_serve_api`` on ``port``, once its local API answers."""
+    command = [sys.executable, str(script), "--rp_serve_api", "--rp_api_host", "127.0.0.1"]
     command += ["--rp_api_port", str(port), "--rp_log_level", "ERROR"]
     with log_path.open("wb") as handle:
-        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=script.parent)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -119,7 +149,34 @@ def start_api(env: dict[str, str], port: int, log_path: Path) -> subprocess.Pope
         except requests.RequestException:
             time.sleep(0.2)
     process.kill()
-    raise RuntimeError(f"local API did not start: {log_path.read_text()[-2000:]}")
+    process.wait()
+    raise RuntimeError(f"local API of {script.name} did not start: {log_path.read_text()[-2000:]}")
+
+
+def api_url(process: subprocess.Popen[bytes]) -> str:
+    args = [str(arg) for arg in process.args]  # type: ignore[union-attr]
+    return f"http://127.0.0.1:{args[args.index('--rp_api_port') + 1]}"
+
+
+def start_apis(
+    env: dict[str, str], root: Path, comfy_url: str, worker_comfyui: Path | None, baseline: Path | None
+) -> dict[str, subprocess.Popen[bytes]]:
+    """The local APIs to compare, by variant name: ours, the SDK's floor, worker-comfyui's and another
+    checkout of this worker (``baseline``: before a change, in the same run) when given."""
+    apis: dict[str, subprocess.Popen[bytes]] = {}
+    floor = root / "sdk_floor.py"
+    floor.write_text(SDK_FLOOR)
+    scripts = {"runsync": REPO / "handler.py", "sdk_floor": floor}
+    if baseline is not None:
+        scripts["baseline"] = baseline / "handler.py"  # imports the comfy_worker beside it, not this one
+    if worker_comfyui is not None:
+        wrapper = root / "worker_comfyui_main.py"
+        host = comfy_url.split("://", 1)[1]
+        wrapper.write_text(WORKER_COMFYUI.format(root=str(worker_comfyui), src=str(worker_comfyui / "src"), host=host))
+        scripts["worker_comfyui"] = wrapper
+    for name, script in scripts.items():
+        apis[name] = start_api(env, script, free_port(), root / f"{name}.log")  # each attaches to the same ComfyUI
+    return apis
 
 
 def files_then_base64(url: str, ws: websocket.WebSocket, client_id: str, graph: dict[str, Any], folder: Path) -> float:
@@ -181,10 +238,40 @@ def large_job(
     print(f"  ratio result time / files+base64: {out_s / base_s:.2f}x (target <= 1.2x)")
 
 
+def overheads(figures: dict[str, dict[str, float]]) -> None:
+    """Each variant's median over ComfyUI's own round trip, and ours against worker-comfyui's."""
+    base = figures["comfyui"]["median_ms"]
+    over = {
+        name: values["median_ms"] - base for name, values in figures.items() if name not in ("comfyui", "sdk_floor")
+    }
+    print()
+    for name, value in over.items():
+        print(f"{name} overhead over ComfyUI's round trip: {value:+.2f} ms median")
+    print(f"sdk_floor (a handler that returns at once, no ComfyUI): {figures['sdk_floor']['median_ms']:.2f} ms median")
+    if "worker_comfyui" in over and over["worker_comfyui"] > 0:
+        ratio = over["runsync"] / over["worker_comfyui"]
+        print(f"runsync overhead / worker_comfyui overhead: {ratio:.2f} (target <= 0.33)")
+        if "baseline" in over:
+            print(f"baseline overhead / worker_comfyui overhead: {over['baseline'] / over['worker_comfyui']:.2f}")
+    if "baseline" in over and over["baseline"] > 0:
+        print(f"runsync overhead / baseline overhead: {over['runsync'] / over['baseline']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--large-repeats", type=int, default=5)
+    parser.add_argument(
+        "--worker-comfyui",
+        type=Path,
+        default=os.environ.get("WORKER_COMFYUI_DIR") or None,
+        help="a checkout of runpod-workers/worker-comfyui, to run its handler alongside",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of this worker (git archive COMMIT | tar -x -C DIR), to run its handler.py alongside",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
@@ -201,39 +288,43 @@ def main() -> None:
         "COMFYUI_TEMP_DIR": str(root / "temp"),
         "LOG_LEVEL": "WARNING",
         "MAX_RESULT_MB": "100",  # the large job returns 64 MB of base64, over RunPod's default limit
-        "CLEANUP_JOB_FILES": "false",  # the baseline prompts reuse the handler's uploaded noise image
     }
     settings = Settings.from_env(env)
     print(f"ComfyUI: {comfy_dir}  ({settings.comfy_api_url})")
+    if args.worker_comfyui is None:
+        print("worker-comfyui: not compared (give --worker-comfyui DIR or WORKER_COMFYUI_DIR)")
     worker = build_worker(settings)  # starts ComfyUI and waits for it
     if worker.startup_error:
         raise SystemExit(worker.startup_error.message)
-    api = start_api(env, free_port(), root / "api.log")  # attaches to the same ComfyUI
+    apis: dict[str, subprocess.Popen[bytes]] = {}
     loop = asyncio.new_event_loop()
     try:
+        apis = start_apis(env, root, settings.comfy_api_url, args.worker_comfyui, args.baseline)
         client_id = uuid.uuid4().hex
         ws = websocket.create_connection(f"{settings.comfy_ws_url}?clientId={client_id}", timeout=60)
-        api_url = f"http://127.0.0.1:{api.args[api.args.index('--rp_api_port') + 1]}"
-        for i in range(5):  # warm-up: first prompts load ComfyUI's node code
-            comfy_round_trip(settings.comfy_api_url, ws, client_id, trivial(10_000 + i))
-            run_handler(worker, loop, {"workflow": trivial(20_000 + i)})
-            run_runsync(api_url, {"workflow": trivial(30_000 + i)})
-        samples: dict[str, list[float]] = {"comfyui": [], "handler": [], "runsync": []}
-        for i in range(args.jobs):
-            samples["comfyui"].append(comfy_round_trip(settings.comfy_api_url, ws, client_id, trivial(3 * i)))
-            samples["handler"].append(run_handler(worker, loop, {"workflow": trivial(3 * i + 1)})[0])
-            samples["runsync"].append(run_runsync(api_url, {"workflow": trivial(3 * i + 2)}))
+        variants: dict[str, Callable[[dict[str, Any]], float]] = {
+            "comfyui": lambda graph: comfy_round_trip(settings.comfy_api_url, ws, client_id, graph),
+            "handler": lambda graph: run_handler(worker, loop, {"workflow": graph})[0],
+        }
+        for name, process in apis.items():
+            variants[name] = functools.partial(run_runsync, api_url(process))
+        colour = itertools.count(1_000_000)  # a new colour for every prompt: ComfyUI's cache never answers
+        for _ in range(5):  # warm-up: first prompts load ComfyUI's node code
+            for run in variants.values():
+                run(trivial(next(colour)))
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.jobs):
+            for name, run in variants.items():
+                samples[name].append(run(trivial(next(colour))))
         print(f"\ntrivial workflow, {args.jobs} jobs each, interleaved:")
-        figures = {name: summary(name, values) for name, values in samples.items()}
-        overhead = figures["handler"]["median_ms"] - figures["comfyui"]["median_ms"]
-        print(f"handler overhead over ComfyUI's round trip: {overhead:+.2f} ms median (target <= 5 ms)")
-        runsync_overhead = figures["runsync"]["median_ms"] - figures["comfyui"]["median_ms"]
-        print(f"runsync overhead over ComfyUI's round trip: {runsync_overhead:+.2f} ms median")
+        overheads({name: summary(name, values) for name, values in samples.items()})
         large_job(worker, loop, ws, client_id, args.large_repeats)
         ws.close()
     finally:
-        api.terminate()
-        api.wait(timeout=15)
+        for process in apis.values():
+            process.terminate()
+        for process in apis.values():
+            process.wait(timeout=15)
         worker.events.close()
         if worker.supervisor:
             worker.supervisor.stop()
