@@ -74,14 +74,17 @@ def isolate_outputs(workflow: dict[str, Any], folder: str) -> None:
 
 
 def _inside(root: Path, path: Path) -> bool:
-    return path.resolve().is_relative_to(root.resolve()) and path.resolve() != root.resolve()
+    real_root, real_path = root.resolve(), path.resolve()  # once each: this runs before every job's result
+    return real_path.is_relative_to(real_root) and real_path != real_root
 
 
 def remove_job_files(folders: dict[str, Path], folder: str, temp_files: list[tuple[str, str]]) -> None:
     """Best effort: a file that cannot be removed stays, and never fails the job."""
     for name in ("input", "output"):
         root = folders.get(name)
-        if root is not None and _inside(root, root / folder):
+        if root is None or not (root / folder).exists():
+            continue  # a job without inputs made no input folder
+        if _inside(root, root / folder):
             shutil.rmtree(root / folder, ignore_errors=True)
     temp = folders.get("temp")
     if temp is not None:
