@@ -2,7 +2,8 @@
 
 Same run, same ComfyUI, interleaved so drift hits every variant alike:
 
-- ``comfyui``: ComfyUI's own round trip: an open WebSocket, ``POST /prompt``, wait for ``executing`` null.
+- ``comfyui``: ComfyUI's own round trip: an open WebSocket, ``POST /prompt`` (``requests.post``, as a plain
+  client sends it), wait for ``executing`` null.
 - ``handler``: the worker's job function called in-process (validation, queue, follow, /history, outputs,
   base64).
 - ``runsync``: ``POST /runsync`` through the runpod SDK's local API (``handler.py --rp_serve_api``).
@@ -10,6 +11,8 @@ Same run, same ComfyUI, interleaved so drift hits every variant alike:
 - ``worker_comfyui``: runpod-workers/worker-comfyui's ``handler.py`` behind the same local API, on the same
   ComfyUI, when ``--worker-comfyui DIR`` (or ``WORKER_COMFYUI_DIR``) names a checkout of it (AGPL-3.0: it is
   run from there, never copied here; ``git clone https://github.com/runpod-workers/worker-comfyui``).
+- ``baseline``: another checkout of this worker (``--baseline DIR``), to compare a change with what it
+  replaces in the same run.
 
 The figure that counts is each local-API variant's median minus ComfyUI's: the per-job overhead of a
 trivial job, and ours against worker-comfyui's as a ratio (issue "a stream of jobs": at most a third).
@@ -17,7 +20,7 @@ trivial job, and ours against worker-comfyui's as a ratio (issue "a stream of jo
 Then the large job: 4 x 2048x2048 noisy PNGs (about 12.6 MB each) through the handler, against reading the
 same four files and base64-encoding them alone.
 
-    python bench/handler_overhead.py [--jobs 50] [--worker-comfyui DIR]     # ComfyUI: the stand-in
+    python bench/handler_overhead.py [--jobs 50] [--worker-comfyui DIR] [--baseline DIR]  # the stand-in
     COMFYUI_DIR=... COMFYUI_PYTHON=... python bench/handler_overhead.py      # a real ComfyUI
 
 Targets: runsync overhead <= worker_comfyui overhead / 3; large job <= 1.2x files+base64.
@@ -286,7 +289,7 @@ def main() -> None:
         "COMFYUI_INPUT_DIR": str(root / "input"),
         "COMFYUI_OUTPUT_DIR": str(root / "output"),
         "COMFYUI_TEMP_DIR": str(root / "temp"),
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": "INFO",  # the default: a deployed worker logs each job (worker-comfyui prints more)
         "MAX_RESULT_MB": "100",  # the large job returns 64 MB of base64, over RunPod's default limit
     }
     settings = Settings.from_env(env)
