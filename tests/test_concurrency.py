@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -32,10 +31,11 @@ import pytest
 import requests
 from PIL import Image
 
-from .conftest import REPO
 from .runpod_platform import RunpodPlatform, SpawnedWorker
 from .s3_server import S3Server, run_s3rver
-from .worker_process import ComfyBackend, backend_params, free_port, serve_api, worker_env
+from .test_production_loop import Deployment
+from .test_production_loop import deploy as deploy_worker
+from .worker_process import ComfyBackend, backend_params, serve_api
 
 T = TypeVar("T")
 
@@ -44,32 +44,9 @@ RESTARTED = "ComfyUI restarted and ready in"  # the worker's log line after each
 LAUNCHED = "Starting ComfyUI:"  # the worker's log line at each launch of its ComfyUI
 
 
-@dataclass
-class Deployment:
-    platform: RunpodPlatform
-    worker: SpawnedWorker
-    backend: ComfyBackend
-    comfy_url: str
-    root: Path
-
-    @property
-    def patience_s(self) -> float:
-        """How long any one step may take on a loaded machine, a ComfyUI boot included."""
-        return self.backend.boot_timeout_s + 60
-
-
 def deploy(platform: RunpodPlatform, backend: ComfyBackend, root: Path, **extra_env: str) -> Deployment:
     """``handler.py`` in the production loop against ``platform``, with JOB_CONCURRENCY=3 unless told."""
-    root.mkdir(parents=True, exist_ok=True)
-    env = worker_env(backend, root, free_port(), **({"JOB_CONCURRENCY": "3"} | extra_env))
-    worker = platform.spawn(
-        [sys.executable, str(REPO / "handler.py")],
-        pod_id="pod-conc",
-        extra_env=env,
-        cwd=root,
-        log_path=root / "worker.log",
-    )
-    return Deployment(platform, worker, backend, env["COMFY_API_URL"], root)
+    return deploy_worker(platform, backend, root, "pod-conc", **({"JOB_CONCURRENCY": "3"} | extra_env))
 
 
 # ---------------------------------------------------------------------------------------------- workflows

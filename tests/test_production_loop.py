@@ -29,10 +29,15 @@ class Deployment:
     comfy_url: str
     root: Path
 
+    @property
+    def patience_s(self) -> float:
+        """How long any one step may take on a loaded machine, a ComfyUI boot included."""
+        return self.backend.boot_timeout_s + 60
 
-def deploy(platform: RunpodPlatform, backend: ComfyBackend, root: Path, pod_id: str) -> Deployment:
+
+def deploy(platform: RunpodPlatform, backend: ComfyBackend, root: Path, pod_id: str, **extra_env: str) -> Deployment:
     root.mkdir(parents=True, exist_ok=True)
-    env = worker_env(backend, root, free_port())
+    env = worker_env(backend, root, free_port(), **extra_env)
     worker = platform.spawn(
         [sys.executable, str(REPO / "handler.py")], pod_id=pod_id, extra_env=env, cwd=root, log_path=root / "worker.log"
     )
