@@ -33,6 +33,25 @@ def test_the_wait_is_counted_from_comfyuis_launch(tmp_path: Path) -> None:
     assert waited >= 1.5  # counted from the launch, not from when the worker started waiting
 
 
+def test_a_stopped_comfyui_is_never_started_again(tmp_path: Path) -> None:
+    # A background watch that sees ComfyUI gone after the worker stopped it asks for a restart: none may start.
+    settings = worker_settings(ComfyBackend.standin(), tmp_path, free_port())
+    supervisor = ComfySupervisor(settings)
+    client = ComfyClient(settings.comfy_api_url, client_id="test")
+    try:
+        supervisor.launch_early()
+        supervisor.wait_ready(client)
+        assert supervisor.restartable
+        supervisor.stop()
+        assert not supervisor.restartable
+        with pytest.raises(ComfyUnavailableError, match="stopping"):
+            supervisor.restart(client)
+        assert not supervisor.alive()
+    finally:
+        supervisor.stop()
+        client.close()
+
+
 CHATTER = [
     "Adding extra search path checkpoints /volume/models/checkpoints",
     "INFO  [alembic.runtime.migration] Context impl SQLiteImpl.",

@@ -128,6 +128,7 @@ class ComfySupervisor:
         self.process: subprocess.Popen[str] | None = None
         self.attached = False
         self.restarts = 0
+        self.stopped = False  # stop() was called: nothing may start it again (a restart under way, say)
         self.launched_at: float | None = None  # time.monotonic() of the last launch of our ComfyUI
         self._log_tail: collections.deque[str] = collections.deque(maxlen=settings.log_tail_lines)
         self._reader: threading.Thread | None = None
@@ -223,13 +224,15 @@ class ComfySupervisor:
 
     @property
     def restartable(self) -> bool:
-        """Only a ComfyUI this worker started can be restarted by it."""
-        return self.process is not None
+        """Only a ComfyUI this worker started, and has not stopped for good, can be restarted by it."""
+        return self.process is not None and not self.stopped
 
     def restart(self, client: ComfyClient) -> float:
         """Stop what is left of our ComfyUI, start a new one and wait for it; return the seconds waited."""
         if self.process is None:
             raise ComfyUnavailableError("The worker did not start this ComfyUI, so it cannot restart it.")
+        if self.stopped:
+            raise ComfyUnavailableError("The worker is stopping: its ComfyUI is not restarted.")
         self._terminate(grace_s=1)  # it crashed or hangs: no point in a long goodbye
         self.restarts += 1
         self._log_tail.append(f"{RESTART_MARK} (restart #{self.restarts}) ---")
@@ -296,7 +299,9 @@ class ComfySupervisor:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop the ComfyUI we started (``_terminate``), then remove this worker's own folder of ComfyUI's
-        state (COMFYUI_LOCAL_STATE), unless CLEANUP_JOB_FILES=false keeps it to look at."""
+        state (COMFYUI_LOCAL_STATE), unless CLEANUP_JOB_FILES=false keeps it to look at. For good: a restart
+        that a background watch asks for afterwards (it sees ComfyUI gone) starts nothing."""
+        self.stopped = True
         self._terminate(grace_s)
         self.lease.release()
         local = self.settings.comfyui_local_dir
