@@ -1,11 +1,15 @@
 """ComfyClient against servers that are not quite ComfyUI: a proxy's HTML page is ``comfyui_unavailable`` with a
-hint, never ``internal``; and no two requests at once share an HTTP session (``requests.Session`` is not
-thread-safe), while threads that come and go leave no session behind."""
+hint, never ``internal``; requests at once each get a connection, later ones reuse them (threads that come and
+go leave no socket behind), a restarted server is reached again, and the URL's credentials are sent while the
+environment's proxy is not used."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import contextlib
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,38 +68,105 @@ def test_an_html_page_is_comfyui_unavailable(html_server: str) -> None:
         client.close()
 
 
-def test_no_two_requests_at_once_share_a_session(html_server: str) -> None:
-    client = ComfyClient(html_server, client_id="c")
-    together = threading.Barrier(4)  # four requests at once: each needs a session of its own
+class Recorder(BaseHTTPRequestHandler):
+    """A kept-alive HTTP/1.1 server answering JSON, recording each request's client port and headers; with
+    ``hold`` set, each request waits until that many have arrived (they are then all in flight at once)."""
 
-    def session_of_this_request(_index: int) -> int:
-        with client._session() as session:
-            together.wait(timeout=10)
-            return id(session)
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[int, dict[str, str]]]
+    hold: threading.Barrier | None = None
 
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.seen.append((self.client_address[1], {k.lower(): v for k, v in self.headers.items()}))
+        self.server.open_connections.append(self.connection)  # type: ignore[attr-defined]
+        if self.hold is not None:
+            self.hold.wait(timeout=10)
+        body = b'{"queue_running": [], "queue_pending": []}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def recording_server(
+    port: int = 0, hold: int | None = None
+) -> tuple[ThreadingHTTPServer, list[tuple[int, dict[str, str]]]]:
+    seen: list[tuple[int, dict[str, str]]] = []
+    handler = type("Handler", (Recorder,), {"seen": seen, "hold": threading.Barrier(hold) if hold else None})
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    httpd.daemon_threads = True
+    httpd.open_connections = []  # type: ignore[attr-defined]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, seen
+
+
+def stop(httpd: ThreadingHTTPServer) -> None:
+    """Like a server process exiting: its kept-alive connections are closed too."""
+    httpd.shutdown()
+    httpd.server_close()
+    for connection in httpd.open_connections:  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+
+
+def test_requests_at_once_each_get_a_connection_and_later_ones_reuse_them() -> None:
+    httpd, seen = recording_server(hold=4)  # four requests in flight at once, or none is answered
+    client = ComfyClient(f"http://127.0.0.1:{httpd.server_address[1]}", client_id="c")
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-            sessions = list(pool.map(session_of_this_request, range(4)))
-        assert len(set(sessions)) == 4, "requests.Session is not thread-safe: one per request running"
-        later = [id(s) for s in threading_each(client, 8)]
-        assert set(later) <= set(sessions), "a request in a new thread takes an idle session"
+            assert (
+                list(pool.map(lambda _i: client.queue(), range(4))) == [{"queue_running": [], "queue_pending": []}] * 4
+            )
+        first = {port for port, _ in seen}
+        assert len(first) == 4
+        Recorder.hold = None
+        httpd.RequestHandlerClass.hold = None  # type: ignore[attr-defined]
+        for _ in range(8):  # one after the other, from threads that come and go
+            thread = threading.Thread(target=client.queue)
+            thread.start()
+            thread.join(timeout=10)
+        later = {port for port, _ in seen[4:]}
+        assert len(seen) == 12 and later <= first, "requests after the burst reuse its kept-alive connections"
     finally:
         client.close()
+        stop(httpd)
 
 
-def threading_each(client: ComfyClient, count: int) -> list[object]:
-    """The session of one request in each of ``count`` short-lived threads, one after the other."""
-    seen: list[object] = []
+def test_a_restarted_comfyui_is_reached_again_through_a_new_connection() -> None:
+    httpd, _seen = recording_server()
+    port = httpd.server_address[1]
+    client = ComfyClient(f"http://127.0.0.1:{port}", client_id="c")
+    try:
+        client.queue()
+        stop(httpd)  # ComfyUI restarts: the kept-alive connection is closed under the pool
+        httpd, seen_again = recording_server(port)
+        assert client.queue() == {"queue_running": [], "queue_pending": []}
+        assert len(seen_again) == 1
+        stop(httpd)
+        with pytest.raises(ComfyUnavailableError, match="did not answer GET /queue"):
+            client.queue()
+    finally:
+        client.close()
+        stop(httpd)
 
-    def one() -> None:
-        with client._session() as session:
-            seen.append(session)
 
-    for _ in range(count):
-        thread = threading.Thread(target=one)
-        thread.start()
-        thread.join(timeout=10)
-    return seen
+def test_credentials_in_the_url_are_sent_as_basic_auth_and_no_proxy_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there: using it would fail
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    httpd, seen = recording_server()
+    client = ComfyClient(f"http://user:p%40ss@127.0.0.1:{httpd.server_address[1]}/", client_id="c")
+    try:
+        client.queue()
+        headers = seen[0][1]
+        assert headers["authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
+        assert "p@ss" not in client.display_url and "p%40ss" not in client.display_url
+    finally:
+        client.close()
+        stop(httpd)
 
 
 def open_fds() -> int:
