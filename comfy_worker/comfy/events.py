@@ -128,7 +128,8 @@ class EventStream:
         ever_connected = False
         while not self._stop.is_set():
             try:
-                ws = websocket.create_connection(self.url, timeout=self.connect_timeout_s)
+                # frames are decoded below, a bad byte replaced; websocket-client's own check is pure Python
+                ws = websocket.create_connection(self.url, timeout=self.connect_timeout_s, skip_utf8_validation=True)
             except (OSError, websocket.WebSocketException) as exc:
                 log.debug("ComfyUI WebSocket connect failed (%s); retrying in %.1fs", exc, backoff)
                 self._wake.wait(backoff)
