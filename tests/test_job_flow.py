@@ -149,6 +149,37 @@ def test_every_output_kind(worker: Worker) -> None:
     assert [(i["node_id"], i["mime_type"]) for i in result["images"]] == [("5", "image/webp")]
 
 
+def test_outputs_come_from_the_prompts_frames_in_the_workflows_order(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every frame seen, the outputs are the ``executed`` frames' (no /history round trip), a cached
+    resubmission's too (ComfyUI sends ``executed`` for a cached output node), in the workflow's node order."""
+    asked: list[str] = []
+    history = worker.client.history
+    monkeypatch.setattr(worker.client, "history", lambda prompt_id: asked.append(prompt_id) or history(prompt_id))
+    graph = {
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "order_last_run"}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        "5": {
+            "class_type": "StandinSaveFile",
+            "inputs": {"filename_prefix": "order_text", "kind": "text", "extension": "txt", "content": "caption"},
+        },
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 77}},
+    }
+    job = {"workflow": graph, "output": {"include_temp": True}}
+    first, again = run(worker, job), run(worker, job)
+    assert asked == [], "the outputs were all in the frames"
+    for result in (first, again):
+        assert result["status"] == "success", result
+        assert [(i["node_id"], i["subfolder"]) for i in result["images"]] == [("9", ""), ("2", "")]
+        assert result["text"] == [{"node_id": "5", "text": "caption"}]
+    assert [i["filename"] for i in again["images"]] == [i["filename"] for i in first["images"]], "from the cache"
+    entry = history(first["prompt_id"])
+    assert entry is not None
+    listed = {(str(n), f["filename"]) for n, out in entry["outputs"].items() for f in out.get("images", [])}
+    assert {(i["node_id"], i["filename"]) for i in first["images"]} == listed, "the same files /history lists"
+
+
 def test_comfyui_that_cannot_start_fails_every_job_with_its_log(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

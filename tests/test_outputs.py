@@ -8,6 +8,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -50,6 +51,17 @@ def test_cached_resubmission_still_has_outputs() -> None:
     entries = recorded_history("f_cache_hits.json")
     first, second = entries[0], entries[1]
     assert collect(first, False).files == collect(second, False).files
+
+
+def test_outputs_are_listed_in_the_workflows_node_order() -> None:
+    # ComfyUI's history lists its output nodes in the order of a set: the result follows the workflow instead
+    def image(name: str) -> dict[str, Any]:
+        return {"images": [{"filename": name, "subfolder": "", "type": "output"}]}
+
+    entry = {"outputs": {"7": image("c.png"), "x.1": image("sub.png"), "3": image("a.png"), "12": image("b.png")}}
+    collected = collect(entry, False, ["12", "3", "5", "7"])
+    assert [f.filename for f in collected.files] == ["b.png", "a.png", "c.png", "sub.png"]
+    assert [f.filename for f in collect(entry, False).files] == ["c.png", "sub.png", "a.png", "b.png"], "as listed"
 
 
 def test_every_output_kind_is_collected() -> None:

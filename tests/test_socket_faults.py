@@ -1,5 +1,6 @@
-"""ComfyUI alive, its WebSocket cut by a real TCP proxy: the worker reconnects, and a job ComfyUI finished
-while the socket was down still completes (seen through /history). Stand-in, and real ComfyUI when set.
+"""ComfyUI alive, its WebSocket cut by a real TCP proxy: the worker reconnects (and takes the job's outputs
+from /history, as frames were lost), and a job ComfyUI finished while the socket was down still completes
+(seen through /history). Stand-in, and real ComfyUI when set.
 """
 
 from __future__ import annotations
@@ -52,18 +53,24 @@ def run(worker: Worker, job_input: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(worker.run("socket", job_input, lambda _message: None))
 
 
-def test_dropped_websocket_reconnects_and_completes(comfy: tuple[Worker, ComfyBackend], tmp_path: Path) -> None:
+def test_dropped_websocket_reconnects_and_completes(
+    comfy: tuple[Worker, ComfyBackend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     owner, backend = comfy
     with tcp_proxy(owner.settings.comfy_port) as proxy:
         proxied = build_worker(worker_settings(backend, tmp_path, proxy.port))
         try:
             assert proxied.supervisor is not None and proxied.supervisor.attached
+            asked: list[str] = []
+            history = proxied.client.history
+            monkeypatch.setattr(proxied.client, "history", lambda p: asked.append(p) or history(p))
             cut: list[int] = []
             threading.Timer(0.5, lambda: cut.append(proxy.cut_websockets())).start()
             result = run(proxied, long_job(backend, "drop"))
             assert cut == [1], "the worker's socket was cut during the job"
             assert result.get("status") == "success", result
             assert result["images"]
+            assert result["prompt_id"] in asked, "frames may be lost in a gap: the outputs come from /history"
             assert proxied.events.wait_connected(5), "the worker reconnected"
         finally:
             close_worker(proxied)

@@ -20,6 +20,7 @@ import bisect
 import logging
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,15 @@ from comfy_worker.runtime.schema import JobInput
 from comfy_worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A prompt that ran to its end: ``/prompt``'s answer (its warnings), and its outputs by node when every
+    frame arrived (None: ask ``/history``, ``Follower.follow``)."""
+
+    queued: dict[str, Any]
+    outputs: dict[str, Any] | None
 
 
 class Lineup:
@@ -98,15 +108,15 @@ class Execution:
 
     async def run(
         self, attempt: Attempt, place: int, job: JobInput, graph: dict[str, Any], progress: ProgressSink
-    ) -> dict[str, Any]:
-        """Queue the prompt in the job's turn and follow it to its end; /prompt's answer (its warnings).
+    ) -> Finished:
+        """Queue the prompt in the job's turn and follow it to its end.
 
         The job's clock stops from its turn's wait until ComfyUI starts the prompt (``Attempt``); the
         result's ``timings`` get that wait as ``queued_s`` and ComfyUI's own run as ``comfyui_s``.
         """
         attempt.wait_behind_others()
         try:
-            queued = await self._queue_and_follow(attempt, place, job, graph, progress)
+            finished = await self._queue_and_follow(attempt, place, job, graph, progress)
         except ComfyCrashedError as exc:
             if not attempt.waiting:
                 raise  # it ran: running it again might do twice what it does (a paid API node, say)
@@ -115,15 +125,15 @@ class Execution:
                 self.recovery.restart_crashed(exc.process)
             await self.recovery.wait(attempt.deadline, attempt.timeout_s)
             self.lineup.rejoin(place)
-            queued = await self._queue_and_follow(attempt, place, job, graph, progress)
+            finished = await self._queue_and_follow(attempt, place, job, graph, progress)
         attempt.runs_again()  # a prompt whose frames were all lost
         attempt.timings["queued_s"] = attempt.queued_s
         attempt.lap("comfyui_s")
-        return queued
+        return finished
 
     async def _queue_and_follow(
         self, attempt: Attempt, place: int, job: JobInput, graph: dict[str, Any], progress: ProgressSink
-    ) -> dict[str, Any]:
+    ) -> Finished:
         prompt_id = attempt.prompt_id = str(uuid.uuid4())
         tracker = Progress(graph, progress, self.settings.progress_interval_s)
         with self.events.subscription(prompt_id) as frames:
@@ -137,7 +147,7 @@ class Execution:
                 finally:
                     self.lineup.leave(place)
                 log.info("job %s: queued prompt %s (%d nodes)", attempt.job_id, prompt_id, len(graph))
-                await self.follower.follow(prompt_id, frames, tracker, attempt)
+                outputs = await self.follower.follow(prompt_id, frames, tracker, attempt)
             except WorkflowError as exc:
                 if self.input_folder is not None:
                     files = await asyncio.to_thread(diagnostics.input_files, self.input_folder)
@@ -146,7 +156,7 @@ class Execution:
             except JobTimeoutError as exc:
                 exc.details["comfyui_restarting"] = await self._drop_timed_out(prompt_id)
                 raise
-        return queued
+        return Finished(queued, outputs)
 
     def _extra_data(self, job: JobInput) -> dict[str, Any]:
         """What ComfyUI hands the nodes' hidden inputs: the Comfy.org key that partner API nodes bill to."""

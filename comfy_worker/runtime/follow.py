@@ -91,12 +91,18 @@ class Follower:
         self.events = events
         self.supervisor = supervisor
 
-    async def follow(self, prompt_id: str, frames: asyncio.Queue[Frame], tracker: Progress, clock: Attempt) -> None:
+    async def follow(
+        self, prompt_id: str, frames: asyncio.Queue[Frame], tracker: Progress, clock: Attempt
+    ) -> dict[str, Any] | None:
         """Wait until the prompt ends: ``executing`` with ``node: null``, an error frame, or /history says so.
+
+        Returns the outputs by node, as ``/history`` lists them, when every frame arrived (its end came by
+        the socket, which never dropped meanwhile); None when some may be lost: ask ``/history``.
 
         The first frame of the prompt's own tells that ComfyUI started it: the job's clock runs again
         (``Attempt``), so the time it waited behind other jobs' prompts does not count against its timeout.
         """
+        outputs: dict[str, Any] | None = {}  # None from the first gap on
         while True:
             remaining = clock.deadline - time.monotonic()
             if remaining <= 0:
@@ -123,23 +129,28 @@ class Follower:
                 # nothing heard for a while: ask /history, the source of truth
                 self._raise_if_crashed(tracker)
                 if await self._finished_before(prompt_id, clock):
-                    return
+                    return None
                 continue
             kind, data = frame.get("type"), frame.get("data") or {}
             if kind not in (DISCONNECTED, RECONNECTED):
                 clock.runs_again()  # a frame of its own: ComfyUI runs the prompt
             if kind == "executing" and data.get("node") is None:
-                return
-            if kind == "execution_error":
+                return outputs
+            if kind == "executed":
+                if outputs is not None and isinstance(data.get("output"), dict):
+                    outputs[str(data.get("node"))] = data["output"]
+            elif kind == "execution_error":
                 raise execution_error(data)
-            if kind == "execution_interrupted":
+            elif kind == "execution_interrupted":
                 raise interrupted_error(data)
-            if kind == DISCONNECTED:
+            elif kind == DISCONNECTED:
+                outputs = None
                 self._raise_if_crashed(tracker)
             elif kind == RECONNECTED:
+                outputs = None
                 self._raise_if_crashed(tracker)
                 if await self._finished_before(prompt_id, clock):
-                    return
+                    return None
             else:
                 tracker.update(frame)
 

@@ -117,9 +117,9 @@ class Worker:
             job, graph = await self.intake.prompt(attempt, job)
             attempt.lap("prepare_s")
             await self.preparation.run(job, attempt, progress)
-            queued = await self.execution.run(attempt, place, job, graph, progress)
+            finished = await self.execution.run(attempt, place, job, graph, progress)
             result = await self.results.build(
-                job, attempt, queued, self.provisioning, self.redact.adding(attempt.secrets)
+                job, attempt, finished, self.provisioning, self.redact.adding(attempt.secrets)
             )
             return result | await self._after_job(attempt)
         except asyncio.CancelledError:
@@ -181,7 +181,9 @@ class Worker:
         first: it takes no more jobs (``concurrency``), and only the last job in flight asks. The decision is
         made on the event loop's thread, so two jobs ending at once cannot both think the other is last.
         """
-        low = [] if self.draining else await asyncio.to_thread(self._free_and_measure)
+        s = self.settings
+        measures = FREE_MODES[s.free_after_job] or s.refresh_min_free_ram_gb > 0 or s.refresh_min_free_vram_gb > 0
+        low = await asyncio.to_thread(self._free_and_measure) if measures and not self.draining else []
         self._in_flight.discard(attempt)
         if low and not self.draining:
             log.warning("memory is low (%s): taking no more jobs; asking RunPod for a fresh worker", "; ".join(low))

@@ -1,7 +1,8 @@
 """Turn a ``/history`` entry into the result's outputs.
 
 ``/history/{prompt_id}`` is the source of truth: it lists every output node, also for a cached prompt whose
-nodes did not run again. Every entry with a ``filename`` is a file (SaveImage's ``images``,
+nodes did not run again. The prompt's ``executed`` frames carry the same entries, so when none was lost the
+job makes the entry from them (``follow``). Every entry with a ``filename`` is a file (SaveImage's ``images``,
 VideoHelperSuite's ``gifs``, SaveAudio's ``audio``, 3D files...), sorted into images, videos, audio or
 files by its type; strings under ``text`` are text.
 
@@ -21,6 +22,7 @@ import base64
 import concurrent.futures
 import mimetypes
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -77,13 +79,16 @@ def _mime_type(entry: dict[str, Any]) -> str:
     return "application/octet-stream"
 
 
-def collect(entry: dict[str, Any], include_temp: bool) -> CollectedOutputs:
-    """List the files and texts of a history entry, in node order, without duplicates."""
+def collect(entry: dict[str, Any], include_temp: bool, node_order: Sequence[str] = ()) -> CollectedOutputs:
+    """List the files and texts of a history entry, without duplicates, in ``node_order`` (the workflow's:
+    ComfyUI's history lists its nodes in the order of a set), nodes it does not name last, as listed."""
     files: list[OutputFile] = []
     texts: list[dict[str, str]] = []
     seen: set[tuple[str, str, str]] = set()
     skipped_temp = 0
-    for node_id, node_output in (entry.get("outputs") or {}).items():
+    rank = {node_id: index for index, node_id in enumerate(node_order)}
+    listed = (entry.get("outputs") or {}).items()
+    for node_id, node_output in sorted(listed, key=lambda item: rank.get(str(item[0]), len(rank))):
         if not isinstance(node_output, dict):
             continue
         for key, values in node_output.items():
@@ -124,12 +129,14 @@ def _unreadable(file: OutputFile, exc: Exception) -> OutputError:
 
 def locate(client: ComfyClient, folders: dict[str, Path], file: OutputFile, spool: Path, index: int) -> Path:
     """Where the output's bytes are on this disk, without reading them: ComfyUI's own file when the worker
-    shares its folder, else a copy streamed from ``/view`` into ``spool`` (never whole in memory)."""
+    shares its folder, else a copy streamed from ``/view`` into ``spool`` (never whole in memory; the folder
+    is made on first use: most jobs never need it)."""
     path = _local_path(folders, file)
     if path is not None:
         return path
     target = spool / f"{index}-{Path(file.filename).name}"
     try:
+        spool.mkdir(mode=0o700, exist_ok=True)
         with target.open("wb") as sink:
             client.view_into(file.filename, file.subfolder, file.folder_type, sink)
     except (OSError, WorkerError) as exc:
@@ -245,6 +252,7 @@ def convert_image(
         name = f"{file.filename.rsplit('.', 1)[0]}.{'jpg' if image_format == 'jpeg' else 'webp'}"
         target = spool / f"converted-{uuid.uuid4().hex}-{Path(name).name}"
         try:
+            spool.mkdir(mode=0o700, exist_ok=True)
             with target.open("wb") as sink:
                 mime_type = _encode(image, image_format, quality, sink)
         except OSError as exc:

@@ -1,4 +1,4 @@
-"""The delivery stage: a finished prompt's outputs read from /history, converted, delivered, and the result.
+"""The delivery stage: a finished prompt's outputs found, converted, delivered, and the result.
 
 With ``JOB_CONCURRENCY`` above 1 this runs while ComfyUI runs the next job's prompt. Files stay on disk on
 their way (``outputs``, ``delivery``): memory holds one output's base64 at a time, never the lot.
@@ -6,11 +6,11 @@ their way (``outputs``, ``delivery``): memory holds one output's base64 at a tim
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from comfy_worker.errors import WorkerError
 from comfy_worker.redact import Redactor
 from comfy_worker.runtime import delivery, diagnostics, outputs
 from comfy_worker.runtime.attempt import Attempt, in_time
+from comfy_worker.runtime.execution import Finished
 from comfy_worker.runtime.schema import JobInput
 from comfy_worker.settings import Settings
 from comfy_worker.storage import S3Storage
@@ -42,49 +43,19 @@ class Results:
         self,
         job: JobInput,
         attempt: Attempt,
-        queued: dict[str, Any],
+        finished: Finished,
         provisioning: dict[str, Any] | None,
         redact: Redactor,
     ) -> dict[str, Any]:
         """The finished prompt's outputs, delivered, with the warnings; secrets masked."""
         prompt_id = attempt.prompt_id
         assert prompt_id is not None  # the ComfyUI stage queued it
-        entry = await in_time(attempt, "reading the prompt's history", self.client.history, prompt_id)
-        if entry is None:
-            raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
-        collected = outputs.collect(entry, include_temp=job.output.include_temp)
-        attempt.temp_files = [(f.subfolder, f.filename) for f in collected.files if f.folder_type == "temp"]
-        options = job.output
-        spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="comfy-worker-outputs-"))  # /view, conversions
-        try:
-            payloads, unread = await in_time(
-                attempt,
-                "reading the outputs",
-                outputs.load,
-                self.client,
-                self.folders,
-                collected,
-                options.format,
-                options.quality,
-                int(self.settings.output_convert_max_megapixels * 1_000_000),
-                spool,
-            )
-            delivered, warnings = await in_time(
-                attempt,
-                "delivering the outputs",
-                delivery.deliver,
-                payloads,
-                options.delivery,
-                self.storage,
-                int(self.settings.max_result_mb * delivery.MB),
-                {"job_id": attempt.job_id, "prompt_id": prompt_id},
-                options.s3_prefix,
-            )
-        finally:
-            await asyncio.to_thread(shutil.rmtree, spool, True)
+        collected, delivered, warnings = await in_time(
+            attempt, "delivering the outputs", self._deliver, job, attempt, prompt_id, finished.outputs
+        )
         attempt.lap("outputs_s")
         result = outputs.assemble(delivered, collected.texts)
-        warnings = attempt.warnings + unread + warnings + prompt_warnings(queued.get("node_errors") or {})
+        warnings = attempt.warnings + warnings + prompt_warnings(finished.queued.get("node_errors") or {})
         if collected.skipped_temp:
             warnings.append(
                 f"{collected.skipped_temp} temp output(s) (PreviewImage and the like) were left out; "
@@ -105,6 +76,38 @@ class Results:
             "job %s: done in %.2fs, %d file(s)", attempt.job_id, result["execution_time_seconds"], len(collected.files)
         )
         return masked(result, redact)
+
+    def _deliver(
+        self, job: JobInput, attempt: Attempt, prompt_id: str, seen: dict[str, Any] | None
+    ) -> tuple[outputs.CollectedOutputs, list[tuple[outputs.Payload, dict[str, Any]]], list[str]]:
+        """The outputs found, converted and delivered, in one thread (each hop to a thread and back costs the
+        event loop a wake-up): from the prompt's ``executed`` frames when none was lost, else ``/history``.
+        Returns them, their entries and the warnings."""
+        entry = {"outputs": seen} if seen is not None else self.client.history(prompt_id)
+        if entry is None:
+            raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
+        collected = outputs.collect(entry, job.output.include_temp, list(job.workflow))
+        attempt.temp_files = [(f.subfolder, f.filename) for f in collected.files if f.folder_type == "temp"]
+        options = job.output
+        # made only when /view or a conversion needs it: most jobs read ComfyUI's own files as they are
+        spool = Path(tempfile.gettempdir(), f"comfy-worker-outputs-{uuid.uuid4().hex}")
+        try:
+            max_pixels = int(self.settings.output_convert_max_megapixels * 1_000_000)
+            payloads, unread = outputs.load(
+                self.client, self.folders, collected, options.format, options.quality, max_pixels, spool
+            )
+            delivered, warnings = delivery.deliver(
+                payloads,
+                options.delivery,
+                self.storage,
+                int(self.settings.max_result_mb * delivery.MB),
+                {"job_id": attempt.job_id, "prompt_id": prompt_id},
+                options.s3_prefix,
+            )
+        finally:
+            if spool.exists():
+                shutil.rmtree(spool, ignore_errors=True)
+        return collected, delivered, unread + warnings
 
 
 def masked(result: dict[str, Any], redact: Redactor) -> dict[str, Any]:
