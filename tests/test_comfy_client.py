@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from comfy_worker.comfy.client import ComfyClient
+from comfy_worker.comfy.events import EventStream
 from comfy_worker.comfy.supervisor import ComfySupervisor
 from comfy_worker.errors import ComfyUnavailableError
 
@@ -192,3 +193,21 @@ def test_threads_made_per_job_leave_no_sockets_behind(tmp_path: Path) -> None:
         client.close()
         supervisor.stop()
     assert grown <= 4, f"{grown} more file descriptors after 100 threads of 25 jobs"
+
+
+def test_the_websocket_reaches_comfyui_directly_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there: using it would fail
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    settings = worker_settings(ComfyBackend.standin(), tmp_path, free_port())
+    supervisor = ComfySupervisor(settings)
+    client = ComfyClient(settings.comfy_api_url, client_id="ws")
+    events = EventStream(settings.comfy_ws_url, "ws", connect_timeout_s=2.0)
+    try:
+        supervisor.start_or_attach(client)
+        supervisor.wait_ready(client)
+        events.start()
+        assert events.wait_connected(20), "the WebSocket went to HTTP_PROXY"
+    finally:
+        events.close()
+        client.close()
+        supervisor.stop()

@@ -128,8 +128,15 @@ class EventStream:
         ever_connected = False
         while not self._stop.is_set():
             try:
-                # frames are decoded below, a bad byte replaced; websocket-client's own check is pure Python
-                ws = websocket.create_connection(self.url, timeout=self.connect_timeout_s, skip_utf8_validation=True)
+                ws = websocket.create_connection(
+                    self.url,
+                    timeout=self.connect_timeout_s,
+                    skip_utf8_validation=True,  # frames are decoded below, a bad byte replaced (its check is slow)
+                    # ComfyUI directly, as its HTTP API (client), never HTTP_PROXY: websocket-client reads its
+                    # no-proxy list only beside a proxy host, and with "*" there it never uses that host
+                    http_proxy_host="unused",
+                    http_no_proxy=["*"],
+                )
             except (OSError, websocket.WebSocketException) as exc:
                 log.debug("ComfyUI WebSocket connect failed (%s); retrying in %.1fs", exc, backoff)
                 self._wake.wait(backoff)
