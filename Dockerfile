@@ -40,7 +40,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     COMFYUI_BASE_PYTHON=/usr/bin/python${PYTHON_VERSION}
 
 # System packages: Python, git for ComfyUI and custom nodes, ffmpeg and the GL/GLib libraries that video and
-# OpenCV nodes load, tini as PID 1. Unpinned on purpose: the distribution keeps one version of each.
+# OpenCV nodes load, libwebp for the worker's WebP outputs (comfy_worker/runtime/webp.py), tini as PID 1.
+# Unpinned on purpose: the distribution keeps one version of each.
 # hadolint ignore=DL3008
 RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     --mount=type=cache,target=/var/lib/apt/lists,sharing=locked \
@@ -49,7 +50,7 @@ RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     apt-get update; \
     apt-get install -y --no-install-recommends \
         "python${PYTHON_VERSION}" "python${PYTHON_VERSION}-venv" ca-certificates git git-lfs ffmpeg \
-        libgl1 libglib2.0-0 libsm6 libxext6 libxrender1 libgomp1 procps tini
+        libgl1 libglib2.0-0 libsm6 libxext6 libxrender1 libgomp1 libwebp7 procps tini
 
 COPY --from=uv /uv /uvx /usr/local/bin/
 

@@ -8,11 +8,12 @@ child's peak RSS over its idle RSS (measured after its imports and set-up, the p
 - ``s3``: 8 outputs of 50 MB (random bytes) uploaded to s3rver (the tests' S3 server, ``tests/s3_server.py``);
 - ``decode``: one of the large images below decoded alone: the baseline of ``webp``, from the same run;
 - ``webp``: one, then two 8192x8192 PNGs converted to WebP and delivered as base64 (two cost what one
-  does when they are converted one at a time; libwebp itself, through Pillow, needs several times the
-  decoded image: an ARGB copy, the YUV picture and, for detailed images, its token buffers);
+  does when they are converted one at a time); ``--pillow`` converts with Pillow's WebP save instead of
+  libwebp directly (``comfy_worker.runtime.webp``), for comparison: it needs several times the decoded image;
+- ``jpeg``: the same two as JPEG (Pillow);
 - ``base64 4x10``, ``base64 1x40``: outputs of random bytes returned as base64 (against the result's size).
 
-    python -m bench.outputs_memory [--side 8192]   # from the repository root; s3rver in .tools (./test.sh)
+    python -m bench.outputs_memory [--side 8192] [--pillow]   # from the repository root; s3rver in .tools
 
 Targets (issue #20): s3 peak over idle <= 150 MB; webp <= 1.5 x one decoded image; base64 <= 2.5 x the result.
 """
@@ -26,13 +27,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from comfy_worker.comfy.client import ComfyClient
-from comfy_worker.runtime import delivery, outputs
+from comfy_worker.runtime import delivery, outputs, webp
 from comfy_worker.settings import Settings
 from comfy_worker.storage import S3Storage
 from tests.s3_server import run_s3rver
@@ -57,8 +59,12 @@ def entry_for(names: list[str]) -> dict[str, Any]:
     }
 
 
-def child(case: str, folder: Path, names: list[str], image_format: str) -> None:
+def child(case: str, folder: Path, names: list[str], image_format: str, pillow: bool) -> None:
     """One case, in this (fresh) process: print its idle RSS and its peak over it, in MB, as JSON."""
+    if pillow:
+        webp.available = lambda: False  # type: ignore[assignment]  # the worker's fallback without libwebp
+    else:
+        assert webp.available(), "libwebp is not installed (apt-get install libwebp7): pass --pillow"
     storage = None
     if case == "s3":
         settings = Settings.from_env(dict(os.environ)).s3
@@ -76,7 +82,9 @@ def child(case: str, folder: Path, names: list[str], image_format: str) -> None:
             image.load()
             result = image.size
     else:
-        payloads, _ = outputs.load(client, {"output": folder}, collected, image_format, 90, 10**9, spool)
+        payloads, _ = outputs.load(
+            client, {"output": folder}, collected, image_format, 90, 10**9, spool, threading.Event()
+        )
         mode = "s3" if storage else "base64"
         result, _ = delivery.deliver(payloads, mode, storage, 10**12, {"job_id": "bench", "prompt_id": "-"}, None)
         result = sum(len(item["data"]) for _, item in result)
@@ -84,7 +92,9 @@ def child(case: str, folder: Path, names: list[str], image_format: str) -> None:
     print(json.dumps({"idle_mb": idle / 1024, "over_idle_mb": (peak - idle) / 1024, "result": result}))
 
 
-def run_child(case: str, folder: Path, names: list[str], image_format: str, env: dict[str, str]) -> dict[str, Any]:
+def run_child(
+    case: str, folder: Path, names: list[str], image_format: str, env: dict[str, str], pillow: bool = False
+) -> dict[str, Any]:
     done = subprocess.run(
         [
             sys.executable,
@@ -96,6 +106,7 @@ def run_child(case: str, folder: Path, names: list[str], image_format: str, env:
             str(folder),
             "--format",
             image_format,
+            *(["--pillow"] if pillow else []),
             *names,
         ],
         env={**os.environ, **env},
@@ -142,10 +153,11 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--folder", type=Path)
     parser.add_argument("--format", default="png")
+    parser.add_argument("--pillow", action="store_true", help="WebP through Pillow's save, not libwebp directly")
     parser.add_argument("names", nargs="*")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.folder, args.names, args.format)
+        child(args.child, args.folder, args.names, args.format, args.pillow)
         return
     with tempfile.TemporaryDirectory(prefix="bench-outputs-") as scratch:
         folder = Path(scratch) / "output"
@@ -160,11 +172,14 @@ def main() -> None:
         images = large_images(folder, args.side)
         decoded = run_child("decode", folder, images, "png", {})["over_idle_mb"]
         rows.append((f"decode 1 of {args.side}x{args.side}", decoded, "baseline"))
-        one = run_child("webp", folder, images[:1], "webp", {})["over_idle_mb"]
-        rows.append((f"webp 1 of {args.side}x{args.side}", one, f"{one / decoded:.2f} x decoded"))
-        webp = run_child("webp", folder, images, "webp", {})["over_idle_mb"]
-        ratios = f"{webp / decoded:.2f} x decoded (target 1.5), {webp / one:.2f} x converting one"
-        rows.append((f"webp 2 of {args.side}x{args.side}", webp, ratios))
+        encoder = "Pillow" if args.pillow else "libwebp"
+        one = run_child("webp", folder, images[:1], "webp", {}, args.pillow)["over_idle_mb"]
+        rows.append((f"webp ({encoder}) 1 of {args.side}x{args.side}", one, f"{one / decoded:.2f} x decoded"))
+        two = run_child("webp", folder, images, "webp", {}, args.pillow)["over_idle_mb"]
+        ratios = f"{two / decoded:.2f} x decoded (target 1.5), {two / one:.2f} x converting one"
+        rows.append((f"webp ({encoder}) 2 of {args.side}x{args.side}", two, ratios))
+        jpeg = run_child("jpeg", folder, images, "jpeg", {})["over_idle_mb"]
+        rows.append((f"jpeg 2 of {args.side}x{args.side}", jpeg, f"{jpeg / decoded:.2f} x decoded (target 1.5)"))
         for count, size in ((4, 10), (1, 40)):
             names = random_files(folder, f"b64_{count}", count, size * MB)
             figures = run_child("base64", folder, names, "png", {})

@@ -280,6 +280,14 @@ def test_a_node_pinning_a_worker_dependency_cannot_break_the_worker(
     assert torch.returncode != 0, "the worker's venv must not carry PyTorch"
 
 
+def test_the_worker_in_the_image_encodes_webp_with_libwebp(warm_volume: tuple[Path, Container, dict[str, Any]]) -> None:
+    """The image carries the system's libwebp, so WebP outputs take a fraction of Pillow's memory."""
+    _volume, container, _body = warm_volume
+    check = "from comfy_worker.runtime import webp; assert webp.available(), 'no libwebp'"
+    found = container.exec("/opt/venv/bin/python", "-c", check)
+    assert found.returncode == 0, found.stderr
+
+
 def test_a_fresh_container_on_the_warm_volume_installs_nothing_and_needs_no_network(
     setup: Setup, warm_volume: tuple[Path, Container, dict[str, Any]]
 ) -> None:

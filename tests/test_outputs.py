@@ -6,6 +6,7 @@ import base64
 import io
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from comfy_worker.runtime.outputs import (
 )
 
 from .conftest import recorded_history
+
+GOING = threading.Event()  # a job's stop that is never set
 
 
 def test_plain_job_lists_its_image() -> None:
@@ -98,7 +101,9 @@ def test_files_are_read_from_disk_and_encoded(tmp_path: Path) -> None:
     # No server answers on this port: reading from disk must not need one.
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     collected = collect(entry, False)
-    payloads, warnings = load(client, {"output": tmp_path / "out"}, collected, "png", 90, MAX_PIXELS, spool(tmp_path))
+    payloads, warnings = load(
+        client, {"output": tmp_path / "out"}, collected, "png", 90, MAX_PIXELS, spool(tmp_path), GOING
+    )
     assert warnings == []
     result = assemble([(p, base64_entry(p)) for p in payloads], collected.texts)
     assert result["images"] == [
@@ -119,7 +124,7 @@ def test_unreadable_output_is_an_output_error(tmp_path: Path) -> None:
     entry = {"outputs": {"9": {"images": [{"filename": "../../etc/passwd", "subfolder": "", "type": "output"}]}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     with pytest.raises(OutputError, match="could not be read"):
-        load(client, {"output": tmp_path}, collect(entry, False), "png", 90, MAX_PIXELS, spool(tmp_path))
+        load(client, {"output": tmp_path}, collect(entry, False), "png", 90, MAX_PIXELS, spool(tmp_path), GOING)
 
 
 def saved_and_previewed(tmp_path: Path) -> dict[str, object]:
@@ -142,7 +147,7 @@ def test_an_unreadable_temp_output_is_left_out_with_a_warning(tmp_path: Path) ->
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)  # /view fails too
     folders = {"output": tmp_path / "output", "temp": tmp_path / "temp"}
     payloads, warnings = load(
-        client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS, spool(tmp_path)
+        client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS, spool(tmp_path), GOING
     )
     assert [(p.file.node_id, p.filename) for p in payloads] == [
         ("4", "ComfyUI_temp_bbbbb_00001_.png"),
@@ -160,7 +165,7 @@ def test_an_unreadable_saved_output_still_fails(tmp_path: Path) -> None:
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     folders = {"output": tmp_path / "output", "temp": tmp_path / "temp"}
     with pytest.raises(OutputError, match=r"saved_00001_.png \(node 9\) but it could not be read"):
-        load(client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS, spool(tmp_path))
+        load(client, folders, collect(entry, include_temp=True), "png", 90, MAX_PIXELS, spool(tmp_path), GOING)
 
 
 MAX_PIXELS = 80_000_000
@@ -180,7 +185,7 @@ def written(tmp_path: Path, data: bytes, name: str = "in.png") -> Path:
 
 def converted(tmp_path: Path, data: bytes, image_format: str, quality: int) -> tuple[bytes, str, str]:
     result = convert_image(
-        written(tmp_path, data), output("image/png"), image_format, quality, MAX_PIXELS, spool(tmp_path)
+        written(tmp_path, data), output("image/png"), image_format, quality, MAX_PIXELS, spool(tmp_path), GOING
     )
     assert result is not None
     path, name, mime = result
@@ -199,7 +204,7 @@ def png_bytes(mode: str = "RGBA", size: tuple[int, int] = (64, 48)) -> bytes:
 
 def test_still_images_convert_to_webp_and_jpeg(tmp_path: Path) -> None:
     source = png_bytes()
-    assert convert_image(written(tmp_path, source), output("image/png"), "png", 90, MAX_PIXELS, tmp_path) is None
+    assert convert_image(written(tmp_path, source), output("image/png"), "png", 90, MAX_PIXELS, tmp_path, GOING) is None
     webp, mime, name = converted(tmp_path, source, "webp", 80)
     assert (mime, name) == ("image/webp", "out.webp")
     with Image.open(io.BytesIO(webp)) as image:
@@ -217,16 +222,18 @@ def test_animations_and_videos_are_left_alone(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=100)
     animation = written(tmp_path, buffer.getvalue(), "anim.webp")
-    assert convert_image(animation, output("image/webp"), "jpeg", 90, MAX_PIXELS, tmp_path) is None
+    assert convert_image(animation, output("image/webp"), "jpeg", 90, MAX_PIXELS, tmp_path, GOING) is None
     video = written(tmp_path, b"\x00\x00\x00 ftypmp42", "v.mp4")
-    assert convert_image(video, output("video/mp4"), "webp", 90, MAX_PIXELS, tmp_path) is None
+    assert convert_image(video, output("video/mp4"), "webp", 90, MAX_PIXELS, tmp_path, GOING) is None
 
 
 def test_converted_outputs_get_the_new_name(tmp_path: Path) -> None:
     (tmp_path / "ComfyUI_00001_.png").write_bytes(png_bytes("RGB", (32, 32)))
     entry = {"outputs": {"9": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
-    [payload], _ = load(client, {"output": tmp_path}, collect(entry, False), "jpeg", 85, MAX_PIXELS, spool(tmp_path))
+    [payload], _ = load(
+        client, {"output": tmp_path}, collect(entry, False), "jpeg", 85, MAX_PIXELS, spool(tmp_path), GOING
+    )
     assert (payload.filename, payload.mime_type) == ("ComfyUI_00001_.jpg", "image/jpeg")
     assert payload.path.read_bytes()[:3] == b"\xff\xd8\xff" and payload.size == payload.path.stat().st_size
 
@@ -250,9 +257,9 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(
 ) -> None:
     source = written(tmp_path, png_header(*size) if size[0] > 1000 else png_bytes("RGB", size))
     with pytest.raises(OutputError, match="OUTPUT_CONVERT_MAX_MEGAPIXELS") as info:
-        convert_image(source, output("image/png", "big.png"), "webp", 90, limit, tmp_path)
+        convert_image(source, output("image/png", "big.png"), "webp", 90, limit, tmp_path, GOING)
     assert info.value.details["node_id"] == "9" and "big.png" in info.value.message
-    assert convert_image(source, output("image/png"), "png", 90, limit, tmp_path) is None, "png is not decoded"
+    assert convert_image(source, output("image/png"), "png", 90, limit, tmp_path, GOING) is None, "png is not decoded"
 
 
 def bytes_read() -> int:
@@ -275,7 +282,9 @@ def test_the_result_limit_is_refused_before_any_byte_is_read(tmp_path: Path) -> 
     }
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     before = bytes_read()
-    payloads, _ = load(client, {"output": tmp_path / "out"}, collect(entry, False), "png", 90, MAX_PIXELS, tmp_path)
+    payloads, _ = load(
+        client, {"output": tmp_path / "out"}, collect(entry, False), "png", 90, MAX_PIXELS, tmp_path, GOING
+    )
     with pytest.raises(ResultTooLargeError) as refused:
         deliver(payloads, "auto", None, 10 * MB, {"job_id": "j", "prompt_id": "p"}, None)
     assert bytes_read() - before < 16 * MB, "the outputs were read before their size was checked"
@@ -309,7 +318,7 @@ def test_images_are_converted_one_at_a_time_into_the_spool(tmp_path: Path) -> No
     entry = {"outputs": {"9": {"images": images}}}
     client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
     payloads, _ = load(
-        client, {"output": tmp_path / "out"}, collect(entry, False), "webp", 80, MAX_PIXELS, spool(tmp_path)
+        client, {"output": tmp_path / "out"}, collect(entry, False), "webp", 80, MAX_PIXELS, spool(tmp_path), GOING
     )
     assert [p.filename for p in payloads] == ["img_0.webp", "img_1.webp", "img_2.webp"]
     for index, payload in enumerate(payloads):

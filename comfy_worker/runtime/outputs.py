@@ -13,7 +13,8 @@ uploads read the files in parts, and base64 is made one output at a time.
 
 Converting to WebP/JPEG decodes the image: a 164 KB PNG can hold 13000x13000 pixels (500 MB decoded), so
 an image over OUTPUT_CONVERT_MAX_MEGAPIXELS is refused from its header before decoding, and images are
-converted one at a time, each released before the next is decoded.
+converted one at a time, each released before the next is decoded. WebP goes through libwebp directly
+(``webp``), which needs a fraction of what Pillow's WebP save does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import mimetypes
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from PIL import Image
 
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.errors import OutputError, WorkerError
+from comfy_worker.runtime import webp
 
 KINDS = ("images", "videos", "audio", "files")
 STILL_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
@@ -177,10 +180,12 @@ def load(
     quality: int,
     max_pixels: int,
     spool: Path,
+    stop: threading.Event,
 ) -> tuple[list[Payload], list[str]]:
     """Find every output file on disk (``/view`` downloads in parallel, into ``spool``), then convert still
     images one at a time when a format other than ``png`` is asked for (into ``spool`` too); return them and
-    the warnings. Nothing is held in memory but the one image being converted.
+    the warnings. Nothing is held in memory but the one image being converted, and a conversion ends when
+    ``stop`` is set (the job's end).
 
     A temp output (PreviewImage...) that cannot be read is left out with a warning naming it: it is a preview,
     asked for as an extra (``include_temp``), and ComfyUI deletes temp files whenever a ComfyUI using that
@@ -212,7 +217,7 @@ def load(
         if isinstance(item, str):
             continue
         file, path, size = item
-        converted = convert_image(path, file, image_format, quality, max_pixels, spool)
+        converted = convert_image(path, file, image_format, quality, max_pixels, spool, stop)
         if converted is None:
             payloads.append(Payload(file, file.filename, file.mime_type, path, size))
         else:
@@ -231,7 +236,13 @@ def _too_many_pixels(file: OutputFile, size: str, limit: int) -> OutputError:
 
 
 def convert_image(
-    source: Path, file: OutputFile, image_format: str, quality: int, max_pixels: int, spool: Path
+    source: Path,
+    file: OutputFile,
+    image_format: str,
+    quality: int,
+    max_pixels: int,
+    spool: Path,
+    stop: threading.Event,
 ) -> tuple[Path, str, str] | None:
     """``webp``/``jpeg`` for still images, written into ``spool`` (the file, its new name, its type); None
     keeps the file as ComfyUI wrote it (png, videos, animations). The image is decoded from the file (no copy of its
@@ -254,14 +265,26 @@ def convert_image(
         try:
             spool.mkdir(mode=0o700, exist_ok=True)
             with target.open("wb") as sink:
-                mime_type = _encode(image, image_format, quality, sink)
+                mime_type = _encode(image, image_format, quality, sink, stop)
         except OSError as exc:
             raise _unreadable(file, exc) from exc
+        except webp.WebPError as exc:
+            raise OutputError(
+                f"Output {file.relative_path} (node {file.node_id}) could not be converted to WebP: {exc}. Ask for "
+                "output.format 'png' or 'jpeg'.",
+                {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder},
+            ) from exc
+        except webp.Stopped:
+            raise OutputError(
+                f"Converting output {file.relative_path} (node {file.node_id}) stopped: the job ended.",
+                {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder},
+            ) from None
     return target, name, mime_type
 
 
-def _encode(image: Image.Image, image_format: str, quality: int, sink: BinaryIO) -> str:
-    """Encode into ``sink``; returns the MIME type."""
+def _encode(image: Image.Image, image_format: str, quality: int, sink: BinaryIO, stop: threading.Event) -> str:
+    """Encode into ``sink``; returns the MIME type. JPEG streams from Pillow's decoded image; WebP goes
+    through libwebp directly where the system has it (``webp``: a fraction of Pillow's memory)."""
     if image_format == "jpeg":
         rgb = image.convert("RGBA") if image.mode in ("P", "LA") else image
         if rgb.mode == "RGBA":  # JPEG has no alpha: flatten onto white
@@ -270,7 +293,10 @@ def _encode(image: Image.Image, image_format: str, quality: int, sink: BinaryIO)
             rgb = background
         rgb.convert("RGB").save(sink, "JPEG", quality=quality, optimize=True)
         return "image/jpeg"
-    image.save(sink, "WEBP", quality=quality, method=4)
+    if webp.available():
+        webp.encode(image, sink, quality, stop)
+    else:
+        image.save(sink, "WEBP", quality=quality, method=4)
     return "image/webp"
 
 

@@ -94,7 +94,7 @@ class Results:
         try:
             max_pixels = int(self.settings.output_convert_max_megapixels * 1_000_000)
             payloads, unread = outputs.load(
-                self.client, self.folders, collected, options.format, options.quality, max_pixels, spool
+                self.client, self.folders, collected, options.format, options.quality, max_pixels, spool, attempt.stop
             )
             delivered, warnings = delivery.deliver(
                 payloads,
