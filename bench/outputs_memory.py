@@ -11,6 +11,8 @@ child's peak RSS over its idle RSS (measured after its imports and set-up, the p
   does when they are converted one at a time); ``--pillow`` converts with Pillow's WebP save instead of
   libwebp directly (``comfy_worker.runtime.webp``), for comparison: it needs several times the decoded image;
 - ``jpeg``: the same two as JPEG (Pillow);
+- ``RGBA``: one such image with transparency, to WebP (libwebp compresses its alpha plane losslessly, which
+  takes several times the plane) and to JPEG (flattened onto white into an RGB copy);
 - ``base64 4x10``, ``base64 1x40``: outputs of random bytes returned as base64 (against the result's size).
 
     python -m bench.outputs_memory [--side 8192] [--pillow]   # from the repository root; s3rver in .tools
@@ -132,7 +134,8 @@ def random_files(folder: Path, prefix: str, count: int, size: int) -> list[str]:
 
 
 def large_images(folder: Path, side: int) -> list[str]:
-    """Two PNGs of photo-like content (gradients and noise: WebP does not shrink them to nothing)."""
+    """Two RGB PNGs of photo-like content (gradients and noise: WebP does not shrink them to nothing), and
+    one with transparency (a gradient alpha) as a third."""
     size = (side, side)
     bands = [
         Image.linear_gradient("L").resize(size),
@@ -142,9 +145,11 @@ def large_images(folder: Path, side: int) -> list[str]:
     with Image.merge("RGB", bands) as image:
         for index in range(2):
             image.save(folder / f"large_{index}.png", compress_level=1)
+    with Image.merge("RGBA", [*bands, bands[0].transpose(Image.Transpose.ROTATE_90)]) as image:
+        image.save(folder / "large_rgba.png", compress_level=1)
     for band in bands:
         band.close()
-    return ["large_0.png", "large_1.png"]
+    return ["large_0.png", "large_1.png", "large_rgba.png"]
 
 
 def main() -> None:
@@ -175,11 +180,14 @@ def main() -> None:
         encoder = "Pillow" if args.pillow else "libwebp"
         one = run_child("webp", folder, images[:1], "webp", {}, args.pillow)["over_idle_mb"]
         rows.append((f"webp ({encoder}) 1 of {args.side}x{args.side}", one, f"{one / decoded:.2f} x decoded"))
-        two = run_child("webp", folder, images, "webp", {}, args.pillow)["over_idle_mb"]
+        two = run_child("webp", folder, images[:2], "webp", {}, args.pillow)["over_idle_mb"]
         ratios = f"{two / decoded:.2f} x decoded (target 1.5), {two / one:.2f} x converting one"
         rows.append((f"webp ({encoder}) 2 of {args.side}x{args.side}", two, ratios))
-        jpeg = run_child("jpeg", folder, images, "jpeg", {})["over_idle_mb"]
+        jpeg = run_child("jpeg", folder, images[:2], "jpeg", {})["over_idle_mb"]
         rows.append((f"jpeg 2 of {args.side}x{args.side}", jpeg, f"{jpeg / decoded:.2f} x decoded (target 1.5)"))
+        for image_format in ("webp", "jpeg"):
+            alpha = run_child(image_format, folder, images[2:], image_format, {}, args.pillow)["over_idle_mb"]
+            rows.append((f"{image_format} 1 RGBA {args.side}x{args.side}", alpha, f"{alpha / decoded:.2f} x decoded"))
         for count, size in ((4, 10), (1, 40)):
             names = random_files(folder, f"b64_{count}", count, size * MB)
             figures = run_child("base64", folder, names, "png", {})

@@ -217,6 +217,33 @@ def test_still_images_convert_to_webp_and_jpeg(tmp_path: Path) -> None:
         assert red > 200 and green > 100, "alpha is flattened onto white, not black"
 
 
+def test_jpeg_flattens_every_kind_of_transparency_onto_white_and_keeps_greyscale_grey(tmp_path: Path) -> None:
+    """A palette with a transparent colour and an RGBA image taller than one flattening strip come out white
+    where they were transparent; greyscale stays one channel; 16-bit greyscale becomes RGB."""
+    palette = Image.new("P", (32, 32), 1)
+    palette.putpalette([0, 0, 0, 20, 40, 200])
+    palette.paste(0, (0, 0, 16, 32))
+    palette.info["transparency"] = 0
+    tall = Image.new("RGBA", (8, 3 * 256 + 5), (20, 40, 200, 255))
+    tall.paste((0, 0, 0, 0), (0, 2 * 256, 8, 2 * 256 + 5))  # in the third strip only
+    cases = [(palette, (4, 4), (20, 4), "RGB"), (tall, (2, 2 * 256 + 2), (2, 3 * 256 + 2), "RGB")]
+    for image, clear, opaque, mode in cases:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        jpeg, mime, _name = converted(tmp_path, buffer.getvalue(), "jpeg", 95)
+        with Image.open(io.BytesIO(jpeg)) as result:
+            assert mime == "image/jpeg" and result.mode == mode and result.size == image.size
+            assert min(result.getpixel(clear)) > 240, "transparent parts are white"
+            red, _green, blue = result.getpixel(opaque)
+            assert blue > 170 and red < 50, "opaque parts keep their colour"
+    for source_mode, mode in (("L", "L"), ("I;16", "RGB")):
+        buffer = io.BytesIO()
+        Image.new(source_mode, (16, 16), 100).save(buffer, "PNG")
+        jpeg, _mime, _name = converted(tmp_path, buffer.getvalue(), "jpeg", 90)
+        with Image.open(io.BytesIO(jpeg)) as result:
+            assert result.mode == mode
+
+
 def test_animations_and_videos_are_left_alone(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(3)]
     buffer = io.BytesIO()

@@ -38,6 +38,7 @@ from comfy_worker.runtime import webp
 KINDS = ("images", "videos", "audio", "files")
 STILL_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
 BASE64_PIECE = 3 * 1024 * 1024  # a multiple of 3: pieces encode without padding in between
+FLATTEN_ROWS = 256  # rows of an image with transparency flattened at a time for JPEG
 
 mimetypes.add_type("image/webp", ".webp")
 mimetypes.add_type("video/webm", ".webm")
@@ -283,21 +284,35 @@ def convert_image(
 
 
 def _encode(image: Image.Image, image_format: str, quality: int, sink: BinaryIO, stop: threading.Event) -> str:
-    """Encode into ``sink``; returns the MIME type. JPEG streams from Pillow's decoded image; WebP goes
-    through libwebp directly where the system has it (``webp``: a fraction of Pillow's memory)."""
+    """Encode into ``sink``; returns the MIME type. WebP goes through libwebp directly where the system has
+    it (``webp``: a fraction of Pillow's memory). JPEG is saved without Huffman optimisation, which would
+    buffer every DCT coefficient of the image (three quarters of its decoded size) before writing any."""
     if image_format == "jpeg":
-        rgb = image.convert("RGBA") if image.mode in ("P", "LA") else image
-        if rgb.mode == "RGBA":  # JPEG has no alpha: flatten onto white
-            background = Image.new("RGB", rgb.size, (255, 255, 255))
-            background.paste(rgb, mask=rgb.getchannel("A"))
-            rgb = background
-        rgb.convert("RGB").save(sink, "JPEG", quality=quality, optimize=True)
+        with _jpeg_ready(image) as ready:
+            ready.save(sink, "JPEG", quality=quality)
         return "image/jpeg"
     if webp.available():
         webp.encode(image, sink, quality, stop)
     else:
         image.save(sink, "WEBP", quality=quality, method=4)
     return "image/webp"
+
+
+def _jpeg_ready(image: Image.Image) -> Image.Image:
+    """The image in a mode JPEG holds, with at most one whole copy: RGB and greyscale as they are, transparency
+    flattened onto white into one RGB copy a strip of rows at a time (not an RGBA copy first), any other mode
+    converted to RGB."""
+    image.load()
+    if image.mode in ("RGB", "L"):
+        return image
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    flat = Image.new("RGB", image.size, (255, 255, 255))
+    for top in range(0, image.height, FLATTEN_ROWS):
+        box = (0, top, image.width, min(top + FLATTEN_ROWS, image.height))
+        with image.crop(box) as part, part.convert("RGBA") as rgba:
+            flat.paste(rgba, box, mask=rgba)
+    return flat
 
 
 def entry(payload: Payload, delivery_type: str, data: str) -> dict[str, Any]:
