@@ -50,3 +50,28 @@ def test_the_jobs_folders_go_whole_half_written_uploads_included(tmp_path: Path)
     cleanup.remove_job_files(folders, "jobs/j1", [])
     assert all(path.exists() for path in kept)
     assert not (folders["input"] / "jobs" / "j1").exists() and not (folders["output"] / "jobs" / "j1").exists()
+
+
+def test_files_that_lead_out_of_their_folder_are_left_alone(tmp_path: Path) -> None:
+    """A ``jobs`` folder that is a link to elsewhere, and a temp file's name with ``..`` (its subfolder comes
+    from ComfyUI's history): the files there are not the job's, whatever their names."""
+    folders = {name: tmp_path / name for name in ("input", "output", "temp")}
+    for folder in folders.values():
+        folder.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "j1").mkdir(parents=True)
+    (elsewhere / "j1" / "o.png").write_bytes(b"\x89PNG")
+    (folders["output"] / "jobs").symlink_to(elsewhere)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "near.png").write_bytes(b"\x89PNG")
+    cleanup.remove_job_files(folders, "jobs/j1", [("../outputs", "near.png")])
+    assert (elsewhere / "j1" / "o.png").exists()
+    assert (tmp_path / "outputs" / "near.png").exists()
+
+
+def test_a_folder_named_like_the_start_of_another_is_not_inside_it(tmp_path: Path) -> None:
+    (tmp_path / "temp").mkdir()
+    (tmp_path / "temp2").mkdir()
+    (tmp_path / "temp2" / "x.png").write_bytes(b"\x89PNG")
+    cleanup.remove_job_files({"temp": tmp_path / "temp"}, "jobs/j1", [("../temp2", "x.png")])
+    assert (tmp_path / "temp2" / "x.png").exists()

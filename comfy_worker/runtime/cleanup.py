@@ -16,6 +16,8 @@ Jobs share one ComfyUI (the local API runs them concurrently) and a long-lived w
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -73,9 +75,15 @@ def isolate_outputs(workflow: dict[str, Any], folder: str) -> None:
         inputs["filename_prefix"] = f"{folder}/{'/'.join(parts) or DEFAULT_PREFIX}"
 
 
+@functools.cache
+def _real(root: Path) -> str:
+    """One of ComfyUI's folders, resolved once per process: this runs before every job's result. Should the
+    folder move meanwhile, paths there no longer look inside it, so nothing is removed (not the wrong files)."""
+    return os.path.realpath(root)
+
+
 def _inside(root: Path, path: Path) -> bool:
-    real_root, real_path = root.resolve(), path.resolve()  # once each: this runs before every job's result
-    return real_path.is_relative_to(real_root) and real_path != real_root
+    return os.path.realpath(path).startswith(os.path.join(_real(root), ""))  # "/a/" never matches "/ab/x"
 
 
 def remove_job_files(folders: dict[str, Path], folder: str, temp_files: list[tuple[str, str]]) -> None:
