@@ -6,6 +6,8 @@ reader must never see half a file, and a waiter must never wait forever.
 * ``atomic_write`` writes to a temporary name unique to the process and thread, beside the target, flushes
   it to the disk (``fsync``), renames it onto the target and syncs the folder, so after a crash the target
   is the old file or the new one, whole. The temporary is removed when anything fails.
+* ``within`` tells whether a path, links resolved, lies inside one of ComfyUI's folders: outputs are read
+  and job files removed only there, whatever names a workflow or ComfyUI reports.
 * ``hold_lock`` holds a lock file (flock, or a plain lock file where the filesystem has no flock) and, while
   it holds it, keeps ``<lock>.owner`` saying who holds it and touches it as a sign of life. A waiter logs
   whom it waits for, and gives up with ``LockTimeout``, naming the holder and the file to delete, once the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import socket
@@ -28,6 +31,20 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _real_folder(root: Path) -> str:
+    """``root`` resolved, once per process: it is asked for every output and every job's files. Should the
+    folder move meanwhile, paths there no longer look inside it, so nothing is read or removed."""
+    return os.path.join(os.path.realpath(root), "")  # with a trailing "/": "/a/" is no prefix of "/ab/x"
+
+
+def within(root: Path, path: Path) -> str | None:
+    """``path`` with its links resolved, when that lies inside ``root`` (never ``root`` itself), else None."""
+    real = os.path.realpath(path)
+    return real if real.startswith(_real_folder(root)) else None
+
 
 LOCK_LOG_INTERVAL_S = 15.0
 DEFAULT_LOCK_DEADLINE_S = 600.0  # PROVISION_LOCK_TIMEOUT's default: ten minutes without a sign of life

@@ -353,3 +353,23 @@ def test_images_are_converted_one_at_a_time_into_the_spool(tmp_path: Path) -> No
         with Image.open(payload.path) as image:
             assert image.format == "WEBP" and image.size == (16 + index, 16)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_0.png", "img_1.png", "img_2.png"]
+
+
+def test_only_files_inside_comfyuis_folder_are_read_from_disk(tmp_path: Path) -> None:
+    """A name that climbs out (``..``) or a link that points out is not read from this machine's disk: the
+    worker asks ComfyUI's ``/view`` for it instead (here unreachable, so the output cannot be read)."""
+    out = tmp_path / "output"
+    out.mkdir()
+    (tmp_path / "secret.png").write_bytes(png_bytes("RGB", (4, 4)))
+    (out / "link.png").symlink_to(tmp_path / "secret.png")
+    (out / "own.png").write_bytes(png_bytes("RGB", (4, 4)))
+    client = ComfyClient("http://127.0.0.1:9", client_id="test", timeout_s=0.5)
+    for name, subfolder in (("own.png", ""), ("secret.png", ".."), ("link.png", "")):
+        entry = {"outputs": {"9": {"images": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}}
+        collected = collect(entry, False)
+        if name == "own.png":
+            [payload], _ = load(client, {"output": out}, collected, "png", 90, MAX_PIXELS, spool(tmp_path), GOING)
+            assert payload.path == out / "own.png"
+            continue
+        with pytest.raises(OutputError, match="could not be read"):
+            load(client, {"output": out}, collected, "png", 90, MAX_PIXELS, spool(tmp_path), GOING)

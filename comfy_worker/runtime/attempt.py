@@ -39,6 +39,7 @@ class Attempt:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     temp_files: list[tuple[str, str]] = field(default_factory=list)
+    files_removed: bool = False  # its files were removed with its delivery (``results``): no cleanup left
     queued_s: float = 0.0  # time spent behind other jobs, which the timeout does not count
     _queued_since: float | None = None
 

@@ -16,13 +16,12 @@ Jobs share one ComfyUI (the local API runs them concurrently) and a long-lived w
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from comfy_worker.errors import InputError
+from comfy_worker.fsutil import within
 
 JOBS_FOLDER = "jobs"
 DEFAULT_PREFIX = "ComfyUI"  # SaveImage's own default, for an empty filename_prefix
@@ -75,29 +74,18 @@ def isolate_outputs(workflow: dict[str, Any], folder: str) -> None:
         inputs["filename_prefix"] = f"{folder}/{'/'.join(parts) or DEFAULT_PREFIX}"
 
 
-@functools.cache
-def _real(root: Path) -> str:
-    """One of ComfyUI's folders, resolved once per process: this runs before every job's result. Should the
-    folder move meanwhile, paths there no longer look inside it, so nothing is removed (not the wrong files)."""
-    return os.path.realpath(root)
-
-
-def _inside(root: Path, path: Path) -> bool:
-    return os.path.realpath(path).startswith(os.path.join(_real(root), ""))  # "/a/" never matches "/ab/x"
-
-
 def remove_job_files(folders: dict[str, Path], folder: str, temp_files: list[tuple[str, str]]) -> None:
     """Best effort: a file that cannot be removed stays, and never fails the job."""
     for name in ("input", "output"):
         root = folders.get(name)
         if root is None or not (root / folder).exists():
             continue  # a job without inputs made no input folder
-        if _inside(root, root / folder):
+        if within(root, root / folder):
             shutil.rmtree(root / folder, ignore_errors=True)
     temp = folders.get("temp")
     if temp is not None:
         for subfolder, filename in temp_files:
             path = temp / subfolder / filename
-            if _inside(temp, path):
+            if within(temp, path):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

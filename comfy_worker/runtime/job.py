@@ -144,7 +144,7 @@ class Worker:
             self._leave(attempt)
             if started:
                 self.recovery.job_finished()
-            if self.settings.cleanup_job_files:
+            if self.settings.cleanup_job_files and not attempt.files_removed:
                 await asyncio.to_thread(cleanup.remove_job_files, self.folders, attempt.folder, attempt.temp_files)
 
     def request_restart(self) -> None:

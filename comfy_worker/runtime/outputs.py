@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import mimetypes
+import os
 import threading
 import uuid
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from PIL import Image
 
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.errors import OutputError, WorkerError
+from comfy_worker.fsutil import within
 from comfy_worker.runtime import webp
 
 KINDS = ("images", "videos", "audio", "files")
@@ -118,10 +120,10 @@ def _local_path(folders: dict[str, Path], file: OutputFile) -> Path | None:
     root = folders.get(file.folder_type)
     if root is None:
         return None
-    path = (root / file.subfolder / file.filename).resolve()
-    if not path.is_relative_to(root.resolve()) or not path.is_file():
+    real = within(root, root / file.subfolder / file.filename)
+    if real is None or not os.path.isfile(real):
         return None
-    return path
+    return Path(real)
 
 
 def _unreadable(file: OutputFile, exc: Exception) -> OutputError:

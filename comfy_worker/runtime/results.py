@@ -18,7 +18,7 @@ from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.comfy.errors import prompt_warnings
 from comfy_worker.errors import WorkerError
 from comfy_worker.redact import Redactor
-from comfy_worker.runtime import delivery, diagnostics, outputs
+from comfy_worker.runtime import cleanup, delivery, diagnostics, outputs
 from comfy_worker.runtime.attempt import Attempt, in_time
 from comfy_worker.runtime.execution import Finished
 from comfy_worker.runtime.schema import JobInput
@@ -80,9 +80,9 @@ class Results:
     def _deliver(
         self, job: JobInput, attempt: Attempt, prompt_id: str, seen: dict[str, Any] | None
     ) -> tuple[outputs.CollectedOutputs, list[tuple[outputs.Payload, dict[str, Any]]], list[str]]:
-        """The outputs found, converted and delivered, in one thread (each hop to a thread and back costs the
-        event loop a wake-up): from the prompt's ``executed`` frames when none was lost, else ``/history``.
-        Returns them, their entries and the warnings."""
+        """The outputs found, converted and delivered, then the job's files removed, in one thread (each hop to a
+        thread and back costs the event loop a wake-up): from the prompt's ``executed`` frames when none was
+        lost, else ``/history``. Returns them, their entries and the warnings."""
         entry = {"outputs": seen} if seen is not None else self.client.history(prompt_id)
         if entry is None:
             raise WorkerError(f"ComfyUI finished prompt {prompt_id} but has no history entry for it.")
@@ -107,6 +107,9 @@ class Results:
         finally:
             if spool.exists():
                 shutil.rmtree(spool, ignore_errors=True)
+        if self.settings.cleanup_job_files:  # delivered: the job's files go in this thread, not one more hop
+            cleanup.remove_job_files(self.folders, attempt.folder, attempt.temp_files)
+            attempt.files_removed = True
         return collected, delivered, unread + warnings
 
 
