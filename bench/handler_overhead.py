@@ -1,6 +1,7 @@
 """How much time does the worker add on top of ComfyUI itself? Prints figures; asserts nothing.
 
-Same run, same ComfyUI, interleaved so drift hits every variant alike:
+Same run, same ComfyUI, interleaved so drift hits every variant alike, in a new order each round (what runs
+just after a ComfyUI round trip pays a little for it):
 
 - ``comfyui``: ComfyUI's own round trip: an open WebSocket, ``POST /prompt`` (``requests.post``, as a plain
   client sends it), wait for ``executing`` null.
@@ -37,6 +38,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -316,10 +318,11 @@ def main() -> None:
             for run in variants.values():
                 run(trivial(next(colour)))
         samples: dict[str, list[float]] = {name: [] for name in variants}
+        order = random.Random(20)  # each round in a new order: no variant always follows the same one
         for _ in range(args.jobs):
-            for name, run in variants.items():
-                samples[name].append(run(trivial(next(colour))))
-        print(f"\ntrivial workflow, {args.jobs} jobs each, interleaved:")
+            for name in order.sample(list(variants), len(variants)):
+                samples[name].append(variants[name](trivial(next(colour))))
+        print(f"\ntrivial workflow, {args.jobs} jobs each, interleaved in a shuffled order:")
         overheads({name: summary(name, values) for name, values in samples.items()})
         large_job(worker, loop, ws, client_id, args.large_repeats)
         ws.close()
