@@ -336,12 +336,13 @@ def base64_text(path: Path, size: int) -> str:
     expected = 4 * ((size + 2) // 3)
     encoded = bytearray(expected)
     done = 0
-    with path.open("rb") as source:
+    # written through a memoryview: a bytearray's own slice assignment is several times slower (CPython 3.11)
+    with path.open("rb") as source, memoryview(encoded) as view:
         while piece := source.read(BASE64_PIECE):
             chunk = base64.b64encode(piece)
             if done + len(chunk) > expected:
                 break
-            encoded[done : done + len(chunk)] = chunk
+            view[done : done + len(chunk)] = chunk
             done += len(chunk)
     if done != expected:  # the file changed since it was measured: the limit was checked on its size
         raise OSError(f"{path.name} is no longer {size} bytes long")
