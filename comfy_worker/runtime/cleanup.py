@@ -1,4 +1,4 @@
-"""Each job's files in a folder of its own, removed once its result is built.
+"""Each job's files in a folder of its own, removed once its outputs are delivered (or it ended otherwise).
 
 Jobs share one ComfyUI (the local API runs them concurrently) and a long-lived worker's disk fills up, so:
 
