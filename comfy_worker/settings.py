@@ -223,7 +223,7 @@ class Settings:
     startup_timeout_s: float = 300.0
     job_timeout_s: float = 540.0  # below RunPod's default execution timeout (600 s): the worker reports it
     job_timeout_max_s: float = 3600.0
-    job_concurrency: int = 2  # jobs held at once: the next one's inputs and prompt are ready as one ends
+    job_concurrency: int = 3  # jobs held at once: the next one's inputs and prompt are ready as one ends
     interrupt_grace_s: float = 10.0
     restart_attempts: int = 3
     progress_interval_s: float = 1.0
