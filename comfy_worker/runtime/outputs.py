@@ -67,6 +67,11 @@ class OutputFile:
     def relative_path(self) -> str:
         return f"{self.subfolder}/{self.filename}" if self.subfolder else self.filename
 
+    @property
+    def details(self) -> dict[str, Any]:
+        """What an error about this file names in its ``details``."""
+        return {"node_id": self.node_id, "filename": self.filename, "subfolder": self.subfolder}
+
 
 @dataclass
 class CollectedOutputs:
@@ -129,7 +134,7 @@ def _local_path(folders: dict[str, Path], file: OutputFile) -> Path | None:
 def _unreadable(file: OutputFile, exc: Exception) -> OutputError:
     return OutputError(
         f"ComfyUI reported the output {file.relative_path} (node {file.node_id}) but it could not be read: {exc}",
-        {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder},
+        file.details,
     )
 
 
@@ -234,7 +239,7 @@ def _too_many_pixels(file: OutputFile, size: str, limit: int) -> OutputError:
         f"Output {file.relative_path} (node {file.node_id}) is {size} pixels, over OUTPUT_CONVERT_MAX_MEGAPIXELS "
         f"({limit / 1e6:g} megapixels), so it cannot be converted: ask for output.format 'png' to get it as "
         "ComfyUI wrote it.",
-        {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder, "max_pixels": limit},
+        file.details | {"max_pixels": limit},
     )
 
 
@@ -275,12 +280,12 @@ def convert_image(
             raise OutputError(
                 f"Output {file.relative_path} (node {file.node_id}) could not be converted to WebP: {exc}. Ask for "
                 "output.format 'png' or 'jpeg'.",
-                {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder},
+                file.details,
             ) from exc
         except webp.Stopped:
             raise OutputError(
                 f"Converting output {file.relative_path} (node {file.node_id}) stopped: the job ended.",
-                {"node_id": file.node_id, "filename": file.filename, "subfolder": file.subfolder},
+                file.details,
             ) from None
     return target, name, mime_type
 
