@@ -143,3 +143,39 @@ def test_a_timed_out_result_does_not_wait_for_the_interrupt_grace(tmp_path: Path
         assert worker.client.queue() == {"queue_running": [], "queue_pending": []}
     finally:
         close_worker(worker)
+
+
+def test_a_prompt_lost_to_a_restart_done_already_restarts_nothing(tmp_path: Path) -> None:
+    """ComfyUI's WebSocket can drop before its killed process is reaped: the running job then sees no death,
+    the next job restarts ComfyUI, and the running job finds its prompt unknown to the new one. It fails with
+    comfyui_crashed, and must not restart the ComfyUI that just answered (CI saw that second restart)."""
+    worker = make_worker(tmp_path, standin_copy(tmp_path))
+    graph = quick_graph("lost") | {
+        "3": {"class_type": "StandinSleep", "inputs": {"image": ["1", 0], "seconds": 30, "steps": 0}},
+    }
+    graph["2"]["inputs"]["images"] = ["3", 0]
+    try:
+        supervisor = worker.supervisor
+        assert supervisor is not None
+        worker.follower.supervisor = None  # the running job does not see the death, as in that race
+
+        async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+            running = asyncio.create_task(worker.run("running", {"workflow": graph}, lambda _m: None))
+            while not (await asyncio.to_thread(worker.client.queue))["queue_running"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(kill_comfyui, worker)
+            after = await worker.run("after", {"workflow": quick_graph("after")}, lambda _m: None)
+            return await asyncio.wait_for(running, timeout=30), after
+
+        lost, after = asyncio.run(scenario())
+        assert after.get("status") == "success", after
+        error = json.loads(lost["error"])
+        assert error["error_type"] == "comfyui_crashed" and "no longer knows prompt" in error["message"], error
+        assert error["details"]["comfyui_restarting"] is False, error
+        assert not worker.recovery.restarting
+        assert supervisor.restarts == 1, "one death, one restart"
+        again = asyncio.run(worker.run("again", {"workflow": quick_graph("again")}, lambda _m: None))
+        assert again.get("status") == "success", again
+        assert supervisor.restarts == 1
+    finally:
+        close_worker(worker)

@@ -154,7 +154,11 @@ class Worker:
     async def _error_result(self, error: WorkerError, attempt: Attempt) -> dict[str, Any]:
         """The failed job's result: the error as JSON text with diagnostics, secrets masked."""
         if isinstance(error, ComfyCrashedError):
-            error.details["comfyui_restarting"] = self.recovery.restart_crashed(error.process)
+            # A lost prompt (no process: ComfyUI answered that it does not know it) was lost to a restart that
+            # is done already, or to a cleared queue: ComfyUI runs, and restarting it would crash the others.
+            error.details["comfyui_restarting"] = (
+                self.recovery.restart_crashed(error.process) if error.process is not None else self.recovery.restarting
+            )
         report = await asyncio.to_thread(
             diagnostics.collect,
             error,
