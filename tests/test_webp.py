@@ -114,6 +114,21 @@ def test_alpha_is_kept_exactly_also_where_some_strips_are_opaque() -> None:
         assert ImageChops.difference(ours.getchannel("A"), alpha).getbbox() is None
 
 
+@pytest.mark.parametrize(("dst_stride", "src_stride"), [(5, 5), (8, 5), (5, 7), (6, 9)])
+def test_planes_are_copied_row_by_row_when_a_stride_has_padding(dst_stride: int, src_stride: int) -> None:
+    """libwebp packs its planes today; a padded stride (another build, another version) must still copy right."""
+    rows, row_bytes, first = 3, 5, 2
+    src = (ctypes.c_uint8 * (rows * src_stride))(*range(rows * src_stride))
+    dst = (ctypes.c_uint8 * ((first + rows) * dst_stride))()
+    webp._copy_rows(ctypes.addressof(dst), dst_stride, first, ctypes.addressof(src), src_stride, rows, row_bytes)
+    for row in range(first + rows):
+        got = bytes(dst[row * dst_stride : row * dst_stride + row_bytes])
+        want = bytes(src[(row - first) * src_stride :][:row_bytes]) if row >= first else bytes(row_bytes)
+        assert got == want, row
+    padding = [dst[row * dst_stride + row_bytes : (row + 1) * dst_stride] for row in range(first + rows)]
+    assert all(not any(pad) for pad in padding), "nothing written into a stride's padding"
+
+
 @pytest.mark.parametrize(
     ("mode", "expected"), [("L", "RGB"), ("P", "RGB"), ("I;16", "RGB"), ("LA", "RGBA"), ("CMYK", "RGB")]
 )

@@ -213,15 +213,27 @@ def _import(lib: ctypes.CDLL, image: Image.Image, picture: WebPPicture, stop: th
             if not importer(ctypes.byref(strip), pixels, width * len(mode)):
                 raise WebPError("libwebp could not convert the image to YUV (out of memory)")
             chroma_top, chroma_rows = top // 2, (rows + 1) // 2
-            ctypes.memmove(picture.y + top * picture.y_stride, strip.y, rows * width)
-            ctypes.memmove(picture.u + chroma_top * picture.uv_stride, strip.u, chroma_rows * chroma_width)
-            ctypes.memmove(picture.v + chroma_top * picture.uv_stride, strip.v, chroma_rows * chroma_width)
+            _copy_rows(picture.y, picture.y_stride, top, strip.y, strip.y_stride, rows, width)
+            _copy_rows(picture.u, picture.uv_stride, chroma_top, strip.u, strip.uv_stride, chroma_rows, chroma_width)
+            _copy_rows(picture.v, picture.uv_stride, chroma_top, strip.v, strip.uv_stride, chroma_rows, chroma_width)
             if alpha and strip.a:
-                ctypes.memmove(picture.a + top * picture.a_stride, strip.a, rows * width)
+                _copy_rows(picture.a, picture.a_stride, top, strip.a, strip.a_stride, rows, width)
             elif alpha:  # libwebp keeps no alpha plane for an opaque strip
-                ctypes.memset(picture.a + top * picture.a_stride, 255, rows * width)
+                for row in range(top, top + rows):
+                    ctypes.memset(picture.a + row * picture.a_stride, 255, width)
     finally:
         lib.WebPPictureFree(ctypes.byref(strip))
+
+
+def _copy_rows(dst: int, dst_stride: int, first: int, src: int, src_stride: int, rows: int, row_bytes: int) -> None:
+    """Copy ``rows`` rows of a plane into another from row ``first`` on: in one move when both are packed (as
+    libwebp allocates them today), row by row when a stride has padding."""
+    start = dst + first * dst_stride
+    if dst_stride == src_stride == row_bytes:
+        ctypes.memmove(start, src, rows * row_bytes)
+        return
+    for row in range(rows):
+        ctypes.memmove(start + row * dst_stride, src + row * src_stride, row_bytes)
 
 
 def _encode(lib: ctypes.CDLL, config: WebPConfig, picture: WebPPicture, sink: BinaryIO, stop: threading.Event) -> None:
