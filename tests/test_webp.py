@@ -160,7 +160,11 @@ def convert(tmp_path: Path, image: Image.Image, stop: threading.Event) -> Any:
     return outputs.convert_image(source, file, "webp", 90, MAX_PIXELS, tmp_path / "spool", stop)
 
 
-def test_an_image_wider_than_webp_allows_is_an_output_error_that_says_what_to_ask(tmp_path: Path) -> None:
+@pytest.mark.parametrize("libwebp", [True, False], ids=["libwebp", "pillow"])
+def test_an_image_wider_than_webp_allows_is_an_output_error_that_says_what_to_ask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, libwebp: bool
+) -> None:
+    monkeypatch.setattr(webp, "available", lambda: libwebp)
     with pytest.raises(OutputError, match=r"16383 pixels a side.*'png' or 'jpeg'") as info:
         convert(tmp_path, Image.new("RGB", (16384, 2)), threading.Event())
     assert info.value.details["node_id"] == "9"

@@ -298,6 +298,10 @@ def _encode(image: Image.Image, image_format: str, quality: int, sink: BinaryIO,
         with _jpeg_ready(image) as ready:
             ready.save(sink, "JPEG", quality=quality)
         return "image/jpeg"
+    if max(image.size) > webp.MAX_DIMENSION:  # Pillow's own encoder would fail with a bare "encoding error"
+        raise webp.WebPError(
+            f"WebP holds at most {webp.MAX_DIMENSION} pixels a side; this image is {image.width}x{image.height}"
+        )
     if webp.available():
         webp.encode(image, sink, quality, stop)
     else:

@@ -166,13 +166,11 @@ def available() -> bool:
 
 
 def encode(image: Image.Image, sink: BinaryIO, quality: int, stop: threading.Event) -> None:
-    """Encode ``image`` (opened, not yet decoded) as lossy WebP into ``sink``, as Pillow's ``save(...,
-    "WEBP", quality=quality, method=4)`` would, and close it once its YUV picture is made. Raises
+    """Encode ``image`` (opened, not yet decoded, at most MAX_DIMENSION a side) as lossy WebP into ``sink``, as
+    Pillow's ``save(..., "WEBP", quality=quality, method=4)`` would, and close it once its YUV picture is made. Raises
     ``WebPError`` (libwebp failed), ``Stopped`` (``stop`` was set), ``OSError`` (decoding or writing)."""
     lib = _library()
     assert lib is not None, "call available() first"
-    if max(image.size) > MAX_DIMENSION:
-        raise WebPError(f"WebP holds at most {MAX_DIMENSION} pixels a side; this image is {image.width}x{image.height}")
     config = WebPConfig()
     if not lib.WebPConfigInitInternal(ctypes.byref(config), 0, float(quality), ENCODER_ABI_VERSION):
         raise WebPError("libwebp refused its default configuration")
