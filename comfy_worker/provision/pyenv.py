@@ -112,7 +112,7 @@ def make_venv(path: Path, base_python: str) -> str:
             timeout=300,
             check=True,
         )
-        _relocate_venv(temporary, path)
+        relocate_venv(temporary, temporary, path)
         temporary.rename(path)
     except (OSError, subprocess.SubprocessError) as exc:
         raise InstallError(f"could not make the venv {path}: {exc}") from None
@@ -121,13 +121,19 @@ def make_venv(path: Path, base_python: str) -> str:
     return str(python)
 
 
-def _relocate_venv(temporary: Path, final: Path) -> None:
-    """Rewrite the temporary path in the venv's scripts (pip's shebang) to where it is moved."""
-    for script in (temporary / "bin").iterdir():
-        if script.is_file() and not script.is_symlink():
-            text = script.read_bytes()
-            if str(temporary).encode() in text:
-                script.write_bytes(text.replace(str(temporary).encode(), str(final).encode()))
+def relocate_venv(venv: Path, old: Path, new: Path) -> None:
+    """Rewrite ``old`` to ``new`` in the venv's scripts (pip's shebang) and config, for a venv made at or copied
+    from ``old``. Each file is written anew, not in place: a copied tree's files are hard links to the source's."""
+    for path in [venv / "pyvenv.cfg", *(venv / "bin").iterdir()]:
+        if not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        if str(old).encode() not in data:
+            continue
+        mode = path.stat().st_mode
+        path.unlink()
+        path.write_bytes(data.replace(str(old).encode(), str(new).encode()))
+        path.chmod(mode)
 
 
 def read_marker(path: Path) -> set[str]:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from comfy_worker.provision.pyenv import relocate_venv
 from comfy_worker.redact import redact_url
 
 if TYPE_CHECKING:
@@ -185,23 +186,8 @@ def clone(source_comfyui: Path, source_venv: Path | None, tree: Tree) -> CloneSt
     link_shared_folders(tree)
     if source_venv is not None and (source_venv / "bin" / "python").exists():
         shutil.copytree(source_venv, tree.venv, symlinks=True, copy_function=copy)
-        relocate_venv(source_venv, tree.venv)
+        relocate_venv(tree.venv, source_venv, tree.venv)
     return CloneStats(counts[0], counts[1], counts[2], time.monotonic() - started)
-
-
-def relocate_venv(old: Path, new: Path) -> None:
-    """A copied venv's scripts and config name the old venv: rewrite them (as new files, since they are hard
-    links to the old tree's)."""
-    for path in [new / "pyvenv.cfg", *(new / "bin").iterdir()]:
-        if not path.is_file() or path.is_symlink():
-            continue
-        data = path.read_bytes()
-        if str(old).encode() not in data:
-            continue
-        mode = path.stat().st_mode
-        path.unlink()
-        path.write_bytes(data.replace(str(old).encode(), str(new).encode()))
-        path.chmod(mode)
 
 
 def link_shared_folders(tree: Tree) -> None:
