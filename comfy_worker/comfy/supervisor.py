@@ -128,6 +128,7 @@ class ComfySupervisor:
         self.process: subprocess.Popen[str] | None = None
         self.attached = False
         self.restarts = 0
+        self.last_exit_code: int | None = None  # how the process the last restart replaced ended
         self.stopped = False  # stop() was called: nothing may start it again (a restart under way, say)
         self.launched_at: float | None = None  # time.monotonic() of the last launch of our ComfyUI
         self._log_tail: collections.deque[str] = collections.deque(maxlen=settings.log_tail_lines)
@@ -234,6 +235,7 @@ class ComfySupervisor:
         if self.stopped:
             raise ComfyUnavailableError("The worker is stopping: its ComfyUI is not restarted.")
         self._terminate(grace_s=1)  # it crashed or hangs: no point in a long goodbye
+        self.last_exit_code = self.process.returncode
         self.restarts += 1
         self._log_tail.append(f"{RESTART_MARK} (restart #{self.restarts}) ---")
         self._launch()

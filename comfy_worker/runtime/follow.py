@@ -103,6 +103,7 @@ class Follower:
         (``Attempt``), so the time it waited behind other jobs' prompts does not count against its timeout.
         """
         outputs: dict[str, Any] | None = {}  # None from the first gap on
+        restarts = self.supervisor.restarts if self.supervisor is not None else 0
         while True:
             remaining = clock.deadline - time.monotonic()
             if remaining <= 0:
@@ -128,7 +129,7 @@ class Follower:
                     continue  # the time limit, not silence: report the timeout without asking ComfyUI
                 # nothing heard for a while: ask /history, the source of truth
                 self._raise_if_crashed(tracker)
-                if await self._finished_before(prompt_id, clock):
+                if await self._finished_before(prompt_id, clock, restarts):
                     return None
                 continue
             kind, data = frame.get("type"), frame.get("data") or {}
@@ -149,7 +150,7 @@ class Follower:
             elif kind == RECONNECTED:
                 outputs = None
                 self._raise_if_crashed(tracker)
-                if await self._finished_before(prompt_id, clock):
+                if await self._finished_before(prompt_id, clock, restarts):
                     return None
             else:
                 tracker.update(frame)
@@ -167,20 +168,21 @@ class Follower:
         crash.process = supervisor.process
         raise crash
 
-    async def _finished_before(self, prompt_id: str, clock: Attempt) -> bool:
+    async def _finished_before(self, prompt_id: str, clock: Attempt, restarts: int) -> bool:
         """``_finished_in_history``, but False at the job's deadline: a hung ComfyUI must not hold up its end."""
         try:
             async with asyncio.timeout(max(clock.deadline - time.monotonic(), 0)):
-                return await self._finished_in_history(prompt_id, clock)
+                return await self._finished_in_history(prompt_id, clock, restarts)
         except TimeoutError:
             return False
 
-    async def _finished_in_history(self, prompt_id: str, clock: Attempt) -> bool:
+    async def _finished_in_history(self, prompt_id: str, clock: Attempt, restarts: int) -> bool:
         """Whether the prompt ended, by /queue and /history; raise its error if it ended in one.
 
         The queue is asked first: a prompt moves from the queue to the history at once, so one that is in
-        neither was lost (ComfyUI restarted behind the worker's back, or someone cleared its queue). One that
-        runs starts the job's clock again, in case its frames were lost.
+        neither was lost: to a restart of ComfyUI (ours, when its count is past ``restarts``, the count when
+        the prompt was queued: its socket can drop before the dead process can be told dead), or to someone
+        clearing its queue. One that runs starts the job's clock again, in case its frames were lost.
         """
         try:
             queue = await asyncio.to_thread(self.client.queue)
@@ -193,11 +195,7 @@ class Follower:
                 return False
             if any(item[1] == prompt_id for item in queue.get("queue_pending", [])):
                 return False
-            raise ComfyCrashedError(
-                f"ComfyUI no longer knows prompt {prompt_id}: it was restarted or its queue was cleared "
-                "while the job ran, and the prompt's results are lost.",
-                {"prompt_id": prompt_id},
-            )
+            raise self._lost(prompt_id, restarts)
         status = entry.get("status") or {}
         messages = status.get("messages") or []
         for name, data in messages:
@@ -206,6 +204,20 @@ class Follower:
             if name == "execution_interrupted":
                 raise interrupted_error(data)
         return bool(status.get("completed")) or status.get("status_str") in ("success", "error")
+
+    def _lost(self, prompt_id: str, restarts: int) -> ComfyCrashedError:
+        supervisor = self.supervisor
+        if supervisor is None or supervisor.restarts == restarts:
+            return ComfyCrashedError(
+                f"ComfyUI no longer knows prompt {prompt_id}: it was restarted or its queue was cleared "
+                "while the job ran, and the prompt's results are lost.",
+                {"prompt_id": prompt_id},
+            )
+        code = supervisor.last_exit_code
+        return ComfyCrashedError(
+            f"ComfyUI exited (code {code}) while the job ran and was restarted: prompt {prompt_id}'s results are lost.",
+            {"prompt_id": prompt_id, "exit_code": code, "node_id": None, "log_tail": supervisor.log_tail(50)},
+        )
 
     def still_running(self, prompt_id: str) -> bool:
         """Whether ComfyUI still runs or queues ``prompt_id`` (after its interrupt); a silent ComfyUI counts as
