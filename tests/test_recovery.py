@@ -7,12 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from comfy_worker.comfy.client import ComfyClient
+from comfy_worker.comfy.events import EventStream
+from comfy_worker.comfy.recovery import Recovery
+from comfy_worker.comfy.supervisor import ComfySupervisor
 from comfy_worker.runtime.app import build_worker
 from comfy_worker.runtime.job import Worker
 
@@ -185,3 +190,51 @@ def test_a_prompt_lost_to_a_restart_done_already_restarts_nothing(
         assert not worker.recovery.restarting
     finally:
         close_worker(worker)
+
+
+class HeldRestart:
+    """A supervisor of a dead ComfyUI whose restart waits for ``release``, so a job can report the death while
+    it runs. Only Recovery's bookkeeping is under test here: the restarts themselves are real above."""
+
+    def __init__(self) -> None:
+        self.process = object()
+        self.restartable = True
+        self.restarts = 0
+        self.dead = True
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def alive(self) -> bool:
+        return not self.dead
+
+    def restart(self, _client: object) -> float:
+        self.started.set()
+        assert self.release.wait(10)
+        self.restarts += 1
+        self.process, self.dead = object(), False
+        return 0.0
+
+
+class QuietEvents:
+    def retry_now(self) -> None:
+        pass
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return True
+
+
+def test_a_death_reported_while_its_restart_runs_asks_for_no_other() -> None:
+    """Settling a timed-out prompt can find ComfyUI dead and restart it; a job that saw the same death during
+    that restart must not queue a second one."""
+    supervisor = HeldRestart()
+    recovery = Recovery(
+        cast(ComfySupervisor, supervisor), cast(ComfyClient, None), cast(EventStream, QuietEvents()), attempts=1
+    )
+    dead = supervisor.process
+    assert recovery.start()  # what the settle watch does when the process died in the grace
+    assert supervisor.started.wait(10)
+    assert recovery.restart_crashed(dead), "a restart for it is under way"
+    supervisor.release.set()
+    asyncio.run(recovery.wait(time.monotonic() + 10, 10))
+    assert supervisor.restarts == 1, "one death, one restart"
+    assert not recovery.restarting and recovery.failed is None

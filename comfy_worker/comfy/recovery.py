@@ -141,6 +141,7 @@ class Recovery:
         assert supervisor is not None  # only start() asks, and only for a supervisor that can restart
         with self._lock:
             self._restart_asked = False
+            self._restarted_for = supervisor.process  # a job that saw this one die, while it is replaced, adds nothing
         try:
             self._attempts(supervisor)
         finally:
