@@ -12,7 +12,7 @@ child's peak RSS over its idle RSS (measured after its imports and set-up, the p
   libwebp directly (``comfy_worker.runtime.webp``), for comparison: it needs several times the decoded image;
 - ``jpeg``: the same two as JPEG (Pillow);
 - ``RGBA``: one such image with transparency, to WebP (libwebp compresses its alpha plane losslessly, which
-  takes several times the plane) and to JPEG (flattened onto white into an RGB copy);
+  takes several times the plane) and to JPEG (flattened onto white in the decoded image's own memory);
 - ``base64 4x10``, ``base64 1x40``: outputs of random bytes returned as base64 (against the result's size).
 
     python -m bench.outputs_memory [--side 8192] [--pillow]   # from the repository root; s3rver in .tools

@@ -65,7 +65,7 @@ NOT_ENV = {
     "CANCELLED", "COMPLETED", "FAILED", "IN_PROGRESS", "TIMED_OUT",  # RunPod job states
     "GET", "POST", "HEAD",  # HTTP methods, git's HEAD
     "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "WARN", "NOTSET", "TRACE",  # log levels (logging's, runpod's)
-    "JPEG", "RGB", "RGBA", "WEBP", "LLM", "UNIQUE_ID",  # Pillow, model folders, ComfyUI types
+    "JPEG", "RGB", "RGBA", "RGBX", "WEBP", "LLM", "UNIQUE_ID",  # Pillow, model folders, ComfyUI types
     "STRING", "INT", "FLOAT", "BOOLEAN", "COMBO",  # ComfyUI widget types (ui_format)
     "KB", "MB", "GB",  # units
 }  # fmt: skip

@@ -16,6 +16,7 @@ from PIL import Image
 
 from comfy_worker.comfy.client import ComfyClient
 from comfy_worker.errors import OutputError, ResultTooLargeError
+from comfy_worker.runtime import outputs
 from comfy_worker.runtime.delivery import MB, deliver
 from comfy_worker.runtime.outputs import (
     OutputFile,
@@ -242,6 +243,41 @@ def test_jpeg_flattens_every_kind_of_transparency_onto_white_and_keeps_greyscale
         jpeg, _mime, _name = converted(tmp_path, buffer.getvalue(), "jpeg", 90)
         with Image.open(io.BytesIO(jpeg)) as result:
             assert result.mode == mode
+
+
+def test_an_rgba_image_is_flattened_for_jpeg_in_its_own_memory_and_as_a_copy_alike(tmp_path: Path) -> None:
+    """A decoded RGBA image is flattened where it lies (its own pixels become the flattened ones: no copy);
+    with Pillow's allocator back to its chain of blocks (an image over one block, 16 MB), or for an image
+    mapped read-only from its file, the copy is made, and all give the same JPEG."""
+    image = Image.new("RGBA", (2100, 2100), (20, 40, 200, 255))  # 17.6 MB decoded
+    image.paste((0, 0, 0, 0), (0, 300, 2100, 310))
+    image.paste((200, 30, 30, 128), (0, 1500, 2100, 2100))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    with Image.open(buffer) as decoded, outputs._jpeg_ready(decoded) as ready:
+        assert ready.mode == "RGBX", "JPEG encodes RGBX as RGB"
+        assert decoded.getpixel((5, 305)) == (255, 255, 255, 255), "flattened in the decoded image's memory"
+        assert ready.getpixel((5, 305))[:3] == (255, 255, 255) and ready.getpixel((5, 5))[:3] == (20, 40, 200)
+        in_place = ready.convert("RGB").tobytes()
+    in_place_jpeg, _mime, _name = converted(tmp_path, buffer.getvalue(), "jpeg", 90)
+    Image.core.set_use_block_allocator(0)
+    try:
+        with Image.open(buffer) as decoded, outputs._jpeg_ready(decoded) as ready:
+            assert ready.mode == "RGB" and decoded.getpixel((5, 305)) == (0, 0, 0, 0), "a copy, the image untouched"
+            assert ready.tobytes() == in_place
+        copied_jpeg, _mime, _name = converted(tmp_path, buffer.getvalue(), "jpeg", 90)
+    finally:
+        Image.core.set_use_block_allocator(1)
+    assert copied_jpeg == in_place_jpeg
+    tiff = io.BytesIO()
+    image.save(tiff, "TIFF", compression=None)  # uncompressed: Pillow maps it from its file, read-only
+    path = written(tmp_path, tiff.getvalue(), "in.tif")
+    with Image.open(path) as mapped:
+        mapped.load()
+        assert mapped.readonly, "the read-only case"
+    result = convert_image(path, output("image/tiff", "out.tif"), "jpeg", 90, MAX_PIXELS, spool(tmp_path), GOING)
+    assert result is not None
+    assert result[0].read_bytes() == in_place_jpeg, "a read-only image is flattened into a copy"
 
 
 def test_animations_and_videos_are_left_alone(tmp_path: Path) -> None:

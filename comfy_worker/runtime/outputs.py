@@ -41,6 +41,12 @@ KINDS = ("images", "videos", "audio", "files")
 STILL_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
 BASE64_PIECE = 3 * 1024 * 1024  # a multiple of 3: pieces encode without padding in between
 FLATTEN_ROWS = 256  # rows of an image with transparency flattened at a time for JPEG
+WHITE = (255, 255, 255)
+
+# Each image in one block of memory, not in Pillow's default chain of 16 MB blocks: Image.fromarrow can then
+# see a decoded RGBA image as RGBX (which JPEG encodes) without copying it (``_flattened_in_place``). A global
+# setting of Pillow's (its "Arrow support" page); the worker uses Pillow for outputs alone.
+Image.core.set_use_block_allocator(1)  # type: ignore[attr-defined]  # Image.core is Pillow's C module
 
 mimetypes.add_type("image/webp", ".webp")
 mimetypes.add_type("video/webm", ".webm")
@@ -310,20 +316,41 @@ def _encode(image: Image.Image, image_format: str, quality: int, sink: BinaryIO,
 
 
 def _jpeg_ready(image: Image.Image) -> Image.Image:
-    """The image in a mode JPEG holds, with at most one whole copy: RGB and greyscale as they are, transparency
-    flattened onto white into one RGB copy a strip of rows at a time (not an RGBA copy first), any other mode
-    converted to RGB."""
+    """The image in a mode JPEG holds, with at most one whole copy: RGB and greyscale as they are, RGBA flattened
+    onto white in its own memory (no copy), other transparency flattened into one RGB copy a strip of rows at a
+    time (not an RGBA copy first), any other mode converted to RGB."""
     image.load()
     if image.mode in ("RGB", "L"):
         return image
     if not image.has_transparency_data:
         return image.convert("RGB")
-    flat = Image.new("RGB", image.size, (255, 255, 255))
+    if image.mode == "RGBA" and (flattened := _flattened_in_place(image)) is not None:
+        return flattened
+    flat = Image.new("RGB", image.size, WHITE)
     for top in range(0, image.height, FLATTEN_ROWS):
         box = (0, top, image.width, min(top + FLATTEN_ROWS, image.height))
         with image.crop(box) as part, part.convert("RGBA") as rgba:
             flat.paste(rgba, box, mask=rgba)
     return flat
+
+
+def _flattened_in_place(image: Image.Image) -> Image.Image | None:
+    """The RGBA ``image`` flattened onto white a strip of rows at a time, written back into it, and returned seen
+    as RGBX (the same memory, which JPEG encodes as RGB). None, and nothing changed, when its memory cannot be
+    shared so: rows not in one block, as Image.fromarrow needs (Pillow's allocator set back to its chain of
+    blocks), or a read-only image (mapped from its file), which Pillow would copy before writing to it."""
+    if image.readonly:
+        return None
+    try:
+        opaque = Image.fromarrow(image, "RGBX", image.size)
+    except ValueError:
+        return None
+    for top in range(0, image.height, FLATTEN_ROWS):
+        box = (0, top, image.width, min(top + FLATTEN_ROWS, image.height))
+        with image.crop(box) as part, Image.new("RGB", part.size, WHITE) as flat:
+            flat.paste(part, mask=part)
+            image.paste(flat, box)
+    return opaque
 
 
 def entry(payload: Payload, delivery_type: str, data: str) -> dict[str, Any]:
